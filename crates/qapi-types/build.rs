@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=QAPI_SCHEMA");
-    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let schema = std::env::var_os("QAPI_SCHEMA")
         .map(PathBuf::from)
         .unwrap_or_else(|| manifest.join("../../schema/qapi-schema.json"));

@@ -103,7 +103,16 @@ impl IType {
 fn is_int(name: &str) -> bool {
     matches!(
         name,
-        "int" | "int8" | "int16" | "int32" | "int64" | "uint8" | "uint16" | "uint32" | "uint64" | "size"
+        "int"
+            | "int8"
+            | "int16"
+            | "int32"
+            | "int64"
+            | "uint8"
+            | "uint16"
+            | "uint32"
+            | "uint64"
+            | "size"
     )
 }
 
@@ -111,7 +120,9 @@ impl Introspector<'_> {
     fn args_type(&mut self, owner: &str, r: Option<&MembersRef>, role: &'static str) -> String {
         match r {
             None => self.use_type(&IType::Named(EMPTY.into())),
-            Some(MembersRef::Inline(ms)) if ms.is_empty() => self.use_type(&IType::Named(EMPTY.into())),
+            Some(MembersRef::Inline(ms)) if ms.is_empty() => {
+                self.use_type(&IType::Named(EMPTY.into()))
+            }
             Some(MembersRef::Inline(_)) => self.use_type(&IType::Implicit(owner.into(), role)),
             Some(MembersRef::Named(n)) => self.use_type(&IType::Named(n.clone())),
         }
@@ -166,9 +177,18 @@ impl Introspector<'_> {
             }
             IType::Implicit(owner, role) => {
                 let ms = match self.schema.get(owner).map(|e| &e.kind) {
-                    Some(Kind::Command { args: Some(MembersRef::Inline(ms)), .. }) if *role == "arg" => ms.clone(),
-                    Some(Kind::Event { data: Some(MembersRef::Inline(ms)), .. }) if *role == "data" => ms.clone(),
-                    Some(Kind::Union { base: MembersRef::Inline(ms), .. }) if *role == "base" => ms.clone(),
+                    Some(Kind::Command {
+                        args: Some(MembersRef::Inline(ms)),
+                        ..
+                    }) if *role == "arg" => ms.clone(),
+                    Some(Kind::Event {
+                        data: Some(MembersRef::Inline(ms)),
+                        ..
+                    }) if *role == "data" => ms.clone(),
+                    Some(Kind::Union {
+                        base: MembersRef::Inline(ms),
+                        ..
+                    }) if *role == "base" => ms.clone(),
                     _ => Vec::new(),
                 };
                 let members = self.members_info(&ms);
@@ -180,7 +200,10 @@ impl Introspector<'_> {
                 obj.insert("meta-type".into(), json!("object"));
             }
             IType::Named(n) if n == "QType" => {
-                enum_info(&mut obj, QTYPE_VALUES.iter().map(|v| (v.to_string(), Vec::new())));
+                enum_info(
+                    &mut obj,
+                    QTYPE_VALUES.iter().map(|v| (v.to_string(), Vec::new())),
+                );
             }
             IType::Named(n) if BUILTINS.contains(&n.as_str()) => {
                 let json_type = match n.as_str() {
@@ -199,7 +222,10 @@ impl Introspector<'_> {
                 let e = e.clone();
                 match &e.kind {
                     Kind::Enum { values, .. } => {
-                        enum_info(&mut obj, values.iter().map(|v| (v.name.clone(), v.features.clone())));
+                        enum_info(
+                            &mut obj,
+                            values.iter().map(|v| (v.name.clone(), v.features.clone())),
+                        );
                     }
                     Kind::Struct { .. } => {
                         let members = self.members_info(&self.schema.struct_members(n));
@@ -265,7 +291,10 @@ fn enum_info(obj: &mut Map<String, Value>, values: impl Iterator<Item = (String,
         })
         .collect();
     obj.insert("members".into(), json!(members));
-    obj.insert("values".into(), json!(values.iter().map(|(v, _)| v).collect::<Vec<_>>()));
+    obj.insert(
+        "values".into(),
+        json!(values.iter().map(|(v, _)| v).collect::<Vec<_>>()),
+    );
     obj.insert("meta-type".into(), json!("enum"));
 }
 
@@ -299,7 +328,11 @@ mod tests {
         assert_eq!(args["members"][0]["name"], "u");
         let u = by_name(args["members"][0]["type"].as_str().unwrap());
         assert_eq!(u["tag"], "k");
-        assert_eq!(u["variants"].as_array().unwrap().len(), 2, "b gets the empty branch");
+        assert_eq!(
+            u["variants"].as_array().unwrap().len(),
+            2,
+            "b gets the empty branch"
+        );
         let ret = by_name(c["ret-type"].as_str().unwrap());
         assert_eq!(ret["meta-type"], "array");
         let a = by_name(ret["element-type"].as_str().unwrap());
@@ -308,6 +341,9 @@ mod tests {
         assert_eq!(a["members"][1]["default"], Value::Null);
         assert_eq!(by_name("E")["meta-type"], "event");
         assert!(!info.iter().any(|v| v.to_string().contains("Unused")));
-        assert!(info.iter().all(|v| v["name"] != "A"), "type names are masked");
+        assert!(
+            info.iter().all(|v| v["name"] != "A"),
+            "type names are masked"
+        );
     }
 }

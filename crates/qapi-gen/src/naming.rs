@@ -56,7 +56,9 @@ pub fn ident(name: &str) -> Ident {
     if KEYWORDS.contains(&name) {
         match name {
             // These can't be raw identifiers.
-            "self" | "Self" | "super" | "crate" => Ident::new(&format!("{name}_"), Span::call_site()),
+            "self" | "Self" | "super" | "crate" => {
+                Ident::new(&format!("{name}_"), Span::call_site())
+            }
             _ => Ident::new_raw(name, Span::call_site()),
         }
     } else {

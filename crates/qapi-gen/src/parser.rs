@@ -167,7 +167,11 @@ impl Parser<'_> {
             let doc = self.pending_doc.take();
             let expr = self.value(0)?;
             if !matches!(expr, Expr::Dict(_)) {
-                return Err(Error::at(self.file, line, "top-level expression must be an object"));
+                return Err(Error::at(
+                    self.file,
+                    line,
+                    "top-level expression must be an object",
+                ));
             }
             out.push(TopLevel {
                 expr,
@@ -377,9 +381,18 @@ fn parse_doc(lines: &[String]) -> Doc {
             current = Some((name, vec![text]));
             continue;
         }
-        let is_section = ["Returns:", "Since:", "Example:", "Examples:", "Note:", "Notes:", "Features:", "Errors:"]
-            .iter()
-            .any(|s| line.starts_with(s));
+        let is_section = [
+            "Returns:",
+            "Since:",
+            "Example:",
+            "Examples:",
+            "Note:",
+            "Notes:",
+            "Features:",
+            "Errors:",
+        ]
+        .iter()
+        .any(|s| line.starts_with(s));
         match &mut current {
             Some((_, text)) if !is_section && !line.trim().is_empty() && line.starts_with(' ') => {
                 text.push(line.trim().to_owned());

@@ -148,7 +148,9 @@ impl Gen<'_> {
             let wire = e.name.as_str();
             let (data_ty, has_data) = match data {
                 None => (quote!(crate::runtime::Empty), false),
-                Some(MembersRef::Inline(ms)) if ms.is_empty() => (quote!(crate::runtime::Empty), false),
+                Some(MembersRef::Inline(ms)) if ms.is_empty() => {
+                    (quote!(crate::runtime::Empty), false)
+                }
                 Some(MembersRef::Inline(ms)) => {
                     let owner = format!("{}Data", event_marker(&e.name));
                     let ddoc = format!("The data of the `{}` event.", e.name);
@@ -239,7 +241,9 @@ impl Gen<'_> {
     pub fn handlers_module(&self) -> TokenStream {
         let mut groups: BTreeMap<&str, Vec<&Entity>> = BTreeMap::new();
         for e in &self.schema.entities {
-            if matches!(e.kind, Kind::Command { .. }) && !BUILTIN_COMMANDS.contains(&e.name.as_str()) {
+            if matches!(e.kind, Kind::Command { .. })
+                && !BUILTIN_COMMANDS.contains(&e.name.as_str())
+            {
                 groups.entry(e.module.as_str()).or_default().push(e);
             }
         }

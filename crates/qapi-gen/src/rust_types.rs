@@ -61,7 +61,9 @@ impl<'a> Gen<'a> {
 
     /// Whether members may be built with `..Default::default()`.
     pub fn members_default(&self, members: &[Member]) -> bool {
-        members.iter().all(|m| m.optional || self.type_has_default(&m.ty))
+        members
+            .iter()
+            .all(|m| m.optional || self.type_has_default(&m.ty))
     }
 
     /// The Rust type of a schema type reference.
@@ -181,7 +183,10 @@ impl<'a> Gen<'a> {
     fn enum_def(&self, e: &Entity, values: &[crate::schema::EnumValue]) -> TokenStream {
         let name = type_ident(&e.name);
         let doc = doc_text(e);
-        let variants: Vec<_> = values.iter().map(|v| format_ident!("{}", camel(&v.name))).collect();
+        let variants: Vec<_> = values
+            .iter()
+            .map(|v| format_ident!("{}", camel(&v.name)))
+            .collect();
         let wire: Vec<_> = values.iter().map(|v| v.name.as_str()).collect();
         let vdocs: Vec<String> = values
             .iter()
@@ -256,7 +261,13 @@ impl<'a> Gen<'a> {
     }
 
     /// Emits a struct with the given (already flattened) members.
-    pub fn struct_def(&self, owner: &str, doc: &str, edoc: Option<&Doc>, members: &[Member]) -> TokenStream {
+    pub fn struct_def(
+        &self,
+        owner: &str,
+        doc: &str,
+        edoc: Option<&Doc>,
+        members: &[Member],
+    ) -> TokenStream {
         let name = type_ident(owner);
         let fields = self.fields(owner, edoc, members);
         let derive_default = if self.members_default(members) {
@@ -319,7 +330,11 @@ impl<'a> Gen<'a> {
         let disc_ty = self.rust_type(&disc.ty);
         let disc_field = field(discriminator);
         let values = self.schema.enum_values(&disc_ty_name).unwrap_or_default();
-        let others: Vec<Member> = base_members.iter().filter(|m| m.name != discriminator).cloned().collect();
+        let others: Vec<Member> = base_members
+            .iter()
+            .filter(|m| m.name != discriminator)
+            .cloned()
+            .collect();
         let fields = self.fields(&e.name, e.doc.as_ref(), &others);
 
         let mut branch_variants = TokenStream::new();
@@ -341,7 +356,8 @@ impl<'a> Gen<'a> {
                     encode_arms.extend(quote!(#branch_name::#v(b) => crate::runtime::Members::encode_members(b, m),));
                 }
                 None => {
-                    let vdoc = format!("`{discriminator}` = `{value}`, which has no further members.");
+                    let vdoc =
+                        format!("`{discriminator}` = `{value}`, which has no further members.");
                     branch_variants.extend(quote!(#[doc = #vdoc] #v,));
                     discriminant_arms.extend(quote!(Self::#v => #disc_ty::#v,));
                     decode_arms.extend(quote!(#disc_ty::#v => #branch_name::#v,));
@@ -350,7 +366,10 @@ impl<'a> Gen<'a> {
             }
         }
         let disc_doc = member_doc(e.doc.as_ref(), disc);
-        let branch_doc = format!("The branches of [`{}`], selected by its `{discriminator}` member.", camel(&e.name));
+        let branch_doc = format!(
+            "The branches of [`{}`], selected by its `{discriminator}` member.",
+            camel(&e.name)
+        );
 
         // Encoding and decoding walk the base members in schema order; the
         // discriminator is read where it stands, then the branch's members.
@@ -531,7 +550,12 @@ pub fn doc_text(e: &Entity) -> String {
         .filter(|b| !b.is_empty())
         .unwrap_or_else(|| format!("The QAPI {} `{}`.", e.meta(), e.name));
     text = escape_doc(&text);
-    text.push_str(&format!("\n\nQAPI {} `{}` (schema module `{}`).", e.meta(), e.name, e.module));
+    text.push_str(&format!(
+        "\n\nQAPI {} `{}` (schema module `{}`).",
+        e.meta(),
+        e.name,
+        e.module
+    ));
     if !e.features.is_empty() {
         text.push_str(&format!(" Features: {}.", e.features.join(", ")));
     }
@@ -571,7 +595,12 @@ fn escape_doc(s: &str) -> String {
             in_example = true;
             continue;
         }
-        if in_example && (trimmed.starts_with("Since:") || trimmed.starts_with("Notes:") || trimmed.starts_with("Note:") || trimmed.starts_with("Returns:")) {
+        if in_example
+            && (trimmed.starts_with("Since:")
+                || trimmed.starts_with("Notes:")
+                || trimmed.starts_with("Note:")
+                || trimmed.starts_with("Returns:"))
+        {
             out.push_str("```\n");
             in_example = false;
         }

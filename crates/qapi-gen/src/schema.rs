@@ -17,7 +17,9 @@ pub const BUILTINS: &[&str] = &[
 ];
 
 /// The values of the built-in enum `QType`.
-pub const QTYPE_VALUES: &[&str] = &["none", "qnull", "qnum", "qstring", "qdict", "qlist", "qbool"];
+pub const QTYPE_VALUES: &[&str] = &[
+    "none", "qnull", "qnum", "qstring", "qdict", "qlist", "qbool",
+];
 
 /// A reference to a type from a member, a variant or a return value.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -178,7 +180,10 @@ impl Schema {
         let mut index = HashMap::new();
         for (i, e) in entities.iter().enumerate() {
             if BUILTINS.contains(&e.name.as_str()) {
-                return Err(Error::msg(format!("{}: '{}' redefines a built-in type", e.location, e.name)));
+                return Err(Error::msg(format!(
+                    "{}: '{}' redefines a built-in type",
+                    e.location, e.name
+                )));
             }
             if let Some(prev) = index.insert(e.name.clone(), i) {
                 let prev: &Entity = &entities[prev];
@@ -244,7 +249,12 @@ impl Schema {
         BUILTINS.contains(&name)
             || matches!(
                 self.get(name).map(|e| &e.kind),
-                Some(Kind::Enum { .. } | Kind::Struct { .. } | Kind::Union { .. } | Kind::Alternate { .. })
+                Some(
+                    Kind::Enum { .. }
+                        | Kind::Struct { .. }
+                        | Kind::Union { .. }
+                        | Kind::Alternate { .. }
+                )
             )
     }
 
@@ -296,14 +306,22 @@ impl Schema {
                     check_members(members)?;
                     check_members(&self.struct_members(&e.name))?;
                 }
-                Kind::Union { base, discriminator, variants } => {
+                Kind::Union {
+                    base,
+                    discriminator,
+                    variants,
+                } => {
                     check_ref(base, false)?;
                     let members = self.members_of(base);
                     let Some(d) = members.iter().find(|m| &m.name == discriminator) else {
-                        return Err(fail(format!("discriminator '{discriminator}' is not a member of the base")));
+                        return Err(fail(format!(
+                            "discriminator '{discriminator}' is not a member of the base"
+                        )));
                     };
                     if d.optional {
-                        return Err(fail(format!("discriminator '{discriminator}' must not be optional")));
+                        return Err(fail(format!(
+                            "discriminator '{discriminator}' must not be optional"
+                        )));
                     }
                     let TypeRef::Named(dt) = &d.ty else {
                         return Err(fail("discriminator must be an enum".into()));
@@ -316,11 +334,21 @@ impl Schema {
                             return Err(fail(format!("branch '{value}' is not a value of '{dt}'")));
                         }
                         if !matches!(self.get(ty).map(|e| &e.kind), Some(Kind::Struct { .. })) {
-                            return Err(fail(format!("branch '{value}' type '{ty}' is not a struct")));
+                            return Err(fail(format!(
+                                "branch '{value}' type '{ty}' is not a struct"
+                            )));
                         }
-                        let names: HashSet<String> = members.iter().map(|m| m.name.clone()).collect();
-                        if let Some(clash) = self.struct_members(ty).iter().find(|m| names.contains(&m.name)) {
-                            return Err(fail(format!("branch '{value}' member '{}' clashes with the base", clash.name)));
+                        let names: HashSet<String> =
+                            members.iter().map(|m| m.name.clone()).collect();
+                        if let Some(clash) = self
+                            .struct_members(ty)
+                            .iter()
+                            .find(|m| names.contains(&m.name))
+                        {
+                            return Err(fail(format!(
+                                "branch '{value}' member '{}' clashes with the base",
+                                clash.name
+                            )));
                         }
                     }
                 }
@@ -330,12 +358,19 @@ impl Schema {
                         check_ty(ty, &format!("branch '{name}'"))?;
                         for k in self.json_kinds(ty) {
                             if !json_kinds.insert(k) {
-                                return Err(fail(format!("branch '{name}' can't be distinguished from an earlier one")));
+                                return Err(fail(format!(
+                                    "branch '{name}' can't be distinguished from an earlier one"
+                                )));
                             }
                         }
                     }
                 }
-                Kind::Command { args, boxed, returns, .. } => {
+                Kind::Command {
+                    args,
+                    boxed,
+                    returns,
+                    ..
+                } => {
                     if let Some(a) = args {
                         check_ref(a, *boxed)?;
                     }
@@ -412,7 +447,9 @@ fn entity(top: TopLevel) -> Result<Entity, Error> {
             return Err(fail(format!("{meta} '{name}' has unknown key '{k}'")));
         }
         if k == "if" {
-            return Err(fail(format!("{meta} '{name}': 'if' conditions are not supported")));
+            return Err(fail(format!(
+                "{meta} '{name}': 'if' conditions are not supported"
+            )));
         }
     }
     let get = |k: &str| top.expr.get(k);
@@ -442,7 +479,10 @@ fn entity(top: TopLevel) -> Result<Entity, Error> {
                     ),
                     _ => return Err(fail("enum values are strings or objects".into())),
                 };
-                values.push(EnumValue { name: vname, features: vfeatures });
+                values.push(EnumValue {
+                    name: vname,
+                    features: vfeatures,
+                });
             }
             let prefix = get("prefix").and_then(Expr::as_str).map(str::to_owned);
             Kind::Enum { values, prefix }
@@ -462,7 +502,11 @@ fn entity(top: TopLevel) -> Result<Entity, Error> {
             let base = match get("base") {
                 Some(Expr::Str(s)) => MembersRef::Named(s.clone()),
                 Some(d @ Expr::Dict(_)) => MembersRef::Inline(members(d).map_err(&fail)?),
-                _ => return Err(fail(format!("union '{name}' needs a 'base' (only flat unions are supported)"))),
+                _ => {
+                    return Err(fail(format!(
+                        "union '{name}' needs a 'base' (only flat unions are supported)"
+                    )))
+                }
             };
             let discriminator = get("discriminator")
                 .and_then(Expr::as_str)
@@ -484,7 +528,11 @@ fn entity(top: TopLevel) -> Result<Entity, Error> {
                 };
                 variants.push((value.clone(), ty));
             }
-            Kind::Union { base, discriminator, variants }
+            Kind::Union {
+                base,
+                discriminator,
+                variants,
+            }
         }
         "alternate" => {
             let Some(Expr::Dict(branches)) = get("data") else {
@@ -618,7 +666,11 @@ mod tests {
              { 'command': 'c', 'data': 'U', 'boxed': true, 'returns': ['Sub'] }\n",
         )
         .unwrap();
-        let names: Vec<_> = s.struct_members("Sub").into_iter().map(|m| m.name).collect();
+        let names: Vec<_> = s
+            .struct_members("Sub")
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
         assert_eq!(names, ["kind", "x", "z"]);
         assert_eq!(s.get("c").unwrap().module, "m");
     }

@@ -91,7 +91,9 @@ impl<C: 'static> Dispatcher<C> {
 
     /// Whether a command can be executed.
     pub fn is_registered(&self, name: &str) -> bool {
-        self.entries.contains_key(name) || SESSION_COMMANDS.contains(&name) || INTROSPECTION_COMMANDS.contains(&name)
+        self.entries.contains_key(name)
+            || SESSION_COMMANDS.contains(&name)
+            || INTROSPECTION_COMMANDS.contains(&name)
     }
 
     /// The names of every command that can be executed, sorted.
@@ -111,7 +113,9 @@ impl<C: 'static> Dispatcher<C> {
         let entry = self.entries.get(name);
         let allow_oob = entry.is_some_and(|e| e.allow_oob);
         if request.oob && !allow_oob && self.is_registered(name) {
-            return Err(QmpError::generic(format!("The command {name} does not support OOB")));
+            return Err(QmpError::generic(format!(
+                "The command {name} does not support OOB"
+            )));
         }
         if let Some(e) = entry {
             return (e.handler)(ctx, request.arguments.clone());
@@ -119,7 +123,12 @@ impl<C: 'static> Dispatcher<C> {
         match name {
             "query-commands" => {
                 crate::runtime::Empty::from_qmp_strict(Value::Object(request.arguments.clone()))?;
-                Ok(Value::Array(self.commands().into_iter().map(|n| json!({ "name": n })).collect()))
+                Ok(Value::Array(
+                    self.commands()
+                        .into_iter()
+                        .map(|n| json!({ "name": n }))
+                        .collect(),
+                ))
             }
             "query-qmp-schema" => {
                 crate::runtime::Empty::from_qmp_strict(Value::Object(request.arguments.clone()))?;

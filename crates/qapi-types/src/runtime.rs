@@ -132,7 +132,10 @@ impl Decoder {
 
     /// `Parameter 'x' expects <what>`, with the full name.
     pub fn expects(&self, what: &str) -> DecodeError {
-        DecodeError(format!("Parameter '{}' expects {what}", self.full_name(None)))
+        DecodeError(format!(
+            "Parameter '{}' expects {what}",
+            self.full_name(None)
+        ))
     }
 
     /// `Parameter 'x' expects <what>`, with the bare name (range checks).
@@ -172,7 +175,11 @@ impl Decoder {
         }
     }
 
-    fn nested<T>(&mut self, seg: Segment, f: impl FnOnce(&mut Self) -> Result<T, DecodeError>) -> Result<T, DecodeError> {
+    fn nested<T>(
+        &mut self,
+        seg: Segment,
+        f: impl FnOnce(&mut Self) -> Result<T, DecodeError>,
+    ) -> Result<T, DecodeError> {
         self.path.push(seg);
         let r = f(self);
         self.path.pop();
@@ -191,7 +198,11 @@ impl Decoder {
     }
 
     /// Decodes the optional member `name` of `m`.
-    pub fn optional<T: QapiType>(&mut self, m: &mut Object, name: &str) -> Result<Option<T>, DecodeError> {
+    pub fn optional<T: QapiType>(
+        &mut self,
+        m: &mut Object,
+        name: &str,
+    ) -> Result<Option<T>, DecodeError> {
         match m.remove(name) {
             Some(v) => self
                 .nested(Segment::Name(name.to_owned()), |d| T::from_qmp(v, d))
@@ -231,14 +242,20 @@ pub fn json_kind(v: &Value) -> &'static str {
 macro_rules! impl_serde {
     ($t:ty) => {
         impl ::serde::Serialize for $t {
-            fn serialize<S: ::serde::Serializer>(&self, s: S) -> ::std::result::Result<S::Ok, S::Error> {
+            fn serialize<S: ::serde::Serializer>(
+                &self,
+                s: S,
+            ) -> ::std::result::Result<S::Ok, S::Error> {
                 ::serde::Serialize::serialize(&$crate::runtime::QapiType::to_qmp(self), s)
             }
         }
         impl<'de> ::serde::Deserialize<'de> for $t {
-            fn deserialize<D: ::serde::Deserializer<'de>>(d: D) -> ::std::result::Result<Self, D::Error> {
+            fn deserialize<D: ::serde::Deserializer<'de>>(
+                d: D,
+            ) -> ::std::result::Result<Self, D::Error> {
                 let v = <::serde_json::Value as ::serde::Deserialize>::deserialize(d)?;
-                <$t as $crate::runtime::QapiType>::from_qmp_lenient(v).map_err(<D::Error as ::serde::de::Error>::custom)
+                <$t as $crate::runtime::QapiType>::from_qmp_lenient(v)
+                    .map_err(<D::Error as ::serde::de::Error>::custom)
             }
         }
     };
@@ -460,7 +477,10 @@ impl QType {
 
     /// The wire name.
     pub fn as_str(self) -> &'static str {
-        Self::NAMES.iter().find(|(q, _)| *q == self).map_or("none", |(_, n)| n)
+        Self::NAMES
+            .iter()
+            .find(|(q, _)| *q == self)
+            .map_or("none", |(_, n)| n)
     }
 }
 
@@ -512,7 +532,9 @@ mod tests {
             "Parameter '<anonymous>' expects uint64"
         );
         assert_eq!(
-            u32::from_qmp(json!(5_000_000_000u64), &mut d).unwrap_err().0,
+            u32::from_qmp(json!(5_000_000_000u64), &mut d)
+                .unwrap_err()
+                .0,
             "Parameter 'null' expects uint32_t"
         );
         assert_eq!(i8::from_qmp(json!(-128), &mut d), Ok(-128));
@@ -523,7 +545,10 @@ mod tests {
     #[test]
     fn paths_name_members_and_indexes() {
         let mut d = Decoder::strict();
-        let mut m = json!({"children": [{"x": 1}, {"y": 2}]}).as_object().unwrap().clone();
+        let mut m = json!({"children": [{"x": 1}, {"y": 2}]})
+            .as_object()
+            .unwrap()
+            .clone();
         // Decode `children` as a list of objects requiring `x`.
         #[derive(Debug)]
         struct X;
