@@ -132,7 +132,10 @@ mod tests {
             "SomethingNew",
         ] {
             let class: ErrorClass = serde_json::from_value(serde_json::json!(name)).unwrap();
-            assert_eq!(serde_json::to_value(&class).unwrap(), serde_json::json!(name));
+            assert_eq!(
+                serde_json::to_value(&class).unwrap(),
+                serde_json::json!(name)
+            );
         }
         assert_eq!(
             ErrorClass::from_wire("SomethingNew"),

@@ -7,7 +7,10 @@
 #![deny(missing_docs)]
 
 pub mod command;
+pub mod encode;
 pub mod error;
+pub mod framer;
+pub mod json;
 pub mod message;
 
 pub use command::{Command, Event};
