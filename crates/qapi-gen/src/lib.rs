@@ -173,3 +173,8 @@ fn check_rust_names(schema: &Schema) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

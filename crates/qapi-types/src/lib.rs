@@ -44,3 +44,8 @@ pub use dispatch::{full_schema_info, Dispatcher};
 pub use handlers::*;
 pub use runtime::{CommandSpec, DecodeError, Decoder, Empty, Null, QType, QapiType};
 pub use types::*;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
