@@ -107,6 +107,15 @@ impl QmpError {
         Self::new(ErrorClass::DeviceNotFound, desc)
     }
 
+    /// QEMU's reply to `exec-oob` of a command that cannot run out of band:
+    /// `The command NAME does not support OOB` (a `GenericError`).
+    ///
+    /// QEMU checks this after looking the command up, so an unknown command
+    /// sent with `exec-oob` still gets [`QmpError::command_not_found`].
+    pub fn oob_not_supported(command: &str) -> Self {
+        Self::generic(format!("The command {command} does not support OOB"))
+    }
+
     /// QEMU's reply to an unknown command: `The command NAME has not been found`.
     pub fn command_not_found(command: &str) -> Self {
         Self::new(

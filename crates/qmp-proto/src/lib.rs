@@ -12,6 +12,7 @@ pub mod error;
 pub mod framer;
 pub mod json;
 pub mod message;
+pub mod session;
 
 pub use command::{Command, Event};
 pub use error::{ErrorClass, QmpError};
