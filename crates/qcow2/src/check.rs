@@ -380,6 +380,24 @@ fn rebuild(img: &Qcow2, before: &CheckResult, fix: Fix) -> Result<()> {
     let cb = img.geo.cluster_bits;
     let order = img.header().refcount_order;
     let mut refs = ctx.refs;
+    // The old refcount structures are replaced: drop their references.
+    {
+        let r = lock(&img.refs);
+        let mut drop_ref = |c: u64| {
+            if let Some(v) = refs.get_mut(c as usize) {
+                *v = v.saturating_sub(1);
+            }
+        };
+        for i in 0..r.table_clusters as u64 {
+            drop_ref((r.table_offset >> cb) + i);
+        }
+        for e in &r.table {
+            let off = e & REFT_OFFSET_MASK;
+            if off != 0 && off % cs == 0 {
+                drop_ref(off >> cb);
+            }
+        }
+    }
     if !fix.errors {
         // Leaks only: never raise a refcount.
         let mut r = lock(&img.refs);

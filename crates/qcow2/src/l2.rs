@@ -257,6 +257,11 @@ impl L2Cache {
         Ok(wrote)
     }
 
+    /// Forgets a table (its cluster was freed).
+    pub fn remove(&mut self, off: u64) {
+        self.tables.remove(&off);
+    }
+
     /// Drops every clean table not used since `since`; returns the current tick.
     pub fn clean_unused(&mut self, since: u64) -> u64 {
         self.tables.retain(|_, t| t.dirty || t.last_used > since);
