@@ -893,6 +893,11 @@ class Schema:
                 for a in args:
                     opt = a.startswith('*')
                     a = a.lstrip('*')
+                    if name == 'blockdev-add' and a == 'options':
+                        # The seed's blockdev-add wraps the options in
+                        # 'options'; the schema has QEMU's stable flat form
+                        # and the handler unwraps the old one.
+                        continue
                     m = have.get(a)
                     if m is None:
                         self.err('%s: %s has no argument %r' % (where, name, a))
@@ -950,9 +955,16 @@ class Schema:
                     have = {k: None for k in d.expr['data']}
                 else:
                     have = self.type_members(name)
+                if kind == 'union':
+                    # A union's line lists its branches (the values of the
+                    # discriminator), like the seed's simple unions.
+                    for branch in d.expr['data']:
+                        have.setdefault(branch, None)
                 for item in items:
                     opt = item.startswith('*')
                     item = item.lstrip('*')
+                    if name == 'blockdev-add' and item == 'options':
+                        continue        # see check_fixture_commands
                     if item not in have:
                         self.err('%s: %s %s lacks member %r'
                                  % (where, kind, name, item))
