@@ -552,7 +552,10 @@ class Schema:
                 getattr(self, 'check_' + d.meta)(d)
                 self.check_doc(d)
             except SchemaError as e:
-                self.err('%s: %s' % (d.where, e))
+                msg = str(e)
+                if not msg.startswith(d.where):
+                    msg = '%s: %s' % (d.where, msg)
+                self.err(msg)
         self.check_pragma_lists()
 
     def check_pragma_lists(self):
