@@ -6,13 +6,16 @@
 
 #![deny(missing_docs)]
 
+pub mod client;
 pub mod command;
 pub mod encode;
 pub mod error;
 pub mod framer;
 pub mod json;
 pub mod message;
+pub mod server;
 pub mod session;
+mod sys;
 
 pub use command::{Command, Event};
 pub use error::{ErrorClass, QmpError};
