@@ -137,6 +137,13 @@ impl Framer {
         self.buf.len()
     }
 
+    /// The most [`buffered_bytes`](Self::buffered_bytes) can ever be with
+    /// these limits, whatever the input: one message's tokens, one separator
+    /// per token, and the start of a token kept for an error message.
+    pub fn max_buffered_bytes(&self) -> usize {
+        self.limits.max_message_size + self.limits.max_token_count + STRAY_KEEP
+    }
+
     /// Whether the framer is between messages: no partial token or value
     /// is pending.
     pub fn is_idle(&self) -> bool {

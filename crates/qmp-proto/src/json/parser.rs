@@ -272,10 +272,14 @@ pub(crate) fn parse_tokens(s: &[u8]) -> Result<Value, ParseError> {
                         continue 'value;
                     }
                     Some(k) => {
-                        if map.contains_key(&k) {
-                            return Err(syntax("duplicate key"));
+                        match map.entry(k) {
+                            serde_json::map::Entry::Vacant(slot) => {
+                                slot.insert(value);
+                            }
+                            serde_json::map::Entry::Occupied(_) => {
+                                return Err(syntax("duplicate key"));
+                            }
                         }
-                        map.insert(k, value);
                         match toks.next() {
                             None => return Err(syntax("premature EOI")),
                             Some(Tok::RCurly) => {
