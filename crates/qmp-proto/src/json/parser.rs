@@ -35,6 +35,8 @@ fn syntax(msg: impl Into<String>) -> ParseError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tok {
+    /// End of the message.
+    End,
     LCurly,
     RCurly,
     LSquare,
@@ -54,7 +56,8 @@ enum Tok {
 struct Tokens<'a> {
     s: &'a [u8],
     pos: usize,
-    peeked: Option<Option<Tok>>,
+    peeked: Tok,
+    has_peeked: bool,
 }
 
 impl<'a> Tokens<'a> {
@@ -62,34 +65,41 @@ impl<'a> Tokens<'a> {
         Tokens {
             s,
             pos: 0,
-            peeked: None,
+            peeked: Tok::End,
+            has_peeked: false,
         }
     }
 
-    fn peek(&mut self) -> Option<Tok> {
-        if self.peeked.is_none() {
-            let t = self.lex();
-            self.peeked = Some(t);
+    #[inline]
+    fn peek(&mut self) -> Tok {
+        if !self.has_peeked {
+            self.peeked = self.lex();
+            self.has_peeked = true;
         }
-        self.peeked.flatten()
+        self.peeked
     }
 
-    fn next(&mut self) -> Option<Tok> {
-        match self.peeked.take() {
-            Some(t) => t,
-            None => self.lex(),
+    #[inline]
+    fn next(&mut self) -> Tok {
+        if self.has_peeked {
+            self.has_peeked = false;
+            self.peeked
+        } else {
+            self.lex()
         }
     }
 
-    fn lex(&mut self) -> Option<Tok> {
+    fn lex(&mut self) -> Tok {
         let s = self.s;
         while self.pos < s.len() && matches!(s[self.pos], b' ' | b'\t' | b'\r' | b'\n') {
             self.pos += 1;
         }
         let start = self.pos;
-        let &b = s.get(start)?;
+        let Some(&b) = s.get(start) else {
+            return Tok::End;
+        };
         self.pos += 1;
-        Some(match b {
+        match b {
             b'{' => Tok::LCurly,
             b'}' => Tok::RCurly,
             b'[' => Tok::LSquare,
@@ -111,12 +121,12 @@ impl<'a> Tokens<'a> {
                         }
                         None => {
                             self.pos = s.len();
-                            return Some(Tok::Bad);
+                            return Tok::Bad;
                         }
                     }
                     if i >= s.len() {
                         self.pos = s.len();
-                        return Some(Tok::Bad);
+                        return Tok::Bad;
                     }
                 }
                 self.pos = i + 1;
@@ -141,7 +151,7 @@ impl<'a> Tokens<'a> {
                 Tok::Keyword(start, self.pos)
             }
             _ => Tok::Bad,
-        })
+        }
     }
 }
 
@@ -186,44 +196,44 @@ pub(crate) fn parse_tokens(s: &[u8]) -> Result<Value, ParseError> {
     'value: loop {
         // Parse one value (QEMU's parse_value).
         let mut value = match toks.peek() {
-            None => return Err(syntax("premature EOI")),
-            Some(Tok::LCurly) => {
+            Tok::End => return Err(syntax("premature EOI")),
+            Tok::LCurly => {
                 toks.next();
                 match toks.peek() {
-                    None => return Err(syntax("premature EOI")),
-                    Some(Tok::RCurly) => {
+                    Tok::End => return Err(syntax("premature EOI")),
+                    Tok::RCurly => {
                         toks.next();
                         Value::Object(Map::new())
                     }
-                    Some(_) => {
+                    _ => {
                         stack.push(Frame::Object(Map::new(), None));
                         continue 'value;
                     }
                 }
             }
-            Some(Tok::LSquare) => {
+            Tok::LSquare => {
                 toks.next();
                 match toks.peek() {
-                    None => return Err(syntax("premature EOI")),
-                    Some(Tok::RSquare) => {
+                    Tok::End => return Err(syntax("premature EOI")),
+                    Tok::RSquare => {
                         toks.next();
                         Value::Array(Vec::new())
                     }
-                    Some(_) => {
+                    _ => {
                         stack.push(Frame::Array(Vec::new()));
                         continue 'value;
                     }
                 }
             }
-            Some(Tok::Str(a, b)) => {
+            Tok::Str(a, b) => {
                 toks.next();
                 Value::String(parse_string(&s[a..b])?)
             }
-            Some(Tok::Num(a, b, int)) => {
+            Tok::Num(a, b, int) => {
                 toks.next();
                 Value::Number(parse_number(&s[a..b], int)?)
             }
-            Some(Tok::Keyword(a, b)) => {
+            Tok::Keyword(a, b) => {
                 toks.next();
                 match &s[a..b] {
                     b"true" => Value::Bool(true),
@@ -237,7 +247,7 @@ pub(crate) fn parse_tokens(s: &[u8]) -> Result<Value, ParseError> {
                     }
                 }
             }
-            Some(_) => return Err(syntax("expecting value")),
+            _ => return Err(syntax("expecting value")),
         };
         // Hand the finished value to the enclosing containers.
         loop {
@@ -246,16 +256,16 @@ pub(crate) fn parse_tokens(s: &[u8]) -> Result<Value, ParseError> {
                 Some(Frame::Array(items)) => {
                     items.push(value);
                     match toks.next() {
-                        None => return Err(syntax("premature EOI")),
-                        Some(Tok::RSquare) => {
+                        Tok::End => return Err(syntax("premature EOI")),
+                        Tok::RSquare => {
                             let Some(Frame::Array(items)) = stack.pop() else {
                                 unreachable_frame();
                                 return Err(syntax("expecting value"));
                             };
                             value = Value::Array(items);
                         }
-                        Some(Tok::Comma) => continue 'value,
-                        Some(_) => return Err(syntax("expected separator in list")),
+                        Tok::Comma => continue 'value,
+                        _ => return Err(syntax("expected separator in list")),
                     }
                 }
                 Some(Frame::Object(map, key)) => match key.take() {
@@ -264,9 +274,9 @@ pub(crate) fn parse_tokens(s: &[u8]) -> Result<Value, ParseError> {
                             return Err(syntax("key is not a string in object"));
                         };
                         match toks.next() {
-                            None => return Err(syntax("premature EOI")),
-                            Some(Tok::Colon) => {}
-                            Some(_) => return Err(syntax("missing : in object pair")),
+                            Tok::End => return Err(syntax("premature EOI")),
+                            Tok::Colon => {}
+                            _ => return Err(syntax("missing : in object pair")),
                         }
                         *key = Some(k);
                         continue 'value;
@@ -281,21 +291,21 @@ pub(crate) fn parse_tokens(s: &[u8]) -> Result<Value, ParseError> {
                             }
                         }
                         match toks.next() {
-                            None => return Err(syntax("premature EOI")),
-                            Some(Tok::RCurly) => {
+                            Tok::End => return Err(syntax("premature EOI")),
+                            Tok::RCurly => {
                                 let Some(Frame::Object(map, _)) = stack.pop() else {
                                     unreachable_frame();
                                     return Err(syntax("expecting value"));
                                 };
                                 value = Value::Object(map);
                             }
-                            Some(Tok::Comma) => {
-                                if toks.peek().is_none() {
+                            Tok::Comma => {
+                                if toks.peek() == Tok::End {
                                     return Err(syntax("premature EOI"));
                                 }
                                 continue 'value;
                             }
-                            Some(_) => return Err(syntax("expected separator in dict")),
+                            _ => return Err(syntax("expected separator in dict")),
                         }
                     }
                 },

@@ -38,7 +38,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -46,89 +46,21 @@ use std::time::{Duration, Instant};
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Registry, Token};
-use serde_json::Value;
 
-use crate::error::QmpError;
 use crate::message::{EventMessage, Request, Response};
 use crate::session::{Session, SessionConfig};
 use crate::sys;
+
+mod conn;
+mod handler;
+
+use conn::{flush_conn, rearm, register_conn};
+pub use handler::{CallContext, ClientId, Handler};
 
 /// Bytes read from a client per `read` call.
 const READ_CHUNK: usize = 64 * 1024;
 /// Reads per client per event before yielding to other clients.
 const READ_BUDGET: usize = 16;
-
-/// Identifies one client connection for the server's lifetime (never reused).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ClientId(pub u64);
-
-impl fmt::Display for ClientId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "qmp-client-{}", self.0)
-    }
-}
-
-/// What the VMM implements to execute QMP commands.
-pub trait Handler {
-    /// Executes one request (never `qmp_capabilities`, which the session
-    /// handles). Commands without a return value return `json!({})`, as
-    /// QEMU does. For an unknown command return
-    /// [`QmpError::command_not_found`]; for `request.oob` on a command that
-    /// cannot run out of band, [`QmpError::oob_not_supported`].
-    fn execute(&mut self, call: &mut CallContext<'_>, request: &Request)
-        -> Result<Value, QmpError>;
-
-    /// A client connected (its greeting is queued).
-    fn client_connected(&mut self, _id: ClientId) {}
-
-    /// A client is gone (it disconnected, or was disconnected).
-    fn client_disconnected(&mut self, _id: ClientId) {}
-}
-
-/// What a [`Handler`] gets besides the request.
-pub struct CallContext<'a> {
-    client: ClientId,
-    fds: &'a mut VecDeque<OwnedFd>,
-    shutdown: &'a mut bool,
-    events: &'a mut Vec<EventMessage>,
-}
-
-impl CallContext<'_> {
-    /// The client that sent the request.
-    pub fn client_id(&self) -> ClientId {
-        self.client
-    }
-
-    /// Number of file descriptors that arrived with the request's bytes
-    /// (Unix sockets only) and are not taken yet.
-    pub fn fd_count(&self) -> usize {
-        self.fds.len()
-    }
-
-    /// Takes the first file descriptor that arrived with the request.
-    /// Descriptors not taken are closed after the call.
-    pub fn take_fd(&mut self) -> Option<OwnedFd> {
-        self.fds.pop_front()
-    }
-
-    /// Takes all file descriptors that arrived with the request.
-    pub fn take_fds(&mut self) -> Vec<OwnedFd> {
-        self.fds.drain(..).collect()
-    }
-
-    /// Asks the server to stop once this reply is sent (for `quit`): see
-    /// [`QmpServer::shutdown_requested`].
-    pub fn request_shutdown(&mut self) {
-        *self.shutdown = true;
-    }
-
-    /// Sends an event to every negotiated client. The calling client gets
-    /// it before this request's reply, as with QEMU's events raised while a
-    /// command runs.
-    pub fn broadcast(&mut self, event: EventMessage) {
-        self.events.push(event);
-    }
-}
 
 /// Settings of a [`QmpServer`].
 #[derive(Debug, Clone)]
@@ -840,62 +772,4 @@ impl Drop for QmpServer {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-impl ConnStream {
-    fn raw_fd(&self) -> std::os::fd::RawFd {
-        match self {
-            ConnStream::Unix(s) => s.as_raw_fd(),
-            ConnStream::Tcp(s) => s.as_raw_fd(),
-        }
-    }
-}
-
-fn register_conn(registry: &Registry, conn: &mut Conn, token: Token) -> io::Result<()> {
-    let interest = Interest::READABLE | Interest::WRITABLE;
-    match &mut conn.stream {
-        ConnStream::Unix(s) => registry.register(s, token, interest)?,
-        ConnStream::Tcp(s) => registry.register(s, token, interest)?,
-    }
-    conn.registered = true;
-    Ok(())
-}
-
-/// Re-registering makes epoll report the socket again if it is ready.
-fn rearm(registry: &Registry, conn: &mut Conn, token: Token) {
-    if !conn.registered {
-        return;
-    }
-    let interest = Interest::READABLE | Interest::WRITABLE;
-    let r = match &mut conn.stream {
-        ConnStream::Unix(s) => registry.reregister(s, token, interest),
-        ConnStream::Tcp(s) => registry.reregister(s, token, interest),
-    };
-    if let Err(e) = r {
-        log::warn!("{}: cannot re-register: {e}", conn.id);
-        conn.dead = true;
-    }
-}
-
-/// Writes as much pending output as the socket takes. Returns false if the
-/// connection failed.
-fn flush_conn(conn: &mut Conn) -> bool {
-    while conn.session.output_len() > 0 {
-        let out = conn.session.pending_output();
-        let r = match &mut conn.stream {
-            ConnStream::Unix(s) => s.write(out),
-            ConnStream::Tcp(s) => s.write(out),
-        };
-        match r {
-            Ok(0) => return false,
-            Ok(n) => conn.session.consume_output(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                log::debug!("{}: write failed: {e}", conn.id);
-                return false;
-            }
-        }
-    }
-    true
 }
