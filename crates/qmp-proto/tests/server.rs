@@ -192,18 +192,29 @@ fn client_that_never_reads_is_disconnected_while_others_work() {
         );
     }
     // Events pile up for the lazy client until it is cut off, while the
-    // good client reads every one of them.
+    // good client reads every one of them. They are sent in batches well
+    // under the hard limit, each once the good client has read the last.
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = received.clone();
     let reader = std::thread::spawn(move || {
         for n in 0..400 {
             if let Err(e) = good.wait_event("PILE", Duration::from_secs(20)) {
                 panic!("after {n} events: {e}");
             }
+            counter.store(n + 1, std::sync::atomic::Ordering::SeqCst);
         }
         good
     });
     let pad = "e".repeat(10_000);
-    for _ in 0..400 {
-        srv.broadcast(EventMessage::new("PILE", Some(json!({"pad": pad}))));
+    for batch in 1..=4 {
+        for _ in 0..100 {
+            srv.broadcast(EventMessage::new("PILE", Some(json!({"pad": pad}))));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while received.load(std::sync::atomic::Ordering::SeqCst) < batch * 100 {
+            assert!(std::time::Instant::now() < deadline, "good client starved");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
     srv.wait_disconnects(1);
     let mut good = reader.join().unwrap();
@@ -387,4 +398,64 @@ fn client_without_negotiation_sees_raw_errors() {
     c.send_raw(b"\"echo\", \"id\": \"raw\"}").unwrap();
     let v = c.recv_raw().unwrap();
     assert_eq!(v, json!({"return": {}, "id": "raw"}));
+}
+
+#[test]
+fn caller_owned_poll_with_a_token_range() {
+    use mio::{Events, Interest, Poll, Token};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("own.sock");
+    let mut cfg = ServerConfig::new(SessionConfig::new(common::version()));
+    cfg.first_token = 100;
+    cfg.max_tokens = 3; // the server itself, one listener, one client
+    let mut server = QmpServer::new(cfg);
+    server.add_unix_listener(&path).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let t = std::thread::spawn(move || {
+        let mut poll = Poll::new().unwrap();
+        // Something else of the VMM's on the same Poll.
+        let (mut mine, _peer) = mio::net::UnixStream::pair().unwrap();
+        poll.registry()
+            .register(&mut mine, Token(5), Interest::READABLE)
+            .unwrap();
+        server.register(poll.registry()).unwrap();
+        assert!(!server.owns(Token(5)));
+        assert!(server.owns(Token(100)) && server.owns(Token(102)));
+        assert!(!server.owns(Token(103)));
+        let log = Arc::new(std::sync::Mutex::new(common::Log::default()));
+        let mut handler = common::TestHandler { log };
+        let mut events = Events::with_capacity(64);
+        while !stop2.load(Ordering::SeqCst) {
+            poll.poll(&mut events, Some(Duration::from_millis(20)))
+                .unwrap();
+            for ev in events.iter() {
+                if server.owns(ev.token()) {
+                    server.handle_event(poll.registry(), ev, &mut handler);
+                }
+            }
+        }
+        server.client_count()
+    });
+    let mut c = Client::connect_unix(&path).unwrap();
+    assert_eq!(
+        c.execute_raw("echo", json!({"t": 1})).unwrap(),
+        json!({"t": 1})
+    );
+    // No token left for a second client: it is closed at once.
+    let mut second = UnixStream::connect(&path).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(second.read_to_end(&mut buf).unwrap(), 0);
+    assert_eq!(
+        c.execute_raw("echo", json!({"t": 2})).unwrap(),
+        json!({"t": 2})
+    );
+    stop.store(true, Ordering::SeqCst);
+    assert_eq!(t.join().unwrap(), 1);
 }

@@ -67,10 +67,12 @@ const READ_BUDGET: usize = 16;
 pub struct ServerConfig {
     /// Settings of every client's session.
     pub session: SessionConfig,
-    /// First `mio::Token` the server uses.
+    /// First `mio::Token` the server uses (for waking itself; listeners and
+    /// clients use the following ones).
     pub first_token: usize,
-    /// How many tokens (listeners plus clients) the server may use, from
-    /// `first_token` on. Connections beyond are refused.
+    /// How many tokens the server may use, from `first_token` on: one for
+    /// itself, then one per listener and per client. Connections beyond are
+    /// refused (closed at once).
     pub max_tokens: usize,
     /// Most file descriptors held for one client awaiting a request;
     /// more are closed on arrival.
