@@ -607,9 +607,11 @@ fn escape_doc(s: &str) -> String {
         if in_example {
             out.push_str(line);
         } else {
-            // Leading indentation would make Markdown code blocks, which
-            // rustdoc compiles as doctests.
-            let mut l = String::new();
+            // Four spaces of indentation would make a Markdown code block,
+            // which rustdoc compiles as a doctest; up to three keep list
+            // continuations attached to their item.
+            let indent = (line.len() - trimmed.len()).min(3);
+            let mut l = " ".repeat(indent);
             let mut chars = trimmed.chars().peekable();
             while let Some(c) = chars.next() {
                 if c == '@' && chars.peek().is_some_and(|n| n.is_ascii_alphanumeric()) {

@@ -1,0 +1,174 @@
+//! QMP round trips and start-up time, vmm-reference against QEMU 7.2's
+//! qemu-storage-daemon, measured in the same run with the same client.
+//!
+//! `cargo bench -p vmm-reference --bench qmp_vs_qemu` prints, for each
+//! measure, the median of several runs for both and the ratio.
+//! Set QMP_BENCH_ROUNDS (default 20000 round trips per run) and
+//! QMP_BENCH_RUNS (default 7) to change the effort.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const VMM: &str = env!("CARGO_BIN_EXE_vmm-reference");
+
+struct Server {
+    child: Child,
+    _dir: tempfile::TempDir,
+    sock: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Ours,
+    Qemu,
+}
+
+fn spawn(kind: Kind) -> (Server, Instant) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("qmp.sock");
+    let mut cmd = match kind {
+        Kind::Ours => {
+            let mut c = Command::new(VMM);
+            c.arg("--no-guest")
+                .arg("--qmp")
+                .arg(format!("unix:{}", sock.display()));
+            c
+        }
+        Kind::Qemu => {
+            let mut c = Command::new("qemu-storage-daemon");
+            c.arg("--chardev")
+                .arg(format!(
+                    "socket,path={},server=on,wait=off,id=m0",
+                    sock.display()
+                ))
+                .arg("--monitor")
+                .arg("chardev=m0");
+            c
+        }
+    };
+    let start = Instant::now();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn server");
+    (
+        Server {
+            child,
+            _dir: dir,
+            sock,
+        },
+        start,
+    )
+}
+
+/// Connects as soon as the socket accepts and reads the greeting.
+fn connect(sock: &Path, deadline: Duration) -> BufReader<UnixStream> {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = UnixStream::connect(sock) {
+            let mut r = BufReader::new(s);
+            let mut greeting = String::new();
+            r.read_line(&mut greeting).expect("greeting");
+            assert!(greeting.contains("\"QMP\""), "{greeting}");
+            return r;
+        }
+        assert!(start.elapsed() < deadline, "server did not come up");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn exec(r: &mut BufReader<UnixStream>, line: &[u8]) -> String {
+    r.get_mut().write_all(line).expect("send");
+    let mut reply = String::new();
+    r.read_line(&mut reply).expect("reply");
+    reply
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn round_trips(kind: Kind, rounds: usize) -> f64 {
+    let (server, _) = spawn(kind);
+    let mut c = connect(&server.sock, Duration::from_secs(10));
+    assert!(exec(&mut c, b"{\"execute\": \"qmp_capabilities\"}\n").contains("return"));
+    for _ in 0..200 {
+        exec(&mut c, b"{\"execute\": \"query-version\"}\n");
+    }
+    let start = Instant::now();
+    for _ in 0..rounds {
+        let reply = exec(&mut c, b"{\"execute\": \"query-version\"}\n");
+        debug_assert!(reply.contains("return"));
+    }
+    rounds as f64 / start.elapsed().as_secs_f64()
+}
+
+fn start_to_greeting(kind: Kind) -> f64 {
+    let (server, start) = spawn(kind);
+    let _c = connect(&server.sock, Duration::from_secs(10));
+    start.elapsed().as_secs_f64() * 1000.0
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` would pass nothing useful to us.
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    if Command::new("qemu-storage-daemon")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("qemu-storage-daemon (Debian's qemu-system-x86) is needed as the reference");
+        std::process::exit(1);
+    }
+    let rounds = env_usize("QMP_BENCH_ROUNDS", 20_000);
+    let runs = env_usize("QMP_BENCH_RUNS", 7);
+
+    let mut ours = Vec::new();
+    let mut qemu = Vec::new();
+    for _ in 0..runs {
+        // Interleave so that machine noise hits both alike.
+        ours.push(round_trips(Kind::Ours, rounds));
+        qemu.push(round_trips(Kind::Qemu, rounds));
+    }
+    let (o, q) = (median(ours), median(qemu));
+    println!("QMP query-version round trips/s, one Unix connection ({rounds} per run, median of {runs}):");
+    println!("  vmm-reference       {o:>10.0}");
+    println!("  qemu-storage-daemon {q:>10.0}");
+    println!("  ratio ours/qemu     {:>10.2}x (target >= 2x)", o / q);
+
+    let mut ours = Vec::new();
+    let mut qemu = Vec::new();
+    for _ in 0..runs.max(9) {
+        ours.push(start_to_greeting(Kind::Ours));
+        qemu.push(start_to_greeting(Kind::Qemu));
+    }
+    let (o, q) = (median(ours), median(qemu));
+    println!(
+        "Process start to QMP greeting received, ms (median of {}):",
+        runs.max(9)
+    );
+    println!("  vmm-reference       {o:>10.2}");
+    println!("  qemu-storage-daemon {q:>10.2}");
+    println!("  ratio ours/qemu     {:>10.2} (target <= 0.2)", o / q);
+}

@@ -1,0 +1,165 @@
+//! The command line: clap definitions, QEMU's single-dash spellings, and the
+//! monitor address syntax (`unix:PATH,server=on,wait=off`, `tcp:HOST:PORT`).
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{CommandFactory, Parser};
+
+/// Command-line options of the reference VMM.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmm-reference",
+    version,
+    about = "A small KVM virtual machine monitor with QEMU's QMP management interface.",
+    long_about = "A small KVM virtual machine monitor with QEMU's QMP management interface.\n\n\
+                  QEMU's single-dash spellings are accepted too (-qmp unix:PATH,server=on,wait=off).\n\
+                  Set RUST_LOG (e.g. RUST_LOG=debug) for logs on standard error."
+)]
+pub struct Cli {
+    /// Run without a guest: only the monitors and the storage side, like qemu-storage-daemon.
+    #[arg(long)]
+    pub no_guest: bool,
+
+    /// Serve QMP on ADDR: unix:PATH or tcp:HOST:PORT, optionally followed by QEMU's
+    /// ,server=on and ,wait=off (or ,server ,nowait). May be given several times.
+    #[arg(long = "qmp", value_name = "ADDR")]
+    pub qmp: Vec<MonitorAddr>,
+
+    /// A name for the VM (reported by query-name).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+}
+
+/// Where a QMP monitor listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MonitorAddr {
+    /// A Unix socket at this path.
+    Unix(PathBuf),
+    /// A TCP socket on this host and port.
+    Tcp(String, u16),
+}
+
+impl FromStr for MonitorAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let addr = parts.next().unwrap_or_default();
+        for opt in parts {
+            let (key, value) = opt.split_once('=').unwrap_or((opt, "on"));
+            let on = match value {
+                "on" | "yes" | "true" => true,
+                "off" | "no" | "false" => false,
+                _ => return Err(format!("Parameter '{key}' expects 'on' or 'off'")),
+            };
+            match key {
+                "server" if !on => {
+                    return Err("client-mode monitors (server=off) are not supported".into())
+                }
+                "server" => {}
+                // QEMU's wait=on holds start-up until a client connects; nothing here
+                // runs before a client could connect, so both values behave alike.
+                "wait" => {}
+                "nowait" => {}
+                _ => return Err(format!("Invalid parameter '{key}'")),
+            }
+        }
+        if let Some(path) = addr.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path".into());
+            }
+            return Ok(MonitorAddr::Unix(PathBuf::from(path)));
+        }
+        if let Some(hostport) = addr.strip_prefix("tcp:") {
+            let (host, port) = hostport
+                .rsplit_once(':')
+                .ok_or_else(|| format!("'{hostport}' is not HOST:PORT"))?;
+            let port = port
+                .parse::<u16>()
+                .map_err(|_| format!("'{port}' is not a port number"))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let host = if host.is_empty() { "127.0.0.1" } else { host };
+            return Ok(MonitorAddr::Tcp(host.to_owned(), port));
+        }
+        Err(format!(
+            "'{addr}' is not a monitor address: use unix:PATH or tcp:HOST:PORT"
+        ))
+    }
+}
+
+impl Cli {
+    /// Parses the arguments, accepting QEMU's single-dash long options
+    /// (`-qmp`, `-name`) as their double-dash forms.
+    pub fn parse_from_qemu_style<I: IntoIterator<Item = String>>(
+        args: I,
+    ) -> Result<Cli, clap::Error> {
+        let longs: Vec<String> = Cli::command()
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_owned))
+            .collect();
+        let args = args.into_iter().enumerate().map(|(i, a)| {
+            if i > 0 && a.len() > 2 && a.starts_with('-') && !a.starts_with("--") {
+                let name = a[1..].split('=').next().unwrap_or_default();
+                if longs.iter().any(|l| l == name) {
+                    return format!("-{a}");
+                }
+            }
+            a
+        });
+        Cli::try_parse_from(args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::parse_from_qemu_style(
+            std::iter::once("vmm-reference")
+                .chain(args.iter().copied())
+                .map(str::to_owned),
+        )
+    }
+
+    #[test]
+    fn parses_monitor_addresses() {
+        let cli = parse(&[
+            "--no-guest",
+            "--qmp",
+            "unix:/tmp/a.sock",
+            "-qmp",
+            "unix:/tmp/b.sock,server=on,wait=off",
+            "--qmp",
+            "tcp:localhost:4444,server,nowait",
+            "-name",
+            "vm0",
+        ])
+        .unwrap();
+        assert!(cli.no_guest);
+        assert_eq!(
+            cli.qmp,
+            vec![
+                MonitorAddr::Unix("/tmp/a.sock".into()),
+                MonitorAddr::Unix("/tmp/b.sock".into()),
+                MonitorAddr::Tcp("localhost".into(), 4444),
+            ]
+        );
+        assert_eq!(cli.name.as_deref(), Some("vm0"));
+    }
+
+    #[test]
+    fn rejects_bad_addresses_and_flags_with_one_clear_line() {
+        for (args, needle) in [
+            (&["--qmp", "stdio"][..], "is not a monitor address"),
+            (&["--qmp", "unix:/x,server=off"], "not supported"),
+            (&["--qmp", "unix:/x,bogus=on"], "Invalid parameter 'bogus'"),
+            (&["--qmp", "tcp:host:99999"], "is not a port number"),
+            (&["--frobnicate"], "unexpected argument"),
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+    }
+}
