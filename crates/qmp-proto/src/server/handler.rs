@@ -80,7 +80,7 @@ impl CallContext<'_> {
     }
 
     /// Asks the server to stop once this reply is sent (for `quit`): see
-    /// [`QmpServer::shutdown_requested`].
+    /// [`QmpServer::shutdown_requested`](super::QmpServer::shutdown_requested).
     pub fn request_shutdown(&mut self) {
         *self.shutdown = true;
     }
