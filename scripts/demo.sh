@@ -25,8 +25,26 @@ printf '%s\n' \
     'query-version' \
     'query-status' \
     'query-name' \
-    'query-status bogus=1' \
-    'quit' | qmp-shell -v -p "$sock"
+    'query-status bogus=1' | qmp-shell -v -p "$sock"
+
+echo "+ quit, with QEMU's Python QMP client listening for the SHUTDOWN event"
+python3 - "$sock" <<'PY'
+import asyncio, json, sys
+from qemu.qmp import QMPClient
+
+async def main():
+    qmp = QMPClient("demo")
+    await qmp.connect(sys.argv[1])
+    with qmp.listener(("SHUTDOWN",)) as events:
+        print("-> quit  <-", json.dumps(await qmp.execute("quit")))
+        print("<- event", json.dumps(dict(await events.get())))
+    try:
+        await qmp.disconnect()
+    except EOFError:
+        pass  # the server closes the connection after quit, as QEMU does
+
+asyncio.run(main())
+PY
 
 wait "$vmm"
 echo "+ vmm-reference exited with status $? and removed its socket: $([ -e "$sock" ] && echo no || echo yes)"
