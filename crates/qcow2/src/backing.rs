@@ -50,6 +50,10 @@ pub trait BlockRead: Send + Sync {
     fn filename(&self) -> Option<&Path> {
         None
     }
+    /// The image below this one in the chain, if any.
+    fn backing_image(&self) -> Option<Arc<dyn BlockRead>> {
+        None
+    }
 }
 
 /// Reads `[offset, offset + buf.len())` from `b`, with zeros past its end.
@@ -99,6 +103,56 @@ impl BlockRead for RawImage {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         Ok(self.storage.read_at(buf, offset)?)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        let size = self.size();
+        let len = len.min(size.saturating_sub(offset));
+        let data = |l: u64| BlockStatus {
+            len: l,
+            allocated: true,
+            zero: false,
+            data: true,
+            depth: 0,
+            offset: Some(offset),
+        };
+        let Some(fd) = self.storage.raw_fd() else {
+            return Ok(data(len));
+        };
+        // SAFETY: lseek on a file descriptor owned by our storage; no memory is involved.
+        let d = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+        if d < 0 {
+            // ENXIO: only a hole up to the end of the file.
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                return Ok(BlockStatus {
+                    len,
+                    allocated: true,
+                    zero: true,
+                    data: false,
+                    depth: 0,
+                    offset: Some(offset),
+                });
+            }
+            return Ok(data(len));
+        }
+        let d = d as u64;
+        if d > offset {
+            return Ok(BlockStatus {
+                len: (d - offset).min(len),
+                allocated: true,
+                zero: true,
+                data: false,
+                depth: 0,
+                offset: Some(offset),
+            });
+        }
+        // SAFETY: as above.
+        let h = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
+        let l = if h > offset as i64 {
+            (h as u64 - offset).min(len)
+        } else {
+            len
+        };
+        Ok(data(l))
     }
     fn format_name(&self) -> &str {
         "raw"

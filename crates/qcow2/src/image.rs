@@ -825,4 +825,7 @@ impl BlockRead for Qcow2 {
     fn filename(&self) -> Option<&Path> {
         self.path.as_deref()
     }
+    fn backing_image(&self) -> Option<Arc<dyn BlockRead>> {
+        self.backing()
+    }
 }

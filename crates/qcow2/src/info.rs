@@ -162,6 +162,29 @@ impl Qcow2 {
         }
     }
 
+    /// Points the image at another backing file (or none), rewriting the header; with
+    /// `image`, reads of unallocated ranges use it from now on. This does not copy data: see
+    /// `vmm-img rebase` for the safe variant.
+    pub fn set_backing(
+        &self,
+        name: Option<&str>,
+        format: Option<&str>,
+        image: Option<std::sync::Arc<dyn crate::backing::BlockRead>>,
+    ) -> Result<()> {
+        self.check_writable()?;
+        let _x = self.gate.exclusive();
+        let mut h = lock(&self.header);
+        let old = h.clone();
+        h.backing_file = name.map(str::to_string);
+        h.backing_format = name.and(format).map(str::to_string);
+        if let Err(e) = self.write_header(&mut h) {
+            *h = old;
+            return Err(e);
+        }
+        *self.backing.write().unwrap_or_else(|e| e.into_inner()) = image;
+        Ok(())
+    }
+
     /// Changes the virtual size. Growing may preallocate the new area; shrinking discards the
     /// clusters beyond the new end. Refused with internal snapshots or bitmaps, as in QEMU.
     pub fn resize(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {

@@ -210,7 +210,7 @@ impl Qcow2 {
             vm_clock_nsec: 0,
             vm_state_size: 0,
             disk_size: Some(self.size()),
-            icount: None,
+            icount: Some(0),
             extra_unknown: Vec::new(),
         };
         snaps.push(sn.clone());

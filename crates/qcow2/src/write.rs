@@ -62,6 +62,15 @@ impl Qcow2 {
         Ok(())
     }
 
+    fn try_register(&self, clusters: &[u64]) -> bool {
+        let mut s = lock(&self.inflight);
+        if clusters.iter().any(|c| s.contains(c)) {
+            return false;
+        }
+        s.extend(clusters.iter().copied());
+        true
+    }
+
     fn register(&self, clusters: &[u64]) {
         let mut s = lock(&self.inflight);
         while clusters.iter().any(|c| s.contains(c)) {
@@ -160,7 +169,22 @@ impl Qcow2 {
             return Err(Error::InvalidArgument("empty write".into()));
         }
         let guard = self.gate.enter();
-        let r = self.prepare_inner(offset, len, guard);
+        let r = self.prepare_inner(offset, len, guard, true);
+        self.c(r)
+            .map(|p| p.expect("blocking prepare always yields a plan"))
+    }
+
+    /// Like [`Qcow2::prepare_write`], but returns `Ok(None)` instead of waiting when another
+    /// in-flight plan is allocating the same clusters (for single-threaded event loops, which
+    /// must complete that plan first).
+    pub fn try_prepare_write(&self, offset: u64, len: u64) -> Result<Option<WritePlan<'_>>> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Err(Error::InvalidArgument("empty write".into()));
+        }
+        let guard = self.gate.enter();
+        let r = self.prepare_inner(offset, len, guard, false);
         self.c(r)
     }
 
@@ -216,14 +240,15 @@ impl Qcow2 {
         offset: u64,
         len: u64,
         guard: IoGuard<'a>,
-    ) -> Result<WritePlan<'a>> {
+        wait: bool,
+    ) -> Result<Option<WritePlan<'a>>> {
         let cb = self.geo.cluster_bits;
         let cs = self.geo.cs();
         {
             let mut t = lock(&self.tables);
             let (n, host) = self.in_place_run(&mut t, offset, len)?;
             if n > 0 {
-                return Ok(WritePlan {
+                return Ok(Some(WritePlan {
                     img: self,
                     _guard: guard,
                     offset,
@@ -232,7 +257,7 @@ impl Qcow2 {
                     cow: Vec::new(),
                     commits: Vec::new(),
                     registered: Vec::new(),
-                });
+                }));
             }
         }
         // Allocation: a run of clusters within one L2 table.
@@ -242,7 +267,11 @@ impl Qcow2 {
         let table_end = (c0 / l2_span_clusters + 1) * l2_span_clusters;
         let c_end = (c_last + 1).min(table_end).min(c0 + MAX_PLAN_CLUSTERS);
         let wanted: Vec<u64> = (c0..c_end).collect();
-        self.register(&wanted);
+        if wait {
+            self.register(&wanted);
+        } else if !self.try_register(&wanted) {
+            return Ok(None);
+        }
         let mut plan = WritePlan {
             img: self,
             _guard: guard,
@@ -262,7 +291,7 @@ impl Qcow2 {
             self.unregister(&std::mem::take(&mut plan.registered));
             plan.len = n;
             plan.host_offset = host;
-            return Ok(plan);
+            return Ok(Some(plan));
         }
         let l2_off = self.ensure_l2_writable(&mut t, offset)?;
         // Collect old entries; the run stops at the first cluster that is writable in place.
@@ -385,7 +414,7 @@ impl Qcow2 {
                 pos = stop;
             }
         }
-        Ok(plan)
+        Ok(Some(plan))
     }
 
     /// A host cluster an entry keeps that a write can fill in place (preallocated zero cluster
@@ -599,7 +628,7 @@ impl Qcow2 {
             }
             // Whole clusters/subclusters up to the end of this cluster run.
             let stop = (end / gran * gran).min(((pos / cs) + 1) * cs);
-            let r = self.zero_range(pos, stop - pos, unmap, false);
+            let r = self.zero_range(pos, stop - pos, unmap, ZeroMode::Zero);
             self.c(r)?;
             pos = stop;
         }
@@ -613,6 +642,16 @@ impl Qcow2 {
     /// Discards `[offset, offset+len)`: whole clusters are released and read as zero (version
     /// 3) or fall through to the backing image (version 2); partial clusters are left alone.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_mode(offset, len, ZeroMode::Discard)
+    }
+
+    /// Makes the whole image unallocated (reads fall through to the backing image), as
+    /// `qemu-img commit` leaves the top image.
+    pub fn make_empty(&self) -> Result<()> {
+        self.discard_mode(0, self.size(), ZeroMode::Unallocate)
+    }
+
+    fn discard_mode(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
         let cs = self.geo.cs();
@@ -625,7 +664,7 @@ impl Qcow2 {
         while pos < end {
             let stop = end
                 .min(pos + (cs << self.geo.l2_bits()) - (pos & ((cs << self.geo.l2_bits()) - 1)));
-            let r = self.zero_range(pos, stop - pos, true, true);
+            let r = self.zero_range(pos, stop - pos, true, mode);
             self.c(r)?;
             pos = stop;
         }
@@ -634,7 +673,8 @@ impl Qcow2 {
 
     /// Sets whole clusters (or subclusters) in `[pos, pos+len)` (within one L2 table) to zero or
     /// discarded.
-    pub(crate) fn zero_range(&self, pos: u64, len: u64, unmap: bool, discard: bool) -> Result<()> {
+    pub(crate) fn zero_range(&self, pos: u64, len: u64, unmap: bool, mode: ZeroMode) -> Result<()> {
+        let discard = mode != ZeroMode::Zero;
         let cb = self.geo.cluster_bits;
         let cs = self.geo.cs();
         let w = self.geo.words();
@@ -662,7 +702,10 @@ impl Qcow2 {
                     let a = pos.max(g);
                     let b = (pos + len).min(g + cs);
                     let mask = sc_mask(((a - g) >> scb) as u32, ((b - 1 - g) >> scb) as u32);
-                    if mask == BITMAP_ALL_ALLOC && (unmap || e & OFLAG_COPIED == 0) {
+                    if mode == ZeroMode::Unallocate && mask == BITMAP_ALL_ALLOC {
+                        frees.extend(self.entry_clusters(e)?);
+                        (0, 0)
+                    } else if mask == BITMAP_ALL_ALLOC && (unmap || e & OFLAG_COPIED == 0) {
                         frees.extend(self.entry_clusters(e)?);
                         (0, BITMAP_ALL_ZERO)
                     } else if e & OFLAG_COMPRESSED != 0
@@ -690,7 +733,9 @@ impl Qcow2 {
                     } else {
                         frees.extend(self.entry_clusters(e)?);
                         let allocated = e & OFFSET_MASK != 0 || e & OFLAG_ZERO != 0;
-                        if self.geo.version >= 3 && (!discard || has_backing || allocated) {
+                        if mode == ZeroMode::Unallocate {
+                            (0, 0)
+                        } else if self.geo.version >= 3 && (!discard || has_backing || allocated) {
                             (OFLAG_ZERO, 0)
                         } else {
                             (0, 0)
@@ -862,6 +907,17 @@ impl Drop for Qcow2 {
             log::error!("qcow2: closing the image failed: {e}");
         }
     }
+}
+
+/// What [`Qcow2::zero_range`] leaves behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ZeroMode {
+    /// Reads as zero.
+    Zero,
+    /// Guest discard: zero (version 3) or unallocated.
+    Discard,
+    /// Unallocated: reads fall through to the backing image.
+    Unallocate,
 }
 
 /// Bitmap with bits `s0..=s1` set.

@@ -1,0 +1,656 @@
+//! create, info, check, map, snapshot, resize and bitmap.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use qcow2::check::Fix;
+use qcow2::{CompressionType, CreateOptions, DirtyBitmap, ImageInfo, Preallocation, Qcow2};
+
+use crate::img::{create_raw, parse_size, Cache, Image};
+use crate::output;
+use crate::Error;
+
+fn on_off(k: &str, v: &str) -> Result<bool, Error> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(Error::msg(format!("Parameter '{k}' expects 'on' or 'off'"))),
+    }
+}
+
+/// Parsed `-o` options of create/convert.
+#[derive(Debug, Default)]
+pub struct ImgOptions {
+    /// Size given with `-o size=`.
+    pub size: Option<u64>,
+    /// qcow2 options.
+    pub qcow2: CreateOptions,
+    /// Raw preallocation.
+    pub prealloc: Preallocation,
+}
+
+/// Parses `-o key=value,...` (possibly repeated).
+pub fn parse_options(opts: &[String]) -> Result<ImgOptions, Error> {
+    let mut o = ImgOptions::default();
+    for group in opts {
+        for kv in group.split(',').filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, "on"));
+            let q = &mut o.qcow2;
+            match k {
+                "size" => o.size = Some(parse_size(v)?),
+                "cluster_size" => q.cluster_size = parse_size(v)?,
+                "compat" => {
+                    q.version = match v {
+                        "0.10" | "v2" => 2,
+                        "1.1" | "v3" => 3,
+                        _ => return Err(Error::msg(format!("Invalid parameter '{v}'"))),
+                    }
+                }
+                "lazy_refcounts" => q.lazy_refcounts = on_off(k, v)?,
+                "refcount_bits" => {
+                    q.refcount_bits = v
+                        .parse()
+                        .map_err(|_| Error::msg(format!("Invalid refcount_bits '{v}'")))?
+                }
+                "preallocation" => {
+                    let p = Preallocation::from_name(v).ok_or_else(|| {
+                        Error::msg(format!(
+                            "Parameter 'preallocation' does not accept value '{v}'"
+                        ))
+                    })?;
+                    q.preallocation = p;
+                    o.prealloc = p;
+                }
+                "backing_file" => q.backing_file = Some(v.to_string()),
+                "backing_fmt" => q.backing_format = Some(v.to_string()),
+                "compression_type" => {
+                    q.compression_type = CompressionType::from_name(v).ok_or_else(|| {
+                        Error::msg(format!(
+                            "Parameter 'compression_type' does not accept value '{v}'"
+                        ))
+                    })?
+                }
+                "extended_l2" => q.extended_l2 = on_off(k, v)?,
+                "data_file" => q.data_file = Some(v.to_string()),
+                "data_file_raw" => q.data_file_raw = on_off(k, v)?,
+                "encryption" | "encrypt.format" => {
+                    return Err(Error::msg("Encryption is not supported"))
+                }
+                _ => return Err(Error::msg(format!("Invalid parameter '{k}'"))),
+            }
+        }
+    }
+    Ok(o)
+}
+
+/// Creates a qcow2 image at `path` with `q`, creating the external data file when named.
+pub fn create_qcow2(path: &Path, q: &CreateOptions) -> Result<(), Error> {
+    let data = match &q.data_file {
+        Some(d) => {
+            let dp = qcow2::backing::resolve_relative(d, Some(path));
+            if !dp.exists() {
+                create_raw(&dp, q.size, Preallocation::Off)?;
+            }
+            let st: std::sync::Arc<dyn qcow2::Storage> =
+                std::sync::Arc::new(qcow2::FileStorage::open(&dp, true, false)?);
+            Some(st)
+        }
+        None => None,
+    };
+    let file: std::sync::Arc<dyn qcow2::Storage> =
+        std::sync::Arc::new(qcow2::FileStorage::create(path)?);
+    Qcow2::create_with_data(file, data, q)?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn create(
+    fmt: &str,
+    options: &[String],
+    backing: Option<String>,
+    backing_fmt: Option<String>,
+    unsafe_: bool,
+    quiet: bool,
+    filename: &str,
+    size: Option<String>,
+) -> Result<i32, Error> {
+    let mut o = parse_options(options)?;
+    if backing.is_some() {
+        o.qcow2.backing_file = backing;
+    }
+    if backing_fmt.is_some() {
+        o.qcow2.backing_format = backing_fmt;
+    }
+    let path = Path::new(filename);
+    let mut size = match size {
+        Some(s) => Some(parse_size(&s)?),
+        None => o.size,
+    };
+    if let Some(b) = o.qcow2.backing_file.clone() {
+        let bp = qcow2::backing::resolve_relative(&b, Some(path));
+        match Image::open(
+            &bp,
+            o.qcow2.backing_format.as_deref(),
+            false,
+            Cache::Writeback,
+        ) {
+            Ok(img) => {
+                if o.qcow2.backing_format.is_none() {
+                    o.qcow2.backing_format = Some(img.format().to_string());
+                }
+                if size.is_none() {
+                    size = Some(img.size());
+                }
+            }
+            Err(e) if !unsafe_ => return Err(e),
+            Err(_) => {}
+        }
+    }
+    let size = size.ok_or_else(|| Error::msg("Image creation needs a size parameter"))?;
+    o.qcow2.size = size;
+    match fmt {
+        "qcow2" => {
+            if !quiet {
+                let q = &o.qcow2;
+                let mut line = format!(
+                    "Formatting '{filename}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={} size={size}",
+                    q.cluster_size,
+                    if q.extended_l2 { "on" } else { "off" },
+                    q.compression_type.name()
+                );
+                if let Some(b) = &q.backing_file {
+                    line.push_str(&format!(" backing_file={b}"));
+                }
+                if let Some(b) = &q.backing_format {
+                    line.push_str(&format!(" backing_fmt={b}"));
+                }
+                if let Some(d) = &q.data_file {
+                    line.push_str(&format!(" data_file={d}"));
+                }
+                if q.version == 2 {
+                    line.push_str(" compat=0.10");
+                }
+                if q.preallocation != Preallocation::Off {
+                    line.push_str(&format!(" preallocation={}", q.preallocation.name()));
+                }
+                line.push_str(&format!(
+                    " lazy_refcounts={} refcount_bits={}",
+                    if q.lazy_refcounts { "on" } else { "off" },
+                    q.refcount_bits
+                ));
+                println!("{line}");
+            }
+            create_qcow2(path, &o.qcow2)?;
+        }
+        "raw" => {
+            if o.qcow2.backing_file.is_some() {
+                return Err(Error::msg("raw images do not support backing files"));
+            }
+            if !quiet {
+                println!("Formatting '{filename}', fmt=raw size={size}");
+            }
+            create_raw(path, size, o.prealloc)?;
+        }
+        other => return Err(Error::msg(format!("Unknown file format '{other}'"))),
+    }
+    Ok(0)
+}
+
+fn raw_info(path: &Path, img: &Image) -> ImageInfo {
+    let Image::Raw(r) = img else {
+        unreachable!("raw_info on a raw image")
+    };
+    ImageInfo {
+        filename: Some(path.to_string_lossy().into_owned()),
+        format: "raw".into(),
+        dirty_flag: false,
+        actual_size: r.storage().allocated_size(),
+        virtual_size: img.size(),
+        cluster_size: 0,
+        encrypted: false,
+        backing_filename: None,
+        full_backing_filename: None,
+        backing_filename_format: None,
+        snapshots: Vec::new(),
+        format_specific: qcow2::ImageInfoSpecificQCow2 {
+            compat: String::new(),
+            data_file: None,
+            data_file_raw: None,
+            extended_l2: None,
+            lazy_refcounts: None,
+            corrupt: None,
+            refcount_bits: 0,
+            bitmaps: None,
+            compression_type: String::new(),
+        },
+    }
+}
+
+fn image_info(path: &Path, img: &Image) -> ImageInfo {
+    match img {
+        Image::Qcow2(q) => {
+            let mut i = q.info();
+            i.filename = Some(path.to_string_lossy().into_owned());
+            i
+        }
+        Image::Raw(_) => raw_info(path, img),
+    }
+}
+
+pub fn info(fmt: Option<&str>, output: &str, chain: bool, filename: &str) -> Result<i32, Error> {
+    let mut infos = Vec::new();
+    let mut path = std::path::PathBuf::from(filename);
+    let mut fmt = fmt.map(str::to_string);
+    loop {
+        let img = Image::open_opts(&path, fmt.as_deref(), false, Cache::Writeback, true)?;
+        let i = image_info(&path, &img);
+        let is_q = img.format() == "qcow2";
+        let next = i.full_backing_filename.clone();
+        let next_fmt = i.backing_filename_format.clone();
+        infos.push((i, is_q));
+        if !chain {
+            break;
+        }
+        match next {
+            Some(n) => {
+                path = n.into();
+                fmt = next_fmt;
+            }
+            None => break,
+        }
+        if infos.len() > 64 {
+            return Err(Error::msg("backing chain too deep (loop?)"));
+        }
+    }
+    match output {
+        "json" => {
+            if chain {
+                let v: Vec<Value> = infos
+                    .iter()
+                    .map(|(i, q)| output::info_json(i, *q))
+                    .collect();
+                println!("{}", output::pretty(&Value::Array(v)));
+            } else {
+                println!(
+                    "{}",
+                    output::pretty(&output::info_json(&infos[0].0, infos[0].1))
+                );
+            }
+        }
+        "human" => {
+            let texts: Vec<String> = infos
+                .iter()
+                .map(|(i, q)| output::info_human(i, *q))
+                .collect();
+            print!("{}", texts.join("\n"));
+        }
+        o => {
+            return Err(Error::msg(format!(
+                "--output must be used with human or json as argument ('{o}')"
+            )))
+        }
+    }
+    Ok(0)
+}
+
+pub fn check(
+    fmt: Option<&str>,
+    output: &str,
+    repair: Option<&str>,
+    quiet: bool,
+    filename: &str,
+) -> Result<i32, Error> {
+    let fix = match repair {
+        None => Fix::NONE,
+        Some("leaks") => Fix::LEAKS,
+        Some("all") => Fix::ALL,
+        Some(r) => return Err(Error::msg(format!("Invalid option for -r: '{r}'"))),
+    };
+    let path = Path::new(filename);
+    let writable = fix != Fix::NONE;
+    let fmt = match fmt {
+        Some(f) => f.to_string(),
+        None => qcow2::backing::probe_format(path)?.to_string(),
+    };
+    if fmt != "qcow2" {
+        eprintln!("vmm-img: This image format does not support checks");
+        return Ok(63);
+    }
+    let img = Qcow2::open_path(
+        path,
+        qcow2::OpenOptions {
+            writable,
+            allow_corrupt: writable,
+            repair_dirty: false,
+            no_backing: true,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| Error::msg(format!("Could not open '{filename}': {e}")))?;
+    let r = img.check(fix)?;
+    for m in &r.messages {
+        if m.starts_with("ERROR") || m.starts_with("Leaked") {
+            eprintln!("{m}");
+        }
+    }
+    match output {
+        "json" => println!(
+            "{}",
+            output::pretty(&output::check_json(&r, filename, "qcow2"))
+        ),
+        _ if quiet => {}
+        _ => {
+            if r.leaks_fixed > 0 || r.corruptions_fixed > 0 {
+                println!(
+                    "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
+                    r.leaks_fixed, r.corruptions_fixed
+                );
+            }
+            print!("{}", output::check_human(&r));
+        }
+    }
+    Ok(if r.check_errors > 0 {
+        1
+    } else if r.corruptions > 0 {
+        2
+    } else if r.leaks > 0 {
+        3
+    } else {
+        0
+    })
+}
+
+struct MapEntry {
+    start: u64,
+    len: u64,
+    depth: u32,
+    present: bool,
+    zero: bool,
+    data: bool,
+    offset: Option<u64>,
+}
+
+fn layer_name(img: &Image, depth: u32, top: &str) -> String {
+    if depth == 0 {
+        return top.to_string();
+    }
+    let mut cur = Some(img.reader());
+    for _ in 0..depth {
+        cur = cur.and_then(|c| c.backing_image());
+    }
+    cur.and_then(|b| b.filename().map(|p| p.to_string_lossy().into_owned()))
+        .unwrap_or_default()
+}
+
+pub fn map(fmt: Option<&str>, output: &str, filename: &str) -> Result<i32, Error> {
+    let img = Image::open(Path::new(filename), fmt, false, Cache::Writeback)?;
+    let size = img.size();
+    let mut entries: Vec<MapEntry> = Vec::new();
+    let mut off = 0u64;
+    while off < size {
+        let st = img.block_status(off, (size - off).min(1 << 30))?;
+        if st.len == 0 {
+            break;
+        }
+        let present = st.allocated;
+        let e = MapEntry {
+            start: off,
+            len: st.len,
+            depth: st.depth,
+            present,
+            zero: st.zero,
+            data: st.data,
+            offset: st.offset,
+        };
+        if let Some(last) = entries.last_mut() {
+            let contiguous = match (last.offset, e.offset) {
+                (Some(a), Some(b)) => a + last.len == b,
+                (None, None) => true,
+                _ => false,
+            };
+            if last.depth == e.depth
+                && last.present == e.present
+                && last.zero == e.zero
+                && last.data == e.data
+                && contiguous
+            {
+                last.len += e.len;
+                off += st.len;
+                continue;
+            }
+        }
+        entries.push(e);
+        off += st.len;
+    }
+    match output {
+        "json" => {
+            let lines: Vec<String> = entries
+                .iter()
+                .map(|e| {
+                    let mut s = format!(
+                        "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}",
+                        e.start, e.len, e.depth, e.present, e.zero, e.data
+                    );
+                    if let Some(o) = e.offset {
+                        s.push_str(&format!(", \"offset\": {o}"));
+                    }
+                    s.push('}');
+                    s
+                })
+                .collect();
+            println!("[{}]", lines.join(",\n"));
+        }
+        _ => {
+            println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+            let hex = |v: u64| {
+                if v == 0 {
+                    "0".to_string()
+                } else {
+                    format!("{v:#x}")
+                }
+            };
+            for e in &entries {
+                if let (true, Some(o)) = (e.data, e.offset) {
+                    println!(
+                        "{:<16}{:<16}{:<16}{}",
+                        hex(e.start),
+                        hex(e.len),
+                        hex(o),
+                        layer_name(&img, e.depth, filename)
+                    );
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub fn snapshot(
+    list: bool,
+    create: Option<String>,
+    apply: Option<String>,
+    delete: Option<String>,
+    fmt: Option<&str>,
+    filename: &str,
+) -> Result<i32, Error> {
+    let writable = create.is_some() || apply.is_some() || delete.is_some();
+    let img = Image::open_opts(Path::new(filename), fmt, writable, Cache::Writeback, true)?;
+    let q = img.qcow2("Snapshots")?;
+    if let Some(n) = create {
+        q.snapshot_create(&n)
+            .map_err(|e| Error::msg(format!("Could not create snapshot '{n}': {e}")))?;
+    }
+    if let Some(n) = apply {
+        q.snapshot_apply(&n).map_err(|e| {
+            Error::msg(format!(
+                "Could not apply snapshot '{n}': {}",
+                match e {
+                    qcow2::Error::SnapshotNotFound(_) => "snapshot not found".to_string(),
+                    e => e.to_string(),
+                }
+            ))
+        })?;
+    }
+    if let Some(n) = delete {
+        q.snapshot_delete(&n).map_err(|e| {
+            Error::msg(format!(
+                "Could not delete snapshot '{n}': {}",
+                match e {
+                    qcow2::Error::SnapshotNotFound(_) => "snapshot not found".to_string(),
+                    e => e.to_string(),
+                }
+            ))
+        })?;
+    }
+    if list || !writable {
+        let info = q.info();
+        if !info.snapshots.is_empty() {
+            print!(
+                "Snapshot list:\n{}",
+                output::snapshot_table(&info.snapshots)
+            );
+        }
+    }
+    q.close()?;
+    Ok(0)
+}
+
+pub fn resize(
+    fmt: Option<&str>,
+    shrink: bool,
+    prealloc: Option<&str>,
+    quiet: bool,
+    filename: &str,
+    size: &str,
+) -> Result<i32, Error> {
+    let prealloc = match prealloc {
+        Some(p) => Preallocation::from_name(p)
+            .ok_or_else(|| Error::msg(format!("Invalid preallocation mode: '{p}'")))?,
+        None => Preallocation::Off,
+    };
+    let img = Image::open_opts(Path::new(filename), fmt, true, Cache::Writeback, true)?;
+    let cur = img.size();
+    let new = if let Some(rest) = size.strip_prefix('+') {
+        cur + parse_size(rest)?
+    } else if let Some(rest) = size.strip_prefix('-') {
+        cur.checked_sub(parse_size(rest)?)
+            .ok_or_else(|| Error::msg("New image size must be positive"))?
+    } else {
+        parse_size(size)?
+    };
+    if new < cur && !shrink {
+        match &img {
+            Image::Qcow2(_) => {
+                return Err(Error::msg(
+                    "Use the --shrink option to perform a shrink operation.",
+                ))
+            }
+            Image::Raw(_) => eprintln!(
+                "WARNING: Image should be shrunk, but the --shrink option was not given; continuing anyway"
+            ),
+        }
+    }
+    match &img {
+        Image::Qcow2(q) => {
+            q.resize(new, prealloc)?;
+            q.close()?;
+        }
+        Image::Raw(r) => {
+            r.storage().set_len(new)?;
+        }
+    }
+    if !quiet {
+        println!("Image resized.");
+    }
+    Ok(0)
+}
+
+/// Arguments of `bitmap`.
+pub struct BitmapArgs {
+    pub add: bool,
+    pub remove: bool,
+    pub clear: bool,
+    pub enable: bool,
+    pub disable: bool,
+    pub merge: Option<String>,
+    pub granularity: Option<String>,
+    pub source_file: Option<String>,
+    pub source_fmt: Option<String>,
+    pub fmt: Option<String>,
+    pub filename: String,
+    pub bitmap: String,
+}
+
+pub fn bitmap(a: &BitmapArgs) -> Result<i32, Error> {
+    if !(a.add || a.remove || a.clear || a.enable || a.disable || a.merge.is_some()) {
+        return Err(Error::msg(
+            "Need at least one of --add, --remove, --clear, --enable, --disable, or --merge",
+        ));
+    }
+    if a.granularity.is_some() && !a.add {
+        return Err(Error::msg("granularity only supported with --add"));
+    }
+    let img = Image::open_opts(
+        Path::new(&a.filename),
+        a.fmt.as_deref(),
+        true,
+        Cache::Writeback,
+        true,
+    )?;
+    let q = img.qcow2("Bitmaps")?;
+    let name = &a.bitmap;
+    if a.add {
+        let g = match &a.granularity {
+            Some(g) => parse_size(g)?,
+            None => q.cluster_size().clamp(4096, 65536),
+        };
+        if q.bitmap_list().iter().any(|b| &b.name == name) {
+            return Err(Error::msg(format!("Bitmap already exists: {name}")));
+        }
+        q.bitmap_store(&DirtyBitmap::new(name, g, q.size()))?;
+    }
+    if a.clear || a.enable || a.disable || a.merge.is_some() {
+        let mut bm = q.bitmap_read(name)?;
+        if a.clear {
+            bm.bits.fill(0);
+        }
+        if a.enable {
+            bm.flags |= qcow2::bitmap::FLAG_AUTO;
+        }
+        if a.disable {
+            bm.flags &= !qcow2::bitmap::FLAG_AUTO;
+        }
+        if let Some(src) = &a.merge {
+            let sb = match &a.source_file {
+                Some(f) => {
+                    let si = Image::open_opts(
+                        Path::new(f),
+                        a.source_fmt.as_deref(),
+                        false,
+                        Cache::Writeback,
+                        true,
+                    )?;
+                    let sq = si.qcow2("Bitmaps")?.clone();
+                    sq.bitmap_read(src)?
+                }
+                None => q.bitmap_read(src)?,
+            };
+            let nbits = (sb.bits.len() * 8) as u64;
+            for i in 0..nbits {
+                if sb.bits[(i / 8) as usize] & (1 << (i % 8)) != 0 {
+                    let off = i * sb.granularity;
+                    if off < q.size() {
+                        bm.set_range(off, sb.granularity.min(q.size() - off));
+                    }
+                }
+            }
+        }
+        q.bitmap_store(&bm)?;
+    }
+    if a.remove {
+        q.bitmap_remove(name)?;
+    }
+    q.close()?;
+    Ok(0)
+}

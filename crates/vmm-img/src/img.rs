@@ -1,0 +1,275 @@
+//! Opening images of either format, and small helpers shared by the subcommands.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use qcow2::backing::probe_format;
+use qcow2::{
+    BlockRead, BlockStatus, FileStorage, FollowFiles, OpenOptions, Qcow2, RawImage, Storage,
+};
+
+use crate::Error;
+
+/// Cache modes of `-t`/`-T`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cache {
+    /// Page cache, no flushes needed per write.
+    Writeback,
+    /// O_DIRECT.
+    None,
+    /// Page cache, flush after each write (treated as writeback plus a final flush).
+    Writethrough,
+    /// O_DIRECT and flush.
+    Directsync,
+    /// No flushes at all.
+    Unsafe,
+}
+
+impl Cache {
+    /// Parses qemu-img's names.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "writeback" => Cache::Writeback,
+            "none" | "off" => Cache::None,
+            "writethrough" => Cache::Writethrough,
+            "directsync" => Cache::Directsync,
+            "unsafe" => Cache::Unsafe,
+            _ => return Err(Error::msg(format!("Invalid cache option: {s}"))),
+        })
+    }
+
+    /// Whether files are opened with O_DIRECT.
+    pub fn direct(self) -> bool {
+        matches!(self, Cache::None | Cache::Directsync)
+    }
+}
+
+/// An open image of either format.
+pub enum Image {
+    /// A qcow2 image.
+    Qcow2(Arc<Qcow2>),
+    /// A raw image.
+    Raw(Arc<RawImage>),
+}
+
+impl Image {
+    /// Opens `path` as `fmt` (probed when `None`), following backing files like qemu-img.
+    pub fn open(
+        path: &Path,
+        fmt: Option<&str>,
+        writable: bool,
+        cache: Cache,
+    ) -> Result<Self, Error> {
+        Self::open_opts(path, fmt, writable, cache, false)
+    }
+
+    /// Like [`Image::open`]; `no_backing` ignores the backing file (`-u`).
+    pub fn open_opts(
+        path: &Path,
+        fmt: Option<&str>,
+        writable: bool,
+        cache: Cache,
+        no_backing: bool,
+    ) -> Result<Self, Error> {
+        let fmt = match fmt {
+            Some(f) => f.to_string(),
+            None => probe_format(path)
+                .map_err(|e| Error::msg(format!("Could not open '{}': {e}", path.display())))?
+                .to_string(),
+        };
+        let wrap =
+            |e: qcow2::Error| Error::msg(format!("Could not open '{}': {e}", path.display()));
+        match fmt.as_str() {
+            "qcow2" => {
+                let img = Qcow2::open_path(
+                    path,
+                    OpenOptions {
+                        writable,
+                        direct: cache.direct(),
+                        opener: Arc::new(FollowFiles {
+                            direct: cache.direct(),
+                            ..Default::default()
+                        }),
+                        no_backing,
+                        ..Default::default()
+                    },
+                )
+                .map_err(wrap)?;
+                Ok(Image::Qcow2(Arc::new(img)))
+            }
+            "raw" => {
+                let r = RawImage::open(path, writable, cache.direct()).map_err(wrap)?;
+                Ok(Image::Raw(Arc::new(r)))
+            }
+            other => Err(Error::msg(format!("Unknown file format '{other}'"))),
+        }
+    }
+
+    /// The format name.
+    pub fn format(&self) -> &'static str {
+        match self {
+            Image::Qcow2(_) => "qcow2",
+            Image::Raw(_) => "raw",
+        }
+    }
+
+    /// As a readable image.
+    pub fn reader(&self) -> Arc<dyn BlockRead> {
+        match self {
+            Image::Qcow2(q) => q.clone(),
+            Image::Raw(r) => r.clone(),
+        }
+    }
+
+    /// Virtual size.
+    pub fn size(&self) -> u64 {
+        self.reader().size()
+    }
+
+    /// Reads guest data.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<(), Error> {
+        Ok(self.reader().read_at(buf, off)?)
+    }
+
+    /// Writes guest data.
+    pub fn write_at(&self, buf: &[u8], off: u64) -> Result<(), Error> {
+        match self {
+            Image::Qcow2(q) => Ok(q.write_at(buf, off)?),
+            Image::Raw(r) => Ok(r.storage().write_at(buf, off)?),
+        }
+    }
+
+    /// Makes a range read as zero.
+    pub fn write_zeroes(&self, off: u64, len: u64) -> Result<(), Error> {
+        match self {
+            Image::Qcow2(q) => Ok(q.write_zeroes(off, len, true)?),
+            Image::Raw(r) => Ok(r.storage().write_zeroes(off, len)?),
+        }
+    }
+
+    /// Block status.
+    pub fn block_status(&self, off: u64, len: u64) -> Result<BlockStatus, Error> {
+        Ok(self.reader().block_status(off, len)?)
+    }
+
+    /// Flushes.
+    pub fn flush(&self) -> Result<(), Error> {
+        match self {
+            Image::Qcow2(q) => Ok(q.flush()?),
+            Image::Raw(r) => Ok(r.storage().flush()?),
+        }
+    }
+
+    /// The qcow2 image, or an error naming the operation.
+    pub fn qcow2(&self, what: &str) -> Result<&Arc<Qcow2>, Error> {
+        match self {
+            Image::Qcow2(q) => Ok(q),
+            Image::Raw(_) => Err(Error::msg(format!(
+                "{what} is not supported for raw images"
+            ))),
+        }
+    }
+}
+
+/// Creates a raw file of `size` bytes.
+pub fn create_raw(path: &Path, size: u64, prealloc: qcow2::Preallocation) -> Result<(), Error> {
+    let st = FileStorage::create(path)?;
+    st.set_len(size)?;
+    match prealloc {
+        qcow2::Preallocation::Off | qcow2::Preallocation::Metadata => {}
+        qcow2::Preallocation::Falloc => st.write_zeroes(0, size)?,
+        qcow2::Preallocation::Full => {
+            let z = vec![0u8; 1 << 20];
+            let mut o = 0;
+            while o < size {
+                let n = (size - o).min(z.len() as u64) as usize;
+                st.write_at(&z[..n], o)?;
+                o += n as u64;
+            }
+        }
+    }
+    st.flush()?;
+    Ok(())
+}
+
+/// qemu's size_to_str: "%0.3g" with binary units.
+pub fn size_to_str(v: u64) -> String {
+    const SUF: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    let i = if v == 0 {
+        0
+    } else {
+        (((v as f64) * 1.024).log2().floor() as usize / 10).min(6)
+    };
+    let x = v as f64 / (1u64 << (10 * i)) as f64;
+    format!("{} {}B", fmt_g3(x), SUF[i])
+}
+
+/// printf's "%0.3g" for the values size_to_str produces.
+pub fn fmt_g3(x: f64) -> String {
+    if x == 0.0 {
+        return "0".into();
+    }
+    let digits = x.abs().log10().floor() as i32 + 1;
+    let prec = (3 - digits).max(0) as usize;
+    let mut s = format!("{x:.prec$}");
+    if s.contains('.') {
+        while s.ends_with('0') {
+            s.pop();
+        }
+        if s.ends_with('.') {
+            s.pop();
+        }
+    }
+    s
+}
+
+/// Parses a size with qemu's suffixes (k, M, G, T, P, E; b for bytes; plain number = bytes).
+pub fn parse_size(s: &str) -> Result<u64, Error> {
+    let s = s.trim();
+    let bad = || {
+        Error::msg(format!("Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes. ('{s}')"))
+    };
+    let (num, mul) = match s.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_lowercase() {
+                'b' => 1,
+                'k' => 1 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                't' => 1 << 40,
+                'p' => 1 << 50,
+                'e' => 1 << 60,
+                _ => return Err(bad()),
+            };
+            (&s[..s.len() - 1], m)
+        }
+        _ => (s, 1),
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(mul).ok_or_else(bad);
+    }
+    let f: f64 = num.parse().map_err(|_| bad())?;
+    if f < 0.0 || !f.is_finite() {
+        return Err(bad());
+    }
+    Ok((f * mul as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_like_qemu() {
+        assert_eq!(size_to_str(10 << 20), "10 MiB");
+        assert_eq!(size_to_str(221184), "216 KiB");
+        assert_eq!(size_to_str(0), "0 B");
+        assert_eq!(size_to_str(1536 << 20), "1.5 GiB");
+        assert_eq!(size_to_str(397312), "388 KiB");
+        assert_eq!(size_to_str(1023), "0.999 KiB");
+        assert_eq!(parse_size("1M").unwrap(), 1 << 20);
+        assert_eq!(parse_size("1.5G").unwrap(), 1536 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12x").is_err());
+    }
+}

@@ -1,0 +1,411 @@
+//! vmm-img: a disk image tool with qemu-img's syntax and output, built on the qcow2 crate.
+
+mod bench;
+mod cmds;
+mod convert;
+mod img;
+mod output;
+
+use clap::{Parser, Subcommand};
+
+/// Errors of the tool: printed as `vmm-img: <message>`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A message for the user.
+    #[error("{0}")]
+    Msg(String),
+    /// From the image library.
+    #[error("{0}")]
+    Qcow2(#[from] qcow2::Error),
+    /// I/O.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// A plain message.
+    pub fn msg(s: impl Into<String>) -> Self {
+        Error::Msg(s.into())
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmm-img",
+    version,
+    about = "Disk image tool (qemu-img compatible syntax)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create an image.
+    Create {
+        #[arg(short = 'f', default_value = "raw")]
+        fmt: String,
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        #[arg(short = 'b')]
+        backing: Option<String>,
+        #[arg(short = 'F')]
+        backing_fmt: Option<String>,
+        #[arg(short = 'u')]
+        unsafe_: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        filename: String,
+        size: Option<String>,
+    },
+    /// Show information about an image.
+    Info {
+        #[arg(short = 'f')]
+        fmt: Option<String>,
+        #[arg(long, default_value = "human")]
+        output: String,
+        #[arg(long = "backing-chain")]
+        backing_chain: bool,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        filename: String,
+    },
+    /// Check an image for consistency.
+    Check {
+        #[arg(short = 'f')]
+        fmt: Option<String>,
+        #[arg(long, default_value = "human")]
+        output: String,
+        #[arg(short = 'r')]
+        repair: Option<String>,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        filename: String,
+    },
+    /// Show the mapping of guest data to the image file(s).
+    Map {
+        #[arg(short = 'f')]
+        fmt: Option<String>,
+        #[arg(long, default_value = "human")]
+        output: String,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        filename: String,
+    },
+    /// Convert an image to another format.
+    Convert {
+        #[arg(short = 'f')]
+        fmt: Option<String>,
+        #[arg(short = 'O', default_value = "raw")]
+        out_fmt: String,
+        #[arg(short = 'c')]
+        compress: bool,
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 'n')]
+        no_create: bool,
+        #[arg(short = 't')]
+        cache: Option<String>,
+        #[arg(short = 'T')]
+        src_cache: Option<String>,
+        #[arg(short = 'W')]
+        out_of_order: bool,
+        #[arg(short = 'm')]
+        coroutines: Option<usize>,
+        #[arg(short = 'B')]
+        backing: Option<String>,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        src: String,
+        dst: String,
+    },
+    /// Compare two images.
+    Compare {
+        #[arg(short = 'f')]
+        fmt1: Option<String>,
+        #[arg(short = 'F')]
+        fmt2: Option<String>,
+        #[arg(short = 's')]
+        strict: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        a: String,
+        b: String,
+    },
+    /// List, create, apply or delete internal snapshots.
+    Snapshot {
+        #[arg(short = 'l')]
+        list: bool,
+        #[arg(short = 'c')]
+        create: Option<String>,
+        #[arg(short = 'a')]
+        apply: Option<String>,
+        #[arg(short = 'd')]
+        delete: Option<String>,
+        #[arg(short = 'f')]
+        fmt: Option<String>,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        filename: String,
+    },
+    /// Change the virtual size of an image.
+    #[command(allow_negative_numbers = true)]
+    Resize {
+        #[arg(short = 'f')]
+        fmt: Option<String>,
+        #[arg(long)]
+        shrink: bool,
+        #[arg(long)]
+        preallocation: Option<String>,
+        #[arg(short = 'q')]
+        quiet: bool,
+        filename: String,
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
+    /// Operate on persistent bitmaps.
+    Bitmap {
+        #[arg(long)]
+        add: bool,
+        #[arg(long)]
+        remove: bool,
+        #[arg(long)]
+        clear: bool,
+        #[arg(long)]
+        enable: bool,
+        #[arg(long)]
+        disable: bool,
+        #[arg(long)]
+        merge: Option<String>,
+        #[arg(short = 'g')]
+        granularity: Option<String>,
+        #[arg(short = 'b')]
+        source_file: Option<String>,
+        #[arg(short = 'F')]
+        source_fmt: Option<String>,
+        #[arg(short = 'f')]
+        fmt: Option<String>,
+        filename: String,
+        bitmap: String,
+    },
+    /// Change the backing file of an image.
+    Rebase {
+        #[arg(short = 'f')]
+        fmt: Option<String>,
+        #[arg(short = 'b')]
+        backing: String,
+        #[arg(short = 'F')]
+        backing_fmt: Option<String>,
+        #[arg(short = 'u')]
+        unsafe_: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 'p')]
+        progress: bool,
+        filename: String,
+    },
+    /// Commit the changes of an image into its backing file.
+    Commit {
+        #[arg(short = 'f')]
+        fmt: Option<String>,
+        #[arg(short = 'b')]
+        base: Option<String>,
+        #[arg(short = 'd')]
+        keep: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 't')]
+        cache: Option<String>,
+        filename: String,
+    },
+    /// Benchmark reads or writes (qemu-img bench's flags).
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let code = match run(cli.cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmm-img: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cmd: Cmd) -> Result<i32, Error> {
+    match cmd {
+        Cmd::Create {
+            fmt,
+            options,
+            backing,
+            backing_fmt,
+            unsafe_,
+            quiet,
+            filename,
+            size,
+        } => cmds::create(
+            &fmt,
+            &options,
+            backing,
+            backing_fmt,
+            unsafe_,
+            quiet,
+            &filename,
+            size,
+        ),
+        Cmd::Info {
+            fmt,
+            output,
+            backing_chain,
+            force_share: _,
+            filename,
+        } => cmds::info(fmt.as_deref(), &output, backing_chain, &filename),
+        Cmd::Check {
+            fmt,
+            output,
+            repair,
+            quiet,
+            force_share: _,
+            filename,
+        } => cmds::check(fmt.as_deref(), &output, repair.as_deref(), quiet, &filename),
+        Cmd::Map {
+            fmt,
+            output,
+            force_share: _,
+            filename,
+        } => cmds::map(fmt.as_deref(), &output, &filename),
+        Cmd::Convert {
+            fmt,
+            out_fmt,
+            compress,
+            options,
+            progress: _,
+            quiet: _,
+            no_create,
+            cache,
+            src_cache,
+            out_of_order: _,
+            coroutines: _,
+            backing,
+            force_share: _,
+            src,
+            dst,
+        } => convert::convert(&convert::ConvertArgs {
+            fmt,
+            out_fmt,
+            compress,
+            options,
+            no_create,
+            cache,
+            src_cache,
+            backing,
+            src,
+            dst,
+        }),
+        Cmd::Compare {
+            fmt1,
+            fmt2,
+            strict,
+            quiet,
+            progress: _,
+            force_share: _,
+            a,
+            b,
+        } => convert::compare(fmt1.as_deref(), fmt2.as_deref(), strict, quiet, &a, &b),
+        Cmd::Snapshot {
+            list,
+            create,
+            apply,
+            delete,
+            fmt,
+            quiet: _,
+            force_share: _,
+            filename,
+        } => cmds::snapshot(list, create, apply, delete, fmt.as_deref(), &filename),
+        Cmd::Resize {
+            fmt,
+            shrink,
+            preallocation,
+            quiet,
+            filename,
+            size,
+        } => cmds::resize(
+            fmt.as_deref(),
+            shrink,
+            preallocation.as_deref(),
+            quiet,
+            &filename,
+            &size,
+        ),
+        Cmd::Bitmap {
+            add,
+            remove,
+            clear,
+            enable,
+            disable,
+            merge,
+            granularity,
+            source_file,
+            source_fmt,
+            fmt,
+            filename,
+            bitmap,
+        } => cmds::bitmap(&cmds::BitmapArgs {
+            add,
+            remove,
+            clear,
+            enable,
+            disable,
+            merge,
+            granularity,
+            source_file,
+            source_fmt,
+            fmt,
+            filename,
+            bitmap,
+        }),
+        Cmd::Rebase {
+            fmt,
+            backing,
+            backing_fmt,
+            unsafe_,
+            quiet: _,
+            progress: _,
+            filename,
+        } => convert::rebase(
+            fmt.as_deref(),
+            &backing,
+            backing_fmt.as_deref(),
+            unsafe_,
+            &filename,
+        ),
+        Cmd::Commit {
+            fmt,
+            base,
+            keep,
+            quiet,
+            progress: _,
+            cache: _,
+            filename,
+        } => convert::commit(fmt.as_deref(), base.as_deref(), keep, quiet, &filename),
+        Cmd::Bench(a) => bench::bench(&a),
+    }
+}
