@@ -95,7 +95,9 @@ impl BackendConfig {
 }
 
 /// The backend names this crate implements, for `query-chardev-backends`.
-pub const BACKEND_NAMES: &[&str] = &["file", "socket", "pty", "null", "stdio", "ringbuf", "memory"];
+pub const BACKEND_NAMES: &[&str] = &[
+    "file", "socket", "pty", "null", "stdio", "ringbuf", "memory",
+];
 
 /// A socket chardev (QEMU's `ChardevSocket`).
 #[derive(Debug, Clone, PartialEq)]

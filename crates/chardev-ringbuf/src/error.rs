@@ -85,7 +85,7 @@ mod tests {
     fn strerror_drops_rust_suffix() {
         let e = io::Error::from_raw_os_error(libc::ENOENT);
         assert_eq!(strerror(&e), "No such file or directory");
-        let e = io::Error::new(io::ErrorKind::Other, "custom");
+        let e = io::Error::other("custom");
         assert_eq!(strerror(&e), "custom");
     }
 

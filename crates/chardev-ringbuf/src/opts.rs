@@ -38,7 +38,6 @@ const KEYS: &[(&str, Kind)] = &[
     ("host", Kind::Str),
     ("port", Kind::Str),
     ("fd", Kind::Str),
-    ("local", Kind::Bool),
     ("localaddr", Kind::Str),
     ("localport", Kind::Str),
     ("to", Kind::Number),
@@ -83,7 +82,9 @@ fn split_items(s: &str) -> Vec<String> {
         if c == ',' {
             if chars.peek() == Some(&',') {
                 chars.next();
-                items.last_mut().map(|i| i.push(','));
+                if let Some(i) = items.last_mut() {
+                    i.push(',');
+                }
             } else {
                 items.push(String::new());
             }
@@ -274,7 +275,9 @@ pub fn parse_chardev_opts(arg: &str) -> Result<ParsedChardev, ChardevError> {
         },
         "socket" => BackendConfig::Socket(parse_socket(&opts)?),
         other => {
-            return Err(invalid(format!("'{other}' is not a valid char driver name")));
+            return Err(invalid(format!(
+                "'{other}' is not a valid char driver name"
+            )));
         }
     };
     Ok(ParsedChardev {
@@ -356,7 +359,9 @@ fn parse_socket(opts: &Opts) -> Result<SocketConfig, ChardevError> {
         nodelay,
         telnet: opts.bool("telnet")?,
         reconnect: match opts.number("reconnect")? {
-            Some(r) => Some(i64::try_from(r).map_err(|_| invalid("Parameter 'reconnect' expects a number"))?),
+            Some(r) => Some(
+                i64::try_from(r).map_err(|_| invalid("Parameter 'reconnect' expects a number"))?,
+            ),
             None => None,
         },
         tls_creds: opts.get("tls-creds").map(str::to_owned),
@@ -384,8 +389,14 @@ mod tests {
         );
         assert_eq!(err("ringbuf,size=4096"), "chardev: no id specified");
         assert_eq!(err(""), "chardev: no id specified");
-        assert_eq!(err("ringbuf,id=,size=4096"), "Parameter 'id' expects an identifier");
-        assert_eq!(err("ringbuf,id=a b"), "Parameter 'id' expects an identifier");
+        assert_eq!(
+            err("ringbuf,id=,size=4096"),
+            "Parameter 'id' expects an identifier"
+        );
+        assert_eq!(
+            err("ringbuf,id=a b"),
+            "Parameter 'id' expects an identifier"
+        );
         assert_eq!(err("ringbuf,id=9x"), "Parameter 'id' expects an identifier");
         assert_eq!(err("null,id=n,,x"), "Parameter 'id' expects an identifier");
         assert_eq!(err("ringbuf,id=rb0,foo=1"), "Invalid parameter 'foo'");
@@ -448,7 +459,12 @@ mod tests {
         assert_eq!(p.config.logfile.as_deref(), Some("/tmp/l"));
         assert_eq!(p.config.logappend, Some(true));
         let p = parse_chardev_opts("stdio,id=c,signal=off").unwrap();
-        assert_eq!(p.config.backend, BackendConfig::Stdio { signal: Some(false) });
+        assert_eq!(
+            p.config.backend,
+            BackendConfig::Stdio {
+                signal: Some(false)
+            }
+        );
         // The first id wins, as in QEMU.
         assert_eq!(parse_chardev_opts("null,id=n,id=m").unwrap().id, "n");
     }
@@ -497,7 +513,12 @@ mod tests {
         let BackendConfig::Socket(s) = p.config.backend else {
             panic!("not a socket")
         };
-        assert_eq!(s.addr, SocketAddrConfig::Fd { name: String::new() });
+        assert_eq!(
+            s.addr,
+            SocketAddrConfig::Fd {
+                name: String::new()
+            }
+        );
     }
 
     #[test]
@@ -507,8 +528,13 @@ mod tests {
         assert_eq!(parse_size("size", "2M").unwrap(), 2 << 20);
         assert!(parse_size("size", "16E").is_err());
         assert!(parse_size("size", "1Q").is_err());
-        assert_eq!(split_items("file,id=f,path=/tmp/a,,b"), ["file", "id=f", "path=/tmp/a,b"]);
+        assert_eq!(
+            split_items("file,id=f,path=/tmp/a,,b"),
+            ["file", "id=f", "path=/tmp/a,b"]
+        );
         let p = parse_chardev_opts("file,id=f,path=/tmp/a,,b").unwrap();
-        assert!(matches!(p.config.backend, BackendConfig::File { ref out, .. } if out == "/tmp/a,b"));
+        assert!(
+            matches!(p.config.backend, BackendConfig::File { ref out, .. } if out == "/tmp/a,b")
+        );
     }
 }

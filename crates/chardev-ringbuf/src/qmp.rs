@@ -30,12 +30,12 @@
 //! ```
 
 use qapi_types::{
-    ChardevBackend, ChardevBackendBranch, ChardevBackendInfo, ChardevCommon,
+    CharCommands, ChardevBackend, ChardevBackendBranch, ChardevBackendInfo, ChardevCommon,
     ChardevCommonWrapper, ChardevFile, ChardevFileWrapper, ChardevReturn, ChardevRingbuf,
-    ChardevRingbufWrapper, ChardevSocket, ChardevSocketWrapper, ChardevStdio,
-    ChardevStdioWrapper, CharCommands, FdSocketAddress, FdSocketAddressWrapper,
-    InetSocketAddress, InetSocketAddressWrapper, SocketAddressLegacy, SocketAddressLegacyBranch,
-    UnixSocketAddress, UnixSocketAddressWrapper, VsockSocketAddress, VsockSocketAddressWrapper,
+    ChardevRingbufWrapper, ChardevSocket, ChardevSocketWrapper, ChardevStdio, ChardevStdioWrapper,
+    FdSocketAddress, FdSocketAddressWrapper, InetSocketAddress, InetSocketAddressWrapper,
+    SocketAddressLegacy, SocketAddressLegacyBranch, UnixSocketAddress, UnixSocketAddressWrapper,
+    VsockSocketAddress, VsockSocketAddressWrapper,
 };
 use qmp_proto::QmpError;
 
@@ -160,8 +160,12 @@ pub fn config_from_qapi(b: &ChardevBackend) -> Result<ChardevConfig, String> {
                 },
             )
         }
-        ChardevBackendBranch::Null(w) => common(&w.data.logfile, &w.data.logappend, BackendConfig::Null),
-        ChardevBackendBranch::Pty(w) => common(&w.data.logfile, &w.data.logappend, BackendConfig::Pty),
+        ChardevBackendBranch::Null(w) => {
+            common(&w.data.logfile, &w.data.logappend, BackendConfig::Null)
+        }
+        ChardevBackendBranch::Pty(w) => {
+            common(&w.data.logfile, &w.data.logappend, BackendConfig::Pty)
+        }
         ChardevBackendBranch::File(w) => common(
             &w.data.logfile,
             &w.data.logappend,
@@ -284,17 +288,31 @@ impl CharCommands for ChardevRegistry {
             .collect())
     }
 
-    fn ringbuf_write(&mut self, args: qapi_types::cmd::RingbufWriteArguments) -> Result<(), QmpError> {
+    fn ringbuf_write(
+        &mut self,
+        args: qapi_types::cmd::RingbufWriteArguments,
+    ) -> Result<(), QmpError> {
         let format = format_of(&args.format)?;
         Ok(self.ringbuf_write_str(&args.device, &args.data, format)?)
     }
 
-    fn ringbuf_read(&mut self, args: qapi_types::cmd::RingbufReadArguments) -> Result<String, QmpError> {
+    fn ringbuf_read(
+        &mut self,
+        args: qapi_types::cmd::RingbufReadArguments,
+    ) -> Result<String, QmpError> {
         let format = format_of(&args.format)?;
-        Ok(ChardevRegistry::ringbuf_read(self, &args.device, args.size, format)?)
+        Ok(ChardevRegistry::ringbuf_read(
+            self,
+            &args.device,
+            args.size,
+            format,
+        )?)
     }
 
-    fn chardev_add(&mut self, args: qapi_types::cmd::ChardevAddArguments) -> Result<ChardevReturn, QmpError> {
+    fn chardev_add(
+        &mut self,
+        args: qapi_types::cmd::ChardevAddArguments,
+    ) -> Result<ChardevReturn, QmpError> {
         let config = config_from_qapi(&args.backend).map_err(|reason| ChardevError::Open {
             id: args.id.clone(),
             reason,
@@ -303,7 +321,10 @@ impl CharCommands for ChardevRegistry {
         Ok(ChardevReturn { pty: outcome.pty })
     }
 
-    fn chardev_remove(&mut self, args: qapi_types::cmd::ChardevRemoveArguments) -> Result<(), QmpError> {
+    fn chardev_remove(
+        &mut self,
+        args: qapi_types::cmd::ChardevRemoveArguments,
+    ) -> Result<(), QmpError> {
         Ok(self.remove(&args.id)?)
     }
 }

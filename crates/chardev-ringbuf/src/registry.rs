@@ -139,7 +139,9 @@ impl ChardevRegistry {
     /// [`FrontendHandle::accept_input`]).
     pub fn with_poll(registry: &mio::Registry, tokens: Range<usize>) -> Result<Self, ChardevError> {
         if tokens.start >= tokens.end {
-            return Err(ChardevError::Invalid("the chardev token range is empty".into()));
+            return Err(ChardevError::Invalid(
+                "the chardev token range is empty".into(),
+            ));
         }
         let registry = registry
             .try_clone()
@@ -374,9 +376,9 @@ impl ChardevRegistry {
 
     /// Whether `token` is one of the registry's.
     pub fn owns(&self, token: Token) -> bool {
-        self.poll
-            .as_ref()
-            .is_some_and(|p| token == p.kick_token || (p.tokens.start..p.tokens.end).contains(&token.0))
+        self.poll.as_ref().is_some_and(|p| {
+            token == p.kick_token || (p.tokens.start..p.tokens.end).contains(&token.0)
+        })
     }
 
     /// Handles a readiness event of one of the registry's tokens.
@@ -413,7 +415,8 @@ impl ChardevRegistry {
 
     /// The poll timeout until [`next_timeout`](Self::next_timeout), from `now`.
     pub fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        self.next_timeout().map(|t| t.saturating_duration_since(now))
+        self.next_timeout()
+            .map(|t| t.saturating_duration_since(now))
     }
 
     /// Runs the timers due at `now`.

@@ -411,11 +411,7 @@ pub(crate) enum PumpEnd {
 
 impl Input {
     /// Opens input on `fd`: registers it if the event loop accepts it.
-    pub(crate) fn new(
-        cx: &mut BackendContext<'_>,
-        fd: OwnedFd,
-        shared: bool,
-    ) -> io::Result<Input> {
+    pub(crate) fn new(cx: &mut BackendContext<'_>, fd: OwnedFd, shared: bool) -> io::Result<Input> {
         let file = File::from(fd);
         match cx.register(file.as_raw_fd(), Interest::READABLE) {
             Ok(token) => {
@@ -512,8 +508,9 @@ pub(crate) fn open_backend(
     use crate::config::BackendConfig as B;
     Ok(match config {
         B::Ringbuf { name, size } => {
-            let size = crate::ring::check_ring_size(size.unwrap_or(crate::ring::DEFAULT_RING_SIZE as i64))
-                .map_err(|e| e.to_string())?;
+            let size =
+                crate::ring::check_ring_size(size.unwrap_or(crate::ring::DEFAULT_RING_SIZE as i64))
+                    .map_err(|e| e.to_string())?;
             let ring = RingBuf::new(size).map_err(|e| e.to_string())?;
             Box::new(simple::RingbufBackend::new(ring, *name))
         }

@@ -244,13 +244,11 @@ pub(crate) fn listen(
             let cleanup = if is_abstract {
                 None
             } else {
-                std::fs::symlink_metadata(path)
-                    .ok()
-                    .map(|m| UnlinkOnClose {
-                        path: PathBuf::from(path),
-                        dev: m.dev(),
-                        ino: m.ino(),
-                    })
+                std::fs::symlink_metadata(path).ok().map(|m| UnlinkOnClose {
+                    path: PathBuf::from(path),
+                    dev: m.dev(),
+                    ino: m.ino(),
+                })
             };
             Ok((
                 Listener::Unix(mio::net::UnixListener::from_std(l)),
@@ -326,7 +324,8 @@ pub(crate) fn resolve_fd(name: &str, resolver: Option<&mut FdResolver>) -> Resul
         let n: i32 = name
             .parse()
             .map_err(|_| format!("Unable to parse FD number {name}"))?;
-        let fd = sys::dup_fd(n).map_err(|e| format!("Unable to use FD {name}: {}", strerror(&e)))?;
+        let fd =
+            sys::dup_fd(n).map_err(|e| format!("Unable to use FD {name}: {}", strerror(&e)))?;
         if sys::socket_domain(fd.as_raw_fd()).is_none() {
             return Err(format!("File descriptor '{name}' is not a socket"));
         }

@@ -58,7 +58,10 @@ impl PtyBackend {
             .map_err(|e| format!("Failed to poll PTY: {}", strerror(&e)))?;
         let sink = Arc::new(StreamSink::new(OUT_QUEUE_LIMIT));
         sink.set_conn(Some(master.clone() as Arc<dyn OutFd>), false);
-        cx.notice(&format!("char device redirected to {path} (label {})", cx.id()));
+        cx.notice(&format!(
+            "char device redirected to {path} (label {})",
+            cx.id()
+        ));
         let mut b = PtyBackend {
             master,
             token: Some(token),

@@ -125,9 +125,9 @@ impl SocketBackend {
         let telnet = cfg.telnet.unwrap_or(false);
         let proto = if telnet { "telnet" } else { "tcp" };
         let unix_local = match &cfg.addr {
-            SocketAddrConfig::Unix { path, r#abstract, .. } if r#abstract != &Some(true) => {
-                path.clone()
-            }
+            SocketAddrConfig::Unix {
+                path, r#abstract, ..
+            } if r#abstract != &Some(true) => path.clone(),
             _ => String::new(),
         };
         let mut b = SocketBackend {
@@ -334,8 +334,9 @@ impl SocketBackend {
             return;
         };
         let attempt = match target {
-            Target::Unix(a) => mio::net::UnixStream::connect_addr(a)
-                .map(|s| (Stream::Unix(s), Vec::new())),
+            Target::Unix(a) => {
+                mio::net::UnixStream::connect_addr(a).map(|s| (Stream::Unix(s), Vec::new()))
+            }
             Target::Tcp(addrs) => {
                 let mut rest: Vec<_> = addrs.iter().rev().copied().collect();
                 let mut last = std::io::Error::from_raw_os_error(libc::ECONNREFUSED);
