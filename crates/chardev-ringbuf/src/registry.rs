@@ -229,6 +229,32 @@ impl ChardevRegistry {
 
     /// Creates a chardev (`chardev-add`, `-chardev`).
     pub fn add(&mut self, id: &str, config: &ChardevConfig) -> Result<AddOutcome, ChardevError> {
+        self.add_with(
+            id,
+            config.logfile.as_deref(),
+            config.logappend,
+            |cx, env| open_backend(cx, &config.backend, env),
+        )
+    }
+
+    /// Creates a chardev with a backend of the caller's (anything
+    /// implementing [`Backend`]); `open` may register descriptors through
+    /// the context. Errors are reported as "Failed to add chardev 'id': ...".
+    pub fn add_backend(
+        &mut self,
+        id: &str,
+        open: impl FnOnce(&mut BackendContext<'_>) -> Result<Box<dyn Backend>, String>,
+    ) -> Result<AddOutcome, ChardevError> {
+        self.add_with(id, None, None, |cx, _| open(cx))
+    }
+
+    fn add_with(
+        &mut self,
+        id: &str,
+        logfile: Option<&str>,
+        logappend: Option<bool>,
+        open: impl FnOnce(&mut BackendContext<'_>, &mut OpenEnv<'_>) -> Result<Box<dyn Backend>, String>,
+    ) -> Result<AddOutcome, ChardevError> {
         if self.find(id).is_some() {
             return Err(ChardevError::Duplicate(id.to_owned()));
         }
@@ -236,9 +262,9 @@ impl ChardevRegistry {
             id: id.to_owned(),
             reason,
         };
-        let log = match &config.logfile {
+        let log = match logfile {
             Some(path) => Some(Mutex::new(
-                open_out(path, config.logappend.unwrap_or(false), "create").map_err(open_err)?,
+                open_out(path, logappend.unwrap_or(false), "create").map_err(open_err)?,
             )),
             None => None,
         };
@@ -267,7 +293,7 @@ impl ChardevRegistry {
         let mut env = OpenEnv {
             fd_resolver: fd_resolver.as_mut(),
         };
-        let backend = open_backend(&mut cx, &config.backend, &mut env).map_err(open_err)?;
+        let backend = open(&mut cx, &mut env).map_err(open_err)?;
         let out = Arc::new(ChardevOut {
             sink: backend.sink(),
             log,
@@ -283,6 +309,23 @@ impl ChardevRegistry {
             frontend_open: false,
         });
         Ok(AddOutcome { pty })
+    }
+
+    /// A handle on a chardev's output and input wake-up, without attaching:
+    /// for devices that need it before they exist (a `vm-superio` serial
+    /// port takes its output writer and its event sink at creation; attach
+    /// it afterwards).
+    pub fn handle(&self, id: &str) -> Result<FrontendHandle, ChardevError> {
+        let idx = self
+            .find(id)
+            .ok_or_else(|| ChardevError::NotFound(id.to_owned()))?;
+        let e = &self.entries[idx];
+        Ok(FrontendHandle {
+            id: Arc::from(id),
+            key: e.key,
+            out: e.out.clone(),
+            kick: self.kick.clone(),
+        })
     }
 
     /// Removes a chardev (`chardev-remove`); refused while a frontend is
@@ -338,14 +381,8 @@ impl ChardevRegistry {
                 f.event(ChardevEventKind::Opened);
             }
         }
-        let handle = FrontendHandle {
-            id: Arc::from(id),
-            key: e.key,
-            out: e.out.clone(),
-            kick: self.kick.clone(),
-        };
         self.with_cx(idx, |b, cx| b.pump(cx));
-        Ok(handle)
+        self.handle(id)
     }
 
     /// Detaches the frontend and gives it back.

@@ -332,3 +332,82 @@ fn stdio_child() {
     assert_eq!(unsafe { libc::tcgetattr(0, &mut tio) }, 0);
     assert!(tio.c_lflag & libc::ISIG != 0, "terminal mode not restored");
 }
+
+#[test]
+fn types_cross_threads() {
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+    send::<ChardevRegistry>();
+    send_sync::<chardev_ringbuf::FrontendHandle>();
+    send_sync::<chardev_ringbuf::RingBuf>();
+    send_sync::<chardev_ringbuf::ChardevWriter>();
+}
+
+/// A backend of the caller's: a loopback that echoes output back as input,
+/// through the public `Backend` trait.
+#[test]
+fn custom_backend_and_handle_before_attach() {
+    use chardev_ringbuf::{Backend, BackendContext, Sink};
+    use std::sync::{Arc, Mutex};
+
+    struct Loop(Arc<Mutex<Vec<u8>>>);
+    impl Sink for Loop {
+        fn write(&self, data: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+    }
+    struct Loopback(Arc<Mutex<Vec<u8>>>);
+    impl Backend for Loopback {
+        fn filename(&self) -> String {
+            "loopback".into()
+        }
+        fn sink(&self) -> Arc<dyn Sink> {
+            Arc::new(Loop(self.0.clone()))
+        }
+        fn is_open(&self) -> bool {
+            true
+        }
+        fn handle_event(
+            &mut self,
+            _: &mut BackendContext<'_>,
+            _: mio::Token,
+            _: &mio::event::Event,
+        ) {
+        }
+        fn pump(&mut self, cx: &mut BackendContext<'_>) {
+            let mut q = self.0.lock().unwrap();
+            let n = cx.can_receive().min(q.len());
+            let chunk: Vec<u8> = q.drain(..n).collect();
+            drop(q);
+            if !chunk.is_empty() {
+                cx.receive(&chunk);
+            }
+        }
+        fn shutdown(&mut self, _: &mut BackendContext<'_>) {}
+    }
+
+    let (mut poll, mut reg) = registry();
+    reg.add_backend("lo", |_| Ok(Box::new(Loopback(Arc::default()))))
+        .unwrap();
+    assert_eq!(filename(&reg, "lo"), "loopback");
+    // A device built before attaching gets its handle first.
+    let h = reg.handle("lo").unwrap();
+    h.write(b"abcdef").unwrap();
+    let (fe, seen) = TestFrontend::boxed(4);
+    reg.attach("lo", fe).unwrap();
+    assert_eq!(seen.lock().unwrap().total, b"abcd");
+    seen.lock().unwrap().data.clear();
+    h.accept_input();
+    assert!(run_until(&mut poll, &mut reg, T, |_| seen
+        .lock()
+        .unwrap()
+        .total
+        == b"abcdef"));
+    assert_eq!(
+        reg.add_backend("lo2", |_| Err("no device".into()))
+            .unwrap_err()
+            .to_string(),
+        "Failed to add chardev 'lo2': no device"
+    );
+}

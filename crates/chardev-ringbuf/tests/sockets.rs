@@ -482,3 +482,64 @@ fn registry_drop_closes_everything() {
     reg.add("d", &unix_server(path.to_str().unwrap())).unwrap();
     UnixStream::connect(&path).unwrap();
 }
+
+#[test]
+fn fd_addresses_by_number_and_by_name() {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fd.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let (mut poll, mut reg) = registry();
+    // A listening socket passed by number (the process keeps its own fd).
+    let arg = format!(
+        "socket,id=byno,fd={},server=on,wait=off",
+        listener.as_raw_fd()
+    );
+    reg.add("byno", &parse_chardev_opts(&arg).unwrap().config)
+        .unwrap();
+    assert_eq!(
+        filename(&reg, "byno"),
+        format!("disconnected:fd:{},server=on", listener.as_raw_fd())
+    );
+    let _c = UnixStream::connect(&path).unwrap();
+    assert!(run_until(&mut poll, &mut reg, T, |r| r.is_open("byno") == Some(true)));
+
+    // A connected socket passed by name through the VMM's resolver.
+    let (ours, mut theirs) = UnixStream::pair().unwrap();
+    let mut slot = Some(OwnedFd::from(ours));
+    reg.set_fd_resolver(Box::new(move |name| {
+        if name == "monfd" {
+            slot.take().ok_or_else(|| "already used".to_string())
+        } else {
+            Err(format!("File descriptor named '{name}' has not been found"))
+        }
+    }));
+    let arg = "socket,id=byname,fd=monfd";
+    reg.add("byname", &parse_chardev_opts(arg).unwrap().config)
+        .unwrap();
+    assert_eq!(reg.is_open("byname"), Some(true));
+    let (fe, seen) = TestFrontend::boxed(64);
+    let h = reg.attach("byname", fe).unwrap();
+    theirs.write_all(b"in").unwrap();
+    assert!(run_until(&mut poll, &mut reg, T, |_| seen
+        .lock()
+        .unwrap()
+        .total
+        == b"in"));
+    h.write(b"out").unwrap();
+    let mut buf = [0u8; 3];
+    theirs.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"out");
+    // Not a socket.
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let arg = format!("socket,id=nf,fd={},server=on,wait=off", file.as_raw_fd());
+    assert_eq!(
+        reg.add("nf", &parse_chardev_opts(&arg).unwrap().config)
+            .unwrap_err()
+            .to_string(),
+        format!(
+            "Failed to add chardev 'nf': File descriptor '{}' is not a socket",
+            file.as_raw_fd()
+        )
+    );
+}
