@@ -41,9 +41,6 @@ pub enum ChardevError {
     /// An invalid `-chardev` option string or backend configuration.
     #[error("{0}")]
     Invalid(String),
-    /// No token left in the range given to the registry.
-    #[error("no free event-loop token for chardev '{0}'")]
-    NoToken(String),
     /// An I/O error of the event loop itself (registering, waking).
     #[error("{context}: {source}")]
     Io {
