@@ -484,10 +484,11 @@ fn fix_copied(img: &Qcow2, refs: &[u64]) -> Result<()> {
     let mut t = lock(&img.tables);
     t.l2.clear();
     let l1_off = t.l1_offset;
+    let flen = img.file.len()?;
     for i in 0..t.l1.len() {
         let e = t.l1[i];
         let l2 = e & OFFSET_MASK;
-        if l2 == 0 || l2 % cs != 0 {
+        if l2 == 0 || l2 % cs != 0 || l2 + cs > flen {
             continue;
         }
         let rc = refs.get((l2 >> cb) as usize).copied().unwrap_or(0);

@@ -550,6 +550,29 @@ impl Header {
             8,
             file_len,
         )?;
+        // The fixed tables must not overlap each other or the header cluster.
+        let cs = self.cluster_size();
+        let round = |b: u64| b.div_ceil(cs) * cs;
+        let mut ranges = vec![(0u64, cs, "header")];
+        ranges.push((
+            self.refcount_table_offset,
+            self.refcount_table_clusters as u64 * cs,
+            "reference count table",
+        ));
+        if self.l1_size > 0 {
+            ranges.push((
+                self.l1_table_offset,
+                round(self.l1_size as u64 * 8),
+                "active L1 table",
+            ));
+        }
+        for (i, a) in ranges.iter().enumerate() {
+            for b in &ranges[i + 1..] {
+                if a.1 > 0 && b.1 > 0 && a.0 < b.0 + b.1 && b.0 < a.0 + a.1 {
+                    return Err(Error::invalid(format!("{} overlaps with {}", b.2, a.2)));
+                }
+            }
+        }
         if self.nb_snapshots > MAX_SNAPSHOTS {
             return Err(Error::invalid("Too many snapshots"));
         }

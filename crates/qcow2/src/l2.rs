@@ -157,6 +157,11 @@ impl L2Cache {
         let tick = self.tick;
         if !self.tables.contains_key(&off) {
             self.validate_offset(off)?;
+            if off + self.geo.cs() > self.file.len()? {
+                return Err(Error::CorruptionDetected(format!(
+                    "L2 table at {off:#x} lies beyond the end of the image file"
+                )));
+            }
             if self.tables.len() >= self.cap {
                 self.evict(before_write)?;
             }

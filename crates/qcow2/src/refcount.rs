@@ -155,6 +155,11 @@ impl Refcounts {
         self.tick += 1;
         let tick = self.tick;
         if !self.cache.contains_key(&off) {
+            if off + self.cs() > self.file.len()? {
+                return Err(Error::CorruptionDetected(format!(
+                    "Refblock at {off:#x} lies beyond the end of the image file"
+                )));
+            }
             if self.cache.len() >= self.cap {
                 self.evict()?;
             }
@@ -236,6 +241,11 @@ impl Refcounts {
 
     /// Adds `delta` to the refcount of cluster `idx`, creating refcount blocks when needed.
     pub fn update(&mut self, idx: u64, delta: i64) -> Result<u64> {
+        if delta > 0 && idx << self.cluster_bits >= self.file.len()? {
+            return Err(Error::CorruptionDetected(format!(
+                "reference to cluster {idx:#x} beyond the end of the image file"
+            )));
+        }
         let cur = self.get(idx)?;
         let new = if delta >= 0 {
             cur.checked_add(delta as u64)
@@ -457,6 +467,11 @@ impl Refcounts {
                 run = 0;
             }
             i += 1;
+        }
+        if start == 0 {
+            return Err(Error::CorruptionDetected(
+                "the header cluster has refcount 0".into(),
+            ));
         }
         for c in start..start + n {
             self.set_existing(c, 1)?;

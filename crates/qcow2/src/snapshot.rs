@@ -39,9 +39,9 @@ impl Qcow2 {
             if l2 == 0 {
                 continue;
             }
-            if l2 % cs != 0 {
+            if l2 % cs != 0 || l2 + cs > self.file.len()? {
                 return Err(Error::CorruptionDetected(format!(
-                    "L2 table offset {l2:#x} unaligned"
+                    "L2 table offset {l2:#x} unaligned or beyond the end of the file"
                 )));
             }
             let mut tab = self.read_u64_table(l2, cs / 8)?;

@@ -324,8 +324,8 @@ impl Storage for MemStorage {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let end = offset
             .checked_add(buf.len() as u64)
-            .filter(|e| *e <= (1u64 << 40))
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "write beyond 1 TiB"))?;
+            .filter(|e| *e <= (1u64 << 36))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "write beyond 64 GiB"))?;
         let mut d = self.data.write().unwrap_or_else(|e| e.into_inner());
         if d.len() < end as usize {
             d.resize(end as usize, 0);
@@ -343,10 +343,10 @@ impl Storage for MemStorage {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        if len > (1u64 << 40) {
+        if len > (1u64 << 36) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "length beyond 1 TiB",
+                "length beyond 64 GiB",
             ));
         }
         self.data

@@ -248,6 +248,7 @@ impl Qcow2 {
             let mut t = lock(&self.tables);
             let (n, host) = self.in_place_run(&mut t, offset, len)?;
             if n > 0 {
+                self.overlap_check(&t, host, n)?;
                 return Ok(Some(WritePlan {
                     img: self,
                     _guard: guard,
@@ -493,7 +494,7 @@ impl Qcow2 {
                 "Preventing invalid write on metadata (overlaps with active metadata) at {host:#x}"
             )));
         }
-        let mut c = host;
+        let mut c = host / cs * cs;
         while c < host + len {
             if t.l2.contains(c) {
                 return Err(Error::CorruptionDetected(format!(
