@@ -1,13 +1,14 @@
 //! Tracking of in-flight data I/O, so that host clusters are never freed (and reused) while a
 //! request that mapped them may still touch them, and so that exclusive operations can drain.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 
 #[derive(Default)]
 struct State {
     generation: u64,
-    active: BTreeMap<u64, usize>,
+    /// (generation, requests of that generation in flight), oldest first.
+    active: VecDeque<(u64, usize)>,
     exclusive: bool,
 }
 
@@ -41,7 +42,10 @@ impl IoGate {
             s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
         }
         let g = s.generation;
-        *s.active.entry(g).or_insert(0) += 1;
+        match s.active.back_mut() {
+            Some((bg, n)) if *bg == g => *n += 1,
+            _ => s.active.push_back((g, 1)),
+        }
         IoGuard {
             gate: self,
             generation: g,
@@ -60,7 +64,10 @@ impl IoGate {
     /// Whether every request that entered in generation `tag` or earlier has left.
     pub fn retired(&self, tag: u64) -> bool {
         let s = self.lock();
-        s.active.keys().next().is_none_or(|&oldest| oldest > tag)
+        s.active
+            .iter()
+            .find(|(_, n)| *n > 0)
+            .is_none_or(|&(oldest, _)| oldest > tag)
     }
 
     /// Waits for all requests to leave and keeps new ones out until the guard drops.
@@ -79,11 +86,11 @@ impl IoGate {
 impl Drop for IoGuard<'_> {
     fn drop(&mut self) {
         let mut s = self.gate.lock();
-        if let Some(n) = s.active.get_mut(&self.generation) {
+        if let Some((_, n)) = s.active.iter_mut().find(|(g, _)| *g == self.generation) {
             *n -= 1;
-            if *n == 0 {
-                s.active.remove(&self.generation);
-            }
+        }
+        while s.active.front().is_some_and(|(_, n)| *n == 0) {
+            s.active.pop_front();
         }
         if s.active.is_empty() {
             self.gate.cv.notify_all();
@@ -119,3 +126,28 @@ mod tests {
         drop(g.exclusive());
     }
 }
+
+/// A fast hasher for u64 keys (cluster offsets and indices): one multiply.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct OffsetHasher(u64);
+
+impl std::hash::Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// Hash maps keyed by offsets.
+pub(crate) type OffsetMap<V> =
+    std::collections::HashMap<u64, V, std::hash::BuildHasherDefault<OffsetHasher>>;
+/// Hash sets of offsets.
+pub(crate) type OffsetSet =
+    std::collections::HashSet<u64, std::hash::BuildHasherDefault<OffsetHasher>>;

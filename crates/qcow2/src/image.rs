@@ -1,6 +1,5 @@
 //! The open image: state, opening, mapping and reads.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -160,7 +159,8 @@ pub struct Qcow2 {
     pub(crate) tables: Mutex<Tables>,
     pub(crate) refs: Mutex<Refcounts>,
     pub(crate) gate: IoGate,
-    pub(crate) inflight: Mutex<HashSet<u64>>,
+    pub(crate) inflight: Mutex<crate::gate::OffsetSet>,
+    pub(crate) rt_range: Arc<(AtomicU64, AtomicU64)>,
     pub(crate) inflight_cv: Condvar,
     pub(crate) writable: bool,
     pub(crate) read_only: AtomicBool,
@@ -300,6 +300,7 @@ impl Qcow2 {
             None => Vec::new(),
         };
         let l2 = L2Cache::new(file.clone(), geo, (l2_bytes / cs) as usize);
+        let rt_range = refs.shared_table.clone();
         let lazy = h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0;
         let dirty = h.incompatible_features & INCOMPAT_DIRTY != 0;
         let size = h.size;
@@ -318,7 +319,8 @@ impl Qcow2 {
             }),
             refs: Mutex::new(refs),
             gate: IoGate::default(),
-            inflight: Mutex::new(HashSet::new()),
+            inflight: Mutex::new(Default::default()),
+            rt_range,
             inflight_cv: Condvar::new(),
             writable: opts.writable,
             read_only: AtomicBool::new(!opts.writable),

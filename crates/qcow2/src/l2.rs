@@ -1,6 +1,5 @@
 //! L1 table, L2 table cache and L2 entry decoding.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -116,7 +115,7 @@ struct Table {
 pub(crate) struct L2Cache {
     file: Arc<dyn Storage>,
     geo: Geometry,
-    tables: HashMap<u64, Table>,
+    tables: crate::gate::OffsetMap<Table>,
     cap: usize,
     tick: u64,
 }
@@ -126,7 +125,7 @@ impl L2Cache {
         L2Cache {
             file,
             geo,
-            tables: HashMap::new(),
+            tables: Default::default(),
             cap: cap.max(2),
             tick: 0,
         }

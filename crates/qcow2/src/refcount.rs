@@ -1,6 +1,6 @@
 //! Refcount table, refcount block cache and the cluster allocator.
 
-use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -58,7 +58,9 @@ pub(crate) struct Refcounts {
     pub table: Vec<u64>,
     pub table_offset: u64,
     pub table_clusters: u32,
-    cache: HashMap<u64, Block>,
+    cache: crate::gate::OffsetMap<Block>,
+    /// Refcount table offset and size in bytes, readable without the lock.
+    pub shared_table: Arc<(AtomicU64, AtomicU64)>,
     cap: usize,
     tick: u64,
     /// Lowest cluster index that may be free.
@@ -101,7 +103,11 @@ impl Refcounts {
             table,
             table_offset,
             table_clusters,
-            cache: HashMap::new(),
+            cache: Default::default(),
+            shared_table: Arc::new((
+                AtomicU64::new(table_offset),
+                AtomicU64::new(table_clusters as u64 * cs),
+            )),
             cap: (cache_bytes >> cluster_bits).max(4) as usize,
             tick: 0,
             free_hint: 0,
@@ -420,6 +426,10 @@ impl Refcounts {
         self.table = new_table;
         self.table_offset = table_off;
         self.table_clusters = new_clusters as u32;
+        self.shared_table.0.store(table_off, Ordering::Release);
+        self.shared_table
+            .1
+            .store(new_clusters * cs, Ordering::Release);
         self.fresh_from = self.fresh_from.max(area + total);
         // Drop the cached copies of new blocks (none were cached) and free the old table.
         for c in 0..old_clusters {
@@ -438,6 +448,8 @@ impl Refcounts {
         let mut run = 0u64;
         let mut i = start;
         let rb = self.rb_bits();
+        // First free cluster seen: everything before it is in use.
+        let mut first_free: Option<u64> = None;
         while run < n {
             if (i + n) << self.cluster_bits >= MAX_HOST_OFFSET {
                 return Err(Error::NotSupported("image file too large".into()));
@@ -448,6 +460,7 @@ impl Refcounts {
                 start = self.free_hint;
                 i = start;
                 run = 0;
+                first_free = None;
                 continue;
             }
             if self.block_offset(rt as usize)? == 0 {
@@ -462,6 +475,7 @@ impl Refcounts {
                 if run == 0 {
                     start = i;
                 }
+                first_free.get_or_insert(i);
                 run += 1;
             } else {
                 run = 0;
@@ -476,9 +490,10 @@ impl Refcounts {
         for c in start..start + n {
             self.set_existing(c, 1)?;
         }
-        if start == self.free_hint {
-            self.free_hint = start + n;
-        }
+        self.free_hint = match first_free {
+            Some(f) if f < start => f,
+            _ => start + n,
+        };
         let fresh = start >= self.fresh_from;
         self.fresh_from = self.fresh_from.max(start + n);
         Ok((start << self.cluster_bits, fresh))
@@ -540,8 +555,14 @@ impl Refcounts {
             (self.cap as u64) << self.cluster_bits,
         )?;
         let fresh_from = self.fresh_from.max(fresh.fresh_from);
+        let shared = self.shared_table.clone();
         *self = fresh;
         self.fresh_from = fresh_from;
+        shared.0.store(table_offset, Ordering::Release);
+        shared
+            .1
+            .store(table_clusters as u64 * self.cs(), Ordering::Release);
+        self.shared_table = shared;
         Ok(())
     }
 }

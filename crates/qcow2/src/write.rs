@@ -485,10 +485,8 @@ impl Qcow2 {
         let cs = self.geo.cs();
         let overlaps = |a: u64, l: u64| l > 0 && host < a + l && a < host + len;
         let l1_bytes = (t.l1.len() as u64 * 8).div_ceil(cs) * cs;
-        let (rt_off, rt_len) = {
-            let r = lock(&self.refs);
-            (r.table_offset, r.table_clusters as u64 * cs)
-        };
+        let rt_off = self.rt_range.0.load(Ordering::Acquire);
+        let rt_len = self.rt_range.1.load(Ordering::Acquire);
         if overlaps(0, cs) || overlaps(t.l1_offset, l1_bytes) || overlaps(rt_off, rt_len) {
             return Err(Error::CorruptionDetected(format!(
                 "Preventing invalid write on metadata (overlaps with active metadata) at {host:#x}"
