@@ -71,6 +71,8 @@ pub fn read_clamped(b: &dyn BlockRead, buf: &mut [u8], offset: u64) -> Result<()
 pub struct RawImage {
     storage: Arc<dyn Storage>,
     path: Option<PathBuf>,
+    /// Last data extent found with SEEK_DATA/SEEK_HOLE: (start, end).
+    extent: std::sync::Mutex<(u64, u64)>,
 }
 
 impl RawImage {
@@ -79,6 +81,7 @@ impl RawImage {
         RawImage {
             storage,
             path: None,
+            extent: std::sync::Mutex::new((0, 0)),
         }
     }
 
@@ -88,6 +91,7 @@ impl RawImage {
         Ok(RawImage {
             storage: Arc::new(st),
             path: Some(path.as_ref().to_path_buf()),
+            extent: std::sync::Mutex::new((0, 0)),
         })
     }
 
@@ -118,6 +122,14 @@ impl BlockRead for RawImage {
         let Some(fd) = self.storage.raw_fd() else {
             return Ok(data(len));
         };
+        {
+            // SEEK_HOLE scans to the next hole, which is the end of a fully allocated file:
+            // remember the extent instead of rescanning it for every request.
+            let (s, e) = *self.extent.lock().unwrap_or_else(|p| p.into_inner());
+            if offset >= s && offset < e {
+                return Ok(data(len.min(e - offset)));
+            }
+        }
         // SAFETY: lseek on a file descriptor owned by our storage; no memory is involved.
         let d = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
         if d < 0 {
@@ -148,6 +160,7 @@ impl BlockRead for RawImage {
         // SAFETY: as above.
         let h = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
         let l = if h > offset as i64 {
+            *self.extent.lock().unwrap_or_else(|p| p.into_inner()) = (offset, h as u64);
             (h as u64 - offset).min(len)
         } else {
             len

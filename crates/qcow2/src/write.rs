@@ -395,6 +395,25 @@ impl Qcow2 {
             });
         }
         drop(t);
+        // A fresh cluster (reads as zero) replacing content that reads as zero with nothing
+        // below: publishing the entry before the data lands is invisible (readers see the
+        // same zeros, a crash leaves zeros), so commit now and let writes to the rest of
+        // the cluster go in place instead of waiting for this one.
+        let zero_old = olds.iter().all(|&(e, bm)| {
+            e & OFLAG_COMPRESSED == 0
+                && e & OFFSET_MASK == 0
+                && (!self.geo.extended_l2 || bm & BITMAP_ALL_ALLOC == 0)
+        });
+        if fresh && !reused && !self.external_data && zero_old && self.backing().is_none() {
+            if self.data.alignment() > 1 {
+                // Direct I/O: reserve the clusters so the data writes do not extend the file
+                // (extending direct writes are serialised by file systems).
+                self.data.write_zeroes(host0, n << cb)?;
+            }
+            self.commit_inner(&mut plan)?;
+            plan.commits.clear();
+            return Ok(Some(plan));
+        }
         // Read COW sources without any metadata lock, piece by piece (one subcluster at most).
         let scb = self.geo.subcluster_bits();
         for (rg, rl, e, bm) in cow_regions {

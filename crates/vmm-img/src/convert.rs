@@ -79,7 +79,9 @@ pub fn convert(a: &ConvertArgs) -> Result<i32, Error> {
     };
     let next = AtomicU64::new(0);
     let err: Mutex<Option<Error>> = Mutex::new(None);
-    let workers = 2;
+    // Copies are memcpy-bound and parallel writers contend on the file's lock; compression
+    // is CPU-bound and scales.
+    let workers = if a.compress { 2 } else { 1 };
     let backing_copy = a.backing.is_some();
     std::thread::scope(|sc| {
         for _ in 0..workers {

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""vmm-img against qemu-img on the same 1 GiB images, in the same run.
+
+Runs `vmm-img bench` and `qemu-img bench` with identical flags (sequential and scattered
+"random" offsets, 4 KiB and 64 KiB, read and write, depth 1 and 32, cache=writeback on
+/dev/shm and cache=none on a disk directory, fresh and fully allocated images), plus
+`convert` qcow2->raw and raw->qcow2, and prints a Markdown table: median time of several runs,
+the speed ratio (qemu time / our time: above 1 means vmm-img is faster) and the peak RSS of
+each tool (from wait4).
+
+qemu-img bench has no random mode: a step that is an odd number of blocks larger than the
+image visits every block in a scattered order, identically for both tools.
+
+Usage: compare.py [--vmm-img PATH] [--runs N] [--quick] [--disk-dir DIR] [--out FILE]
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+GIB = 1 << 30
+
+
+GNU_TIME = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
+
+
+def run(cmd):
+    """Runs cmd, returns (seconds from 'Run completed' or wall time, peak RSS KiB).
+
+    Peak RSS comes from GNU time (%M): wait4 on a child forked from Python would report
+    Python's own RSS as a floor.
+    """
+    rss_file = "/tmp/vmm-img-bench-rss"
+    full = [GNU_TIME, "-f", "%M", "-o", rss_file] + cmd if GNU_TIME else cmd
+    start = time.monotonic()
+    p = subprocess.run(full, capture_output=True, text=True)
+    wall = time.monotonic() - start
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {p.stdout}{p.stderr}")
+    secs = wall
+    for line in p.stdout.splitlines():
+        if line.startswith("Run completed in"):
+            secs = float(line.split()[3])
+    rss = 0
+    if GNU_TIME:
+        with open(rss_file) as f:
+            rss = int(f.read().strip().splitlines()[-1])
+    return secs, rss
+
+
+def make_images(d, fmt_template):
+    os.makedirs(d, exist_ok=True)
+    fresh = os.path.join(d, "fresh.qcow2")
+    full = os.path.join(d, "full.qcow2")
+    raw = os.path.join(d, "full.raw")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", fresh, "1G"], check=True)
+    shutil.copy(fresh, full)
+    # Allocate every cluster (written by qemu-img, so neither tool gets a head start).
+    subprocess.run(["qemu-img", "bench", "-q", "-w", "-c", "16384", "-s", "64k",
+                    "--pattern=165", full], check=True)
+    subprocess.run(["qemu-img", "convert", "-O", "raw", full, raw], check=True)
+    return fresh, full, raw
+
+
+def bench_case(tools, img_src, workdir, args, runs, copy_each):
+    """Median seconds and max RSS per tool for one configuration."""
+    res = {}
+    for name, exe in tools:
+        times, mems = [], []
+        for _ in range(runs):
+            img = os.path.join(workdir, f"run-{name}.img")
+            if copy_each or not os.path.exists(img):
+                shutil.copy(img_src, img)
+            # Both tools report the time of the request loop ("Run completed in").
+            t, m = run([exe, "bench"] + args + [img])
+            times.append(t)
+            mems.append(m)
+        for f in os.listdir(workdir):
+            if f.startswith("run-"):
+                os.unlink(os.path.join(workdir, f))
+        res[name] = (statistics.median(times), max(mems))
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    here = os.path.dirname(os.path.abspath(__file__))
+    default_exe = os.path.join(here, "..", "..", "..", "target", "release", "vmm-img")
+    ap.add_argument("--vmm-img", default=os.environ.get("VMM_IMG", default_exe))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="fewer requests, fewer cases")
+    ap.add_argument("--shm-dir", default="/dev/shm/vmm-img-bench")
+    ap.add_argument("--disk-dir", default="/var/tmp/vmm-img-bench")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if not os.path.exists(a.vmm_img):
+        sys.exit(f"vmm-img not found at {a.vmm_img}: build with cargo build --release -p vmm-img")
+    tools = [("vmm-img", a.vmm_img), ("qemu-img", "qemu-img")]
+    rows = []
+    scale = 4 if a.quick else 1
+
+    locations = [("writeback", a.shm_dir), ("none", a.disk_dir)]
+    for cache, d in locations:
+        fresh, full, raw = make_images(d, None)
+        for size in ("4k", "64k"):
+            bs = 4096 if size == "4k" else 65536
+            blocks = GIB // bs
+            # Odd stride coprime with the block count, larger than the image.
+            rand_step = bs * (blocks + (100003 if size == "4k" else 8193))
+            for pattern, step in (("seq", bs), ("rand", rand_step)):
+                for depth in (1, 32):
+                    base = 20000 if size == "4k" else 4000
+                    if cache == "none" and depth == 1:
+                        base //= 4
+                    count = max(base // scale, 500)
+                    for kind in ("read", "write-fresh", "write-alloc"):
+                        if a.quick and pattern == "rand" and depth == 1:
+                            continue
+                        src = fresh if kind == "write-fresh" else full
+                        args = ["-c", str(count), "-d", str(depth), "-s", size,
+                                "-S", str(step), "-t", cache]
+                        if kind != "read":
+                            args += ["-w", "--pattern=90"]
+                        r = bench_case(tools, src, d, args, a.runs,
+                                       copy_each=(kind == "write-fresh"))
+                        raw_t = None
+                        if kind != "write-fresh":
+                            rr = bench_case([("vmm-img", a.vmm_img)], raw, d,
+                                            ["-f", "raw"] + args, a.runs, copy_each=False)
+                            raw_t = rr["vmm-img"][0]
+                        rows.append((f"{kind} {pattern} {size} QD{depth} cache={cache}",
+                                     count, r, raw_t))
+                        print(fmt_row(rows[-1]), flush=True)
+        # convert, page cache only.
+        if cache == "writeback":
+            for label, src, ofmt in (("convert qcow2->raw", full, "raw"),
+                                     ("convert raw->qcow2", raw, "qcow2")):
+                res = {}
+                for name, exe in tools:
+                    times, mems = [], []
+                    for _ in range(a.runs):
+                        dst = os.path.join(d, "conv.out")
+                        if os.path.exists(dst):
+                            os.unlink(dst)
+                        t, m = run([exe, "convert", "-O", ofmt, src, dst])
+                        times.append(t)
+                        mems.append(m)
+                    res[name] = (statistics.median(times), max(mems))
+                rows.append((f"{label} (1 GiB, all allocated)", 1, res, None))
+                print(fmt_row(rows[-1]), flush=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+    table = ["| case | requests | vmm-img s | qemu-img s | speedup (qemu/ours) | "
+             "ours vs raw file | vmm-img peak RSS | qemu-img peak RSS |",
+             "|---|---|---|---|---|---|---|---|"]
+    table += [fmt_row(r) for r in rows]
+    text = "\n".join(table)
+    print()
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+
+
+def fmt_row(r):
+    label, count, res, raw_t = r
+    ours, om = res["vmm-img"]
+    theirs, qm = res["qemu-img"]
+    ratio = theirs / ours if ours > 0 else float("inf")
+    vs_raw = f"{ours / raw_t:.2f}x raw time" if raw_t else "-"
+    return (f"| {label} | {count} | {ours:.3f} | {theirs:.3f} | {ratio:.2f} | {vs_raw} | "
+            f"{om / 1024:.1f} MiB | {qm / 1024:.1f} MiB |")
+
+
+if __name__ == "__main__":
+    main()
