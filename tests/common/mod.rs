@@ -160,3 +160,52 @@ impl Raw {
         self.recv()
     }
 }
+
+/// QEMU 7.2's qemu-storage-daemon with one QMP monitor, as the reference.
+pub struct Qsd {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub sock: PathBuf,
+}
+
+impl Qsd {
+    /// Starts it with `extra` arguments (e.g. `--chardev ringbuf,id=rb0`).
+    pub fn start(extra: &[&str]) -> Qsd {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let sock = dir.path().join("qsd.sock");
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=qmp0",
+                sock.display()
+            ))
+            .arg("--monitor")
+            .arg("chardev=qmp0")
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon (Debian's qemu-system-x86; .ci/run installs it)");
+        wait_for_path(&sock);
+        // Let it finish starting: 7.2 can lose a connection made in its first milliseconds.
+        std::thread::sleep(Duration::from_millis(100));
+        Qsd { child, dir, sock }
+    }
+
+    /// Connects and negotiates capabilities.
+    pub fn negotiated(&self) -> Raw {
+        let mut raw = Raw::connect(&self.sock);
+        raw.recv();
+        assert_eq!(
+            raw.exec(r#"{"execute": "qmp_capabilities"}"#),
+            serde_json::json!({"return": {}})
+        );
+        raw
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

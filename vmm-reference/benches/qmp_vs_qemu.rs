@@ -35,7 +35,7 @@ enum Kind {
     Qemu,
 }
 
-fn spawn(kind: Kind) -> (Server, Instant) {
+fn spawn(kind: Kind, extra: &[&str]) -> (Server, Instant) {
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("qmp.sock");
     let mut cmd = match kind {
@@ -59,6 +59,7 @@ fn spawn(kind: Kind) -> (Server, Instant) {
             c
         }
     };
+    cmd.args(extra);
     let start = Instant::now();
     let child = cmd
         .stdin(Stdio::null())
@@ -115,7 +116,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn round_trips(kind: Kind, rounds: usize) -> f64 {
-    let (server, _) = spawn(kind);
+    let (server, _) = spawn(kind, &[]);
     // Let the server settle: this measures steady-state round trips.
     std::thread::sleep(Duration::from_millis(100));
     let mut c = connect(&server.sock, Duration::from_secs(10)).expect("greeting");
@@ -131,8 +132,29 @@ fn round_trips(kind: Kind, rounds: usize) -> f64 {
     rounds as f64 / start.elapsed().as_secs_f64()
 }
 
+/// `ringbuf-write` then `ringbuf-read` of 64 bytes, pairs per second.
+fn ringbuf_round_trips(kind: Kind, rounds: usize) -> f64 {
+    let (server, _) = spawn(kind, &["--chardev", "ringbuf,id=rb0,size=65536"]);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut c = connect(&server.sock, Duration::from_secs(10)).expect("greeting");
+    assert!(exec(&mut c, b"{\"execute\": \"qmp_capabilities\"}\n").contains("return"));
+    let data = "0123456789abcdef".repeat(4);
+    let write = format!(
+        "{{\"execute\": \"ringbuf-write\", \"arguments\": {{\"device\": \"rb0\", \"data\": \"{data}\"}}}}\n"
+    );
+    let read =
+        b"{\"execute\": \"ringbuf-read\", \"arguments\": {\"device\": \"rb0\", \"size\": 64}}\n";
+    let start = Instant::now();
+    for _ in 0..rounds {
+        exec(&mut c, write.as_bytes());
+        let reply = exec(&mut c, read);
+        assert!(reply.contains(&data), "{reply}");
+    }
+    rounds as f64 / start.elapsed().as_secs_f64()
+}
+
 fn start_to_greeting(kind: Kind) -> Option<f64> {
-    let (server, start) = spawn(kind);
+    let (server, start) = spawn(kind, &[]);
     let c = connect(&server.sock, Duration::from_secs(10));
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     drop(server);
@@ -164,6 +186,21 @@ fn main() {
     }
     let (o, q) = (median(ours), median(qemu));
     println!("QMP query-version round trips/s, one Unix connection ({rounds} per run, median of {runs}):");
+    println!("  vmm-reference       {o:>10.0}");
+    println!("  qemu-storage-daemon {q:>10.0}");
+    println!("  ratio ours/qemu     {:>10.2}x (target >= 2x)", o / q);
+
+    let mut ours = Vec::new();
+    let mut qemu = Vec::new();
+    for _ in 0..runs {
+        ours.push(ringbuf_round_trips(Kind::Ours, rounds / 2));
+        qemu.push(ringbuf_round_trips(Kind::Qemu, rounds / 2));
+    }
+    let (o, q) = (median(ours), median(qemu));
+    println!(
+        "ringbuf-write + ringbuf-read (64 bytes) pairs/s ({} per run, median of {runs}):",
+        rounds / 2
+    );
     println!("  vmm-reference       {o:>10.0}");
     println!("  qemu-storage-daemon {q:>10.0}");
     println!("  ratio ours/qemu     {:>10.2}x (target >= 2x)", o / q);

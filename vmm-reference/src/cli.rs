@@ -26,6 +26,11 @@ pub struct Cli {
     #[arg(long = "qmp", value_name = "ADDR")]
     pub qmp: Vec<MonitorAddr>,
 
+    /// A character device in QEMU's -chardev syntax, e.g. ringbuf,id=rb0,size=4096 or
+    /// socket,id=s0,path=/tmp/s.sock,server=on,wait=off. May be given several times.
+    #[arg(long = "chardev", value_name = "SPEC")]
+    pub chardev: Vec<String>,
+
     /// A name for the VM (reported by query-name).
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
@@ -135,6 +140,8 @@ mod tests {
             "tcp:localhost:4444,server,nowait",
             "-name",
             "vm0",
+            "-chardev",
+            "ringbuf,id=rb0,size=4096",
         ])
         .unwrap();
         assert!(cli.no_guest);
@@ -147,6 +154,7 @@ mod tests {
             ]
         );
         assert_eq!(cli.name.as_deref(), Some("vm0"));
+        assert_eq!(cli.chardev, ["ringbuf,id=rb0,size=4096"]);
     }
 
     #[test]

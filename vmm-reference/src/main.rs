@@ -7,7 +7,9 @@ mod monitor;
 mod vm;
 
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use chardev_ringbuf::{parse_chardev_opts, ChardevRegistry};
 
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -18,6 +20,9 @@ use crate::monitor::Monitors;
 use crate::vm::Vmm;
 
 const SIGNAL_TOKEN: Token = Token(0);
+/// Tokens of the character devices.
+const CHARDEV_TOKENS: std::ops::Range<usize> = 1..(1 << 20);
+/// First token of the QMP monitors (listeners and clients follow).
 const MONITOR_TOKENS: Token = Token(1 << 20);
 
 fn main() -> ExitCode {
@@ -70,11 +75,23 @@ fn run(cli: Cli) -> Result<(), String> {
     monitors
         .register(poll.registry())
         .map_err(|e| format!("cannot watch the monitors: {e}"))?;
-    let mut vmm = Vmm::new(cli.name, qapi_types::RunState::Running);
+    let mut chardevs = ChardevRegistry::with_poll(poll.registry(), CHARDEV_TOKENS)
+        .map_err(|e| format!("cannot set up character devices: {e}"))?;
+    for spec in &cli.chardev {
+        let parsed = parse_chardev_opts(spec).map_err(|e| format!("--chardev {spec}: {e}"))?;
+        for warning in &parsed.warnings {
+            eprintln!("vmm-reference: warning: {warning}");
+        }
+        chardevs
+            .add(&parsed.id, &parsed.config)
+            .map_err(|e| format!("--chardev {spec}: {e}"))?;
+    }
+    let mut vmm = Vmm::new(cli.name, qapi_types::RunState::Running, chardevs);
     let mut events = Events::with_capacity(256);
     log::info!("serving QMP on {:?}", cli.qmp);
     'outer: loop {
-        if let Err(e) = poll.poll(&mut events, None) {
+        let timeout = vmm.chardevs.poll_timeout(Instant::now());
+        if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
@@ -88,7 +105,13 @@ fn run(cli: Cli) -> Result<(), String> {
                 }
             } else if monitors.owns(ev.token()) {
                 monitors.handle_event(poll.registry(), ev, &mut vmm);
+            } else if vmm.chardevs.owns(ev.token()) {
+                vmm.chardevs.handle_event(ev);
             }
+        }
+        vmm.chardevs.on_timeout(Instant::now());
+        for e in vmm.chardevs.drain_events() {
+            log::debug!("chardev {}: {:?}", e.id, e.kind);
         }
         monitors.flush_events(&mut vmm);
         if monitors.shutdown_requested() {

@@ -2,6 +2,7 @@
 //! commands that concern the machine as a whole (version, run state, name,
 //! quit).
 
+use chardev_ringbuf::ChardevRegistry;
 use qapi_types::{
     cmd, event, Dispatcher, EventInfo, NameInfo, RunState, StatusInfo, VersionInfo, VersionTriple,
 };
@@ -12,7 +13,6 @@ use qmp_proto::EventMessage;
 pub const QEMU_VERSION: (i64, i64, i64) = (7, 2, 0);
 
 /// What the monitor's handlers act on.
-#[derive(Debug)]
 pub struct Vmm {
     /// The VM's name (`--name`).
     pub name: Option<String>,
@@ -22,16 +22,19 @@ pub struct Vmm {
     pub events: Vec<EventMessage>,
     /// Set by `quit`: the loop flushes the replies and exits.
     pub quit: bool,
+    /// The character devices (`--chardev`, `chardev-add`).
+    pub chardevs: ChardevRegistry,
 }
 
 impl Vmm {
-    /// A VM in the given run state.
-    pub fn new(name: Option<String>, run_state: RunState) -> Self {
+    /// A VM in the given run state with its character devices.
+    pub fn new(name: Option<String>, run_state: RunState, chardevs: ChardevRegistry) -> Self {
         Vmm {
             name,
             run_state,
             events: Vec::new(),
             quit: false,
+            chardevs,
         }
     }
 }
@@ -49,8 +52,9 @@ pub fn version_info() -> VersionInfo {
     }
 }
 
-/// Registers the machine-level commands.
+/// Registers the machine-level commands and the groups the VMM's parts implement.
 pub fn register(d: &mut Dispatcher<Vmm>) {
+    d.register_char_commands(|vmm| &mut vmm.chardevs);
     d.register::<cmd::QueryVersion>(|_, _| Ok(version_info()));
     d.register::<cmd::QueryStatus>(|vmm, _| {
         Ok(StatusInfo {
