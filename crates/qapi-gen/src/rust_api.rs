@@ -196,7 +196,7 @@ impl Gen<'_> {
         }
         quote! {
             /// Events: one marker type per event with a constructor of its
-            /// message, the structs of inline event data, and [`AnyEvent`] to
+            /// message, the structs of inline event data, and [`AnyEvent`](crate::event::AnyEvent) to
             /// decode whatever a server sends.
             pub mod event {
                 #items
