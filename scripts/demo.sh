@@ -15,8 +15,8 @@ dir=$(mktemp -d)
 trap 'kill "$vmm" 2>/dev/null || true; rm -rf "$dir"' EXIT
 sock="$dir/qmp.sock"
 
-echo "+ vmm-reference --no-guest --name demo --qmp unix:$sock"
-./target/release/vmm-reference --no-guest --name demo --qmp "unix:$sock" &
+echo "+ vmm-reference --no-guest --name demo --chardev ringbuf,id=rb0,size=4096 --qmp unix:$sock"
+./target/release/vmm-reference --no-guest --name demo --chardev ringbuf,id=rb0,size=4096 --qmp "unix:$sock" &
 vmm=$!
 for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
 
@@ -25,6 +25,9 @@ printf '%s\n' \
     'query-version' \
     'query-status' \
     'query-name' \
+    'ringbuf-write device=rb0 data=hello-from-qmp' \
+    'ringbuf-read device=rb0 size=10' \
+    'query-chardev' \
     'query-status bogus=1' | qmp-shell -v -p "$sock"
 
 echo "+ quit, with QEMU's Python QMP client listening for the SHUTDOWN event"
