@@ -313,8 +313,10 @@ impl ImageOpener for FollowFiles {
     }
 
     fn open_data_file(&self, req: &DataFileRequest<'_>) -> Result<Arc<dyn Storage>> {
-        let path = resolve_relative(req.name, req.image_path);
-        let st = FileStorage::open(&path, req.writable, self.direct).map_err(|e| Error::Open {
+        // Like QEMU: data file names are used as they are (relative to the working
+        // directory), unlike backing file names.
+        let path = Path::new(req.name);
+        let st = FileStorage::open(path, req.writable, self.direct).map_err(|e| Error::Open {
             name: req.name.to_string(),
             reason: e.to_string(),
         })?;

@@ -73,6 +73,10 @@ pub(crate) struct Refcounts {
     pub unsynced: bool,
     /// Clusters freed since the last take, for the caller to pass on as discards.
     pub freed: Vec<u64>,
+    /// With direct I/O, fresh clusters are reserved (fallocate) this many bytes ahead, so data
+    /// writes do not extend the file: file systems serialise extending direct writes.
+    reserve_ahead: u64,
+    reserved_until: u64,
 }
 
 impl Refcounts {
@@ -97,7 +101,6 @@ impl Refcounts {
         let flen = file.len()?;
         let cs = 1u64 << cluster_bits;
         Ok(Refcounts {
-            file,
             cluster_bits,
             order,
             table,
@@ -115,6 +118,9 @@ impl Refcounts {
             compressed_pos: 0,
             unsynced: false,
             freed: Vec::new(),
+            reserve_ahead: if file.alignment() > 1 { 1 << 20 } else { 0 },
+            reserved_until: flen,
+            file,
         })
     }
 
@@ -496,6 +502,14 @@ impl Refcounts {
         };
         let fresh = start >= self.fresh_from;
         self.fresh_from = self.fresh_from.max(start + n);
+        let end = (start + n) << self.cluster_bits;
+        if fresh && self.reserve_ahead > 0 && end > self.reserved_until {
+            // Everything from here on is unallocated and was never written.
+            let from = self.reserved_until.max(start << self.cluster_bits);
+            let to = end + self.reserve_ahead;
+            self.file.write_zeroes(from, to - from)?;
+            self.reserved_until = to;
+        }
         Ok((start << self.cluster_bits, fresh))
     }
 

@@ -405,11 +405,6 @@ impl Qcow2 {
                 && (!self.geo.extended_l2 || bm & BITMAP_ALL_ALLOC == 0)
         });
         if fresh && !reused && !self.external_data && zero_old && self.backing().is_none() {
-            if self.data.alignment() > 1 {
-                // Direct I/O: reserve the clusters so the data writes do not extend the file
-                // (extending direct writes are serialised by file systems).
-                self.data.write_zeroes(host0, n << cb)?;
-            }
             self.commit_inner(&mut plan)?;
             plan.commits.clear();
             return Ok(Some(plan));

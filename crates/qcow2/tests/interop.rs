@@ -370,3 +370,99 @@ fn backing_chain_three_deep() {
     );
     assert!(e.is_err());
 }
+
+#[test]
+fn external_data_files_both_ways() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // QEMU's image with a data file, read and written by us.
+    let q = p(dir.path(), "q.qcow2");
+    let qdata = p(dir.path(), "q.data");
+    let opt = format!("data_file={}", s(&qdata));
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", &opt, s(&q), "4M"],
+    );
+    run("qemu-io", &["-c", "write -P 5 64k 200k", s(&q)]);
+    let raw = p(dir.path(), "ref.raw");
+    run("qemu-img", &["convert", "-O", "raw", s(&q), s(&raw)]);
+    let mut reference = std::fs::read(&raw).unwrap();
+    {
+        let img = open_rw(&q);
+        assert!(read_all(&img) == reference);
+        let mut rng = Rng(3);
+        for _ in 0..40 {
+            let off = rng.below(SIZE - 70_000);
+            let mut buf = vec![0u8; 1 + rng.below(70_000) as usize];
+            rng.fill(&mut buf);
+            img.write_at(&buf, off).unwrap();
+            reference[off as usize..off as usize + buf.len()].copy_from_slice(&buf);
+        }
+        img.write_zeroes(1 << 20, 1 << 20, true).unwrap();
+        reference[1 << 20..2 << 20].fill(0);
+        assert!(img.write_compressed(&[1u8; 65536], 0).is_err());
+    }
+    write_raw(&raw, &reference);
+    assert_clean(&q, false);
+    assert_same(&q, "qcow2", &raw, "raw");
+    // Ours with a raw data file: the data file alone is the disk.
+    let o = p(dir.path(), "o.qcow2");
+    let data = p(dir.path(), "o.data");
+    std::fs::write(&data, vec![0u8; SIZE as usize]).unwrap();
+    let file: Arc<dyn qcow2::Storage> = Arc::new(qcow2::FileStorage::create(&o).unwrap());
+    let data_st: Arc<dyn qcow2::Storage> =
+        Arc::new(qcow2::FileStorage::open(&data, true, false).unwrap());
+    Qcow2::create_with_data(
+        file,
+        Some(data_st),
+        &CreateOptions {
+            data_file: Some(s(&data).to_string()),
+            data_file_raw: true,
+            ..CreateOptions::new(SIZE)
+        },
+    )
+    .unwrap();
+    {
+        let img = open_rw(&o);
+        img.write_at(&reference, 0).unwrap();
+    }
+    assert_clean(&o, false);
+    assert_same(&o, "qcow2", &raw, "raw");
+    assert_same(&data, "raw", &raw, "raw");
+    let info = run("qemu-img", &["info", s(&o)]);
+    assert!(info.contains("data file raw: true"), "{info}");
+}
+
+#[test]
+fn direct_io_storage() {
+    if !have_qemu() {
+        return;
+    }
+    // O_DIRECT needs a file system that supports it; tmpfs does not.
+    let dir = match tempfile::tempdir_in("/var/tmp") {
+        Ok(d) => d,
+        Err(_) => return,
+    };
+    let path = p(dir.path(), "d.qcow2");
+    Qcow2::create_path(&path, &CreateOptions::new(SIZE)).unwrap();
+    let opened = Qcow2::open_path(
+        &path,
+        OpenOptions {
+            writable: true,
+            direct: true,
+            ..Default::default()
+        },
+    );
+    let Ok(img) = opened else {
+        return;
+    };
+    let mut reference = vec![0u8; SIZE as usize];
+    workload(&img, &mut reference, 11, 60, true);
+    drop(img);
+    let raw = p(dir.path(), "ref.raw");
+    write_raw(&raw, &reference);
+    assert_clean(&path, false);
+    assert_same(&path, "qcow2", &raw, "raw");
+}

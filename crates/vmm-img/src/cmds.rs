@@ -88,7 +88,8 @@ pub fn parse_options(opts: &[String]) -> Result<ImgOptions, Error> {
 pub fn create_qcow2(path: &Path, q: &CreateOptions) -> Result<(), Error> {
     let data = match &q.data_file {
         Some(d) => {
-            let dp = qcow2::backing::resolve_relative(d, Some(path));
+            // QEMU uses data file names as given (relative to the working directory).
+            let dp = std::path::PathBuf::from(d);
             if !dp.exists() {
                 create_raw(&dp, q.size, Preallocation::Off)?;
             }

@@ -79,38 +79,94 @@ pub fn convert(a: &ConvertArgs) -> Result<i32, Error> {
     };
     let next = AtomicU64::new(0);
     let err: Mutex<Option<Error>> = Mutex::new(None);
-    // Copies are memcpy-bound and parallel writers contend on the file's lock; compression
-    // is CPU-bound and scales.
-    let workers = if a.compress { 2 } else { 1 };
     let backing_copy = a.backing.is_some();
-    std::thread::scope(|sc| {
-        for _ in 0..workers {
-            sc.spawn(|| {
-                let mut buf = vec![0u8; chunk as usize];
-                loop {
-                    let off = next.fetch_add(chunk, Ordering::Relaxed);
-                    if off >= size || err.lock().map(|e| e.is_some()).unwrap_or(true) {
-                        return;
+    let fail = |e: Error| {
+        let mut g = err.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(e);
+        }
+    };
+    if a.compress {
+        // Compression is CPU-bound: workers take chunks in turn.
+        std::thread::scope(|sc| {
+            for _ in 0..2 {
+                sc.spawn(|| {
+                    let mut buf = vec![0u8; chunk as usize];
+                    loop {
+                        let off = next.fetch_add(chunk, Ordering::Relaxed);
+                        if off >= size || err.lock().map(|e| e.is_some()).unwrap_or(true) {
+                            return;
+                        }
+                        let len = chunk.min(size - off);
+                        if let Err(e) = convert_chunk(
+                            &src,
+                            &dst,
+                            off,
+                            len,
+                            &mut buf,
+                            gran,
+                            fresh,
+                            true,
+                            backing_copy,
+                        ) {
+                            fail(e);
+                            return;
+                        }
                     }
+                });
+            }
+        });
+    } else {
+        // Copies are memcpy-bound: one thread reads while another writes.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(4);
+        let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (src, dst, fail) = (&src, &dst, &fail);
+        std::thread::scope(|sc| {
+            sc.spawn(move || {
+                let mut off = 0u64;
+                while off < size {
                     let len = chunk.min(size - off);
-                    if let Err(e) = convert_chunk(
-                        &src,
-                        &dst,
-                        off,
-                        len,
-                        &mut buf,
-                        gran,
-                        fresh,
-                        a.compress,
-                        backing_copy,
-                    ) {
-                        *err.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    let r = (|| -> Result<(), Error> {
+                        let mut pos = off;
+                        while pos < off + len {
+                            let st = src.block_status(pos, off + len - pos)?;
+                            let n = st.len.max(1).min(off + len - pos);
+                            let skip = (st.zero && !st.data) || (backing_copy && !st.allocated);
+                            if skip {
+                                if !fresh && !backing_copy {
+                                    dst.write_zeroes(pos, n)?;
+                                }
+                            } else {
+                                let mut b = back_rx.try_recv().unwrap_or_default();
+                                b.resize(n as usize, 0);
+                                src.read_at(&mut b, pos)?;
+                                if tx.send((pos, b)).is_err() {
+                                    return Ok(());
+                                }
+                            }
+                            pos += n;
+                        }
+                        Ok(())
+                    })();
+                    if let Err(e) = r {
+                        fail(e);
                         return;
                     }
+                    off += len;
+                }
+                drop(tx);
+            });
+            sc.spawn(move || {
+                for (pos, b) in rx.iter() {
+                    if let Err(e) = write_nonzero(dst, &b, pos, gran, fresh, false) {
+                        fail(e);
+                        return;
+                    }
+                    let _ = back_tx.send(b);
                 }
             });
-        }
-    });
+        });
+    }
     if let Some(e) = err.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
