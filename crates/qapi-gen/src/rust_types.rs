@@ -19,6 +19,20 @@ pub struct Gen<'a> {
     /// The schema being generated.
     pub schema: &'a Schema,
     defaultable: HashSet<String>,
+    /// `(owner, member or alternate branch)` pairs held in a `Box` to give
+    /// recursive types a finite size.
+    boxed: HashSet<(String, String)>,
+}
+
+/// A by-value containment in the generated Rust types.
+struct Edge {
+    owner: String,
+    label: String,
+    target: String,
+    /// Union branches are enum payloads and are never boxed.
+    boxable: bool,
+    /// Lower is boxed first when a cycle must be broken.
+    rank: u8,
 }
 
 impl<'a> Gen<'a> {
@@ -27,7 +41,9 @@ impl<'a> Gen<'a> {
         let mut g = Gen {
             schema,
             defaultable: HashSet::new(),
+            boxed: HashSet::new(),
         };
+        g.boxed = choose_boxes(&g.edges());
         // A struct derives Default when every required member's type has a default.
         loop {
             let mut changed = false;
@@ -100,14 +116,12 @@ impl<'a> Gen<'a> {
         }
     }
 
-    /// The Rust type of a member of `owner`, boxed where the type contains
-    /// `owner` by value (recursive types), wrapped in `Option` when optional.
+    /// The Rust type of a member of `owner`, boxed where a cycle of
+    /// recursive types is broken, wrapped in `Option` when optional.
     pub fn member_type(&self, owner: &str, m: &Member) -> TokenStream {
         let mut ty = self.rust_type(&m.ty);
-        if let TypeRef::Named(n) = &m.ty {
-            if self.contains_by_value(n, owner) {
-                ty = quote!(::std::boxed::Box<#ty>);
-            }
+        if self.boxed.contains(&(owner.to_owned(), m.name.clone())) {
+            ty = quote!(::std::boxed::Box<#ty>);
         }
         if m.optional {
             quote!(::std::option::Option<#ty>)
@@ -116,50 +130,66 @@ impl<'a> Gen<'a> {
         }
     }
 
-    /// The type names a value of `name` holds directly (not behind an array).
-    fn by_value_children(&self, name: &str) -> Vec<String> {
-        let members = match self.schema.get(name).map(|e| &e.kind) {
-            Some(Kind::Struct { .. }) => self.schema.struct_members(name),
-            Some(Kind::Union { base, variants, .. }) => {
-                let mut ms = self.schema.members_of(base);
-                for (_, ty) in variants {
-                    ms.extend(self.schema.struct_members(ty));
-                }
-                ms
-            }
-            Some(Kind::Alternate { variants }) => {
-                return variants
-                    .iter()
-                    .filter_map(|(_, t)| match t {
-                        TypeRef::Named(n) => Some(n.clone()),
-                        TypeRef::Array(_) => None,
-                    })
-                    .collect()
-            }
-            _ => return Vec::new(),
+    /// Every by-value containment between the schema's complex types.
+    fn edges(&self) -> Vec<Edge> {
+        let complex = |n: &str| {
+            matches!(
+                self.schema.get(n).map(|e| &e.kind),
+                Some(Kind::Struct { .. } | Kind::Union { .. } | Kind::Alternate { .. })
+            )
         };
-        members
-            .into_iter()
-            .filter_map(|m| match m.ty {
-                TypeRef::Named(n) => Some(n),
-                TypeRef::Array(_) => None,
-            })
-            .collect()
-    }
-
-    /// Whether a value of `from` contains a value of `target` by value.
-    pub fn contains_by_value(&self, from: &str, target: &str) -> bool {
-        let mut stack = vec![from.to_owned()];
-        let mut seen = HashSet::new();
-        while let Some(n) = stack.pop() {
-            if n == target {
-                return true;
+        let member_edges = |owner: &str, ms: Vec<Member>, out: &mut Vec<Edge>| {
+            for m in ms {
+                if let TypeRef::Named(n) = &m.ty {
+                    if complex(n) {
+                        out.push(Edge {
+                            owner: owner.to_owned(),
+                            label: m.name.clone(),
+                            target: n.clone(),
+                            boxable: true,
+                            rank: if m.optional { 1 } else { 2 },
+                        });
+                    }
+                }
             }
-            if seen.insert(n.clone()) {
-                stack.extend(self.by_value_children(&n));
+        };
+        let mut out = Vec::new();
+        for e in &self.schema.entities {
+            match &e.kind {
+                Kind::Struct { .. } => {
+                    member_edges(&e.name, self.schema.struct_members(&e.name), &mut out)
+                }
+                Kind::Union { base, variants, .. } => {
+                    member_edges(&e.name, self.schema.members_of(base), &mut out);
+                    for (value, ty) in variants {
+                        out.push(Edge {
+                            owner: e.name.clone(),
+                            label: value.clone(),
+                            target: ty.clone(),
+                            boxable: false,
+                            rank: 3,
+                        });
+                    }
+                }
+                Kind::Alternate { variants } => {
+                    for (name, ty) in variants {
+                        if let TypeRef::Named(n) = ty {
+                            if complex(n) {
+                                out.push(Edge {
+                                    owner: e.name.clone(),
+                                    label: name.clone(),
+                                    target: n.clone(),
+                                    boxable: true,
+                                    rank: 0,
+                                });
+                            }
+                        }
+                    }
+                }
+                _ => {}
             }
         }
-        false
+        out
     }
 
     /// Emits one type definition (enums, structs, unions, alternates).
@@ -456,8 +486,7 @@ impl<'a> Gen<'a> {
         for (bname, ty) in variants {
             let v = format_ident!("{}", camel(bname));
             let mut rty = self.rust_type(ty);
-            let boxed = matches!(ty, TypeRef::Named(n) if self.contains_by_value(n, &e.name));
-            if boxed {
+            if self.boxed.contains(&(e.name.clone(), bname.clone())) {
                 rty = quote!(::std::boxed::Box<#rty>);
             }
             let vdoc = e
@@ -496,6 +525,42 @@ impl<'a> Gen<'a> {
             crate::runtime::impl_serde!(#name);
         }
     }
+}
+
+/// Chooses the containments to box so that every cycle of by-value
+/// containment is broken once, where it is cheapest to read: alternate
+/// branches first (QEMU's `BlockdevRef`), then optional members, then
+/// required ones. An edge is boxed only if its target still reaches its
+/// owner through edges not boxed yet.
+fn choose_boxes(edges: &[Edge]) -> HashSet<(String, String)> {
+    let mut boxed: HashSet<(String, String)> = HashSet::new();
+    let mut order: Vec<&Edge> = edges.iter().filter(|e| e.boxable).collect();
+    order.sort_by_key(|e| e.rank);
+    for e in order {
+        let mut stack = vec![e.target.as_str()];
+        let mut seen = HashSet::new();
+        let mut reaches_owner = false;
+        while let Some(n) = stack.pop() {
+            if n == e.owner {
+                reaches_owner = true;
+                break;
+            }
+            if seen.insert(n) {
+                stack.extend(
+                    edges
+                        .iter()
+                        .filter(|x| {
+                            x.owner == n && !boxed.contains(&(x.owner.clone(), x.label.clone()))
+                        })
+                        .map(|x| x.target.as_str()),
+                );
+            }
+        }
+        if reaches_owner {
+            boxed.insert((e.owner.clone(), e.label.clone()));
+        }
+    }
+    boxed
 }
 
 /// Statements encoding members into the map `m` from `self`.
