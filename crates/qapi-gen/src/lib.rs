@@ -12,7 +12,8 @@
 //! // In a build script:
 //! let schema = std::path::Path::new("schema/qapi-schema.json");
 //! let out = std::path::Path::new(&std::env::var("OUT_DIR").unwrap()).join("qapi.rs");
-//! let files = qapi_gen::generate_to(schema, &out).expect("valid schema");
+//! let config = qapi_gen::Config::from_list(&std::env::var("QAPI_CONFIG").unwrap_or_default());
+//! let files = qapi_gen::generate_to(schema, &out, &config).expect("valid schema");
 //! for f in files {
 //!     println!("cargo:rerun-if-changed={}", f.display());
 //! }
@@ -24,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use quote::quote;
 
+pub mod cond;
 pub mod introspect;
 pub mod naming;
 pub mod parser;
@@ -31,6 +33,7 @@ pub mod rust_api;
 pub mod rust_types;
 pub mod schema;
 
+pub use cond::Config;
 pub use schema::Schema;
 
 /// An error in a schema, with the place it was found.
@@ -50,9 +53,10 @@ impl Error {
     }
 }
 
-/// Generates the Rust source for the schema at `path`.
-pub fn generate(path: &Path) -> Result<String, Error> {
-    let schema = Schema::load(path)?;
+/// Generates the Rust source for the schema at `path`, with the `if`
+/// conditions evaluated under `config`.
+pub fn generate(path: &Path, config: &Config) -> Result<String, Error> {
+    let schema = Schema::load_with(path, config)?;
     generate_schema(&schema)
 }
 
@@ -87,8 +91,8 @@ pub fn generate_schema(schema: &Schema) -> Result<String, Error> {
 
 /// Generates the Rust source into `out` (written only when it changed) and
 /// returns every schema file that was read, for `cargo:rerun-if-changed`.
-pub fn generate_to(path: &Path, out: &Path) -> Result<Vec<PathBuf>, Error> {
-    let code = generate(path)?;
+pub fn generate_to(path: &Path, out: &Path, config: &Config) -> Result<Vec<PathBuf>, Error> {
+    let code = generate(path, config)?;
     if std::fs::read_to_string(out).ok().as_deref() != Some(code.as_str()) {
         std::fs::write(out, code).map_err(|e| Error::at(out, 0, format!("cannot write: {e}")))?;
     }

@@ -7,6 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+use crate::cond::Config;
 use crate::parser::{Doc, Expr, TopLevel};
 use crate::Error;
 
@@ -163,17 +164,39 @@ pub struct Schema {
 }
 
 impl Schema {
-    /// Parses the schema file at `path` (following includes) and checks it.
+    /// Parses the schema file at `path` (following includes) and checks it,
+    /// with no configuration symbol enabled.
     pub fn load(path: &Path) -> Result<Schema, Error> {
-        Schema::from_exprs(crate::parser::parse_file(path)?)
+        Schema::load_with(path, &Config::default())
     }
 
-    /// Builds and checks the schema from parsed top-level expressions.
+    /// Parses and checks the schema at `path`, keeping only what the `if`
+    /// conditions enable under `config`.
+    pub fn load_with(path: &Path, config: &Config) -> Result<Schema, Error> {
+        Schema::from_exprs_with(crate::parser::parse_file(path)?, config)
+    }
+
+    /// Builds and checks the schema from parsed top-level expressions, with
+    /// no configuration symbol enabled.
     pub fn from_exprs(tops: Vec<TopLevel>) -> Result<Schema, Error> {
+        Schema::from_exprs_with(tops, &Config::default())
+    }
+
+    /// Builds and checks the schema from parsed top-level expressions,
+    /// applying `if` conditions under `config`.
+    pub fn from_exprs_with(tops: Vec<TopLevel>, config: &Config) -> Result<Schema, Error> {
         let mut entities = Vec::new();
-        for top in tops {
+        for mut top in tops {
             if top.expr.get("pragma").is_some() {
                 continue;
+            }
+            let location = format!("{}:{}", top.file.display(), top.line);
+            match config
+                .prune(&top.expr)
+                .map_err(|e| Error::msg(format!("{location}: {e}")))?
+            {
+                Some(expr) => top.expr = expr,
+                None => continue,
             }
             entities.push(entity(top)?);
         }
@@ -446,11 +469,6 @@ fn entity(top: TopLevel) -> Result<Entity, Error> {
         if !allowed.contains(&k.as_str()) && !COMMON_KEYS.contains(&k.as_str()) {
             return Err(fail(format!("{meta} '{name}' has unknown key '{k}'")));
         }
-        if k == "if" {
-            return Err(fail(format!(
-                "{meta} '{name}': 'if' conditions are not supported"
-            )));
-        }
     }
     let get = |k: &str| top.expr.get(k);
     let flag = |k: &str| -> Result<bool, Error> {
@@ -682,6 +700,7 @@ mod tests {
             ("{ 'struct': 'S', 'data': {} }\n{ 'enum': 'S', 'data': [] }", "already defined"),
             ("{ 'struct': 'S', 'data': {}, 'bogus': 1 }", "stray"),
             ("{ 'struct': 'S', 'data': {}, 'bogus': 'x' }", "unknown key"),
+            ("{ 'struct': 'S', 'data': {}, 'if': { 'maybe': 'X' } }", "condition"),
             ("{ 'enum': 'E', 'data': ['a', 'a'] }", "twice"),
             (
                 "{ 'enum': 'E', 'data': ['a'] }\n{ 'struct': 'A', 'data': {} }\n\

@@ -18,7 +18,8 @@ fn workspace_schema() -> PathBuf {
 
 #[test]
 fn generates_the_workspace_schema() {
-    let code = qapi_gen::generate(&workspace_schema()).expect("the schema is valid");
+    let code = qapi_gen::generate(&workspace_schema(), &qapi_gen::Config::default())
+        .expect("the schema is valid");
     syn::parse_file(&code).expect("the generated code parses");
     for item in [
         "pub struct BlockdevOptions",
@@ -95,9 +96,32 @@ fn refuses_schemas_whose_rust_names_collide() {
     ] {
         let path = dir.join("bad.json");
         std::fs::write(&path, text).unwrap();
-        let err = qapi_gen::generate(&path).unwrap_err().to_string();
+        let err = qapi_gen::generate(&path, &qapi_gen::Config::default()).unwrap_err().to_string();
         assert!(err.contains(why), "{text}: {err}");
     }
+}
+
+#[test]
+fn if_conditions_follow_the_configuration() {
+    let dir = tempfile_dir();
+    let path = dir.join("cond.json");
+    std::fs::write(
+        &path,
+        "{ 'enum': 'Accel', 'data': [ 'tcg', { 'name': 'kvm', 'if': 'CONFIG_KVM' } ] }\n\
+         { 'command': 'query-kvm-only', 'if': 'CONFIG_KVM', 'returns': 'Accel' }\n\
+         { 'command': 'query-all', 'data': { '*x': { 'type': 'int', 'if': { 'not': 'CONFIG_KVM' } } } }\n",
+    )
+    .unwrap();
+    let off = qapi_gen::generate(&path, &qapi_gen::Config::default()).unwrap();
+    assert!(!off.contains("QueryKvmOnly") && !off.contains("Kvm,"));
+    assert!(off.contains("pub x:"));
+    let on = qapi_gen::generate(&path, &qapi_gen::Config::from_list("CONFIG_KVM")).unwrap();
+    assert!(on.contains("pub struct QueryKvmOnly") && on.contains("Kvm"));
+    assert!(!on.contains("pub x:"));
+    // Introspection follows the same configuration.
+    let schema = Schema::load_with(&path, &qapi_gen::Config::default()).unwrap();
+    let info = qapi_gen::introspect::schema_info(&schema);
+    assert!(!info.iter().any(|e| e["name"] == "query-kvm-only"));
 }
 
 #[test]
