@@ -471,6 +471,8 @@ fn rebuild(img: &Qcow2, before: &CheckResult, fix: Fix) -> Result<()> {
     }
     lock(&img.refs).reload(t_off, nt as u32)?;
     lock(&img.pending_tags).clear();
+    img.pending_count
+        .store(0, std::sync::atomic::Ordering::Relaxed);
     if fix.errors {
         fix_copied(img, &refs)?;
     }

@@ -173,6 +173,8 @@ pub struct Qcow2 {
     pub(crate) snapshots: Mutex<Vec<Snapshot>>,
     pub(crate) bitmaps: Mutex<Vec<BitmapEntry>>,
     pub(crate) pending_tags: Mutex<Vec<(u64, Vec<u64>)>>,
+    pub(crate) pending_count: std::sync::atomic::AtomicUsize,
+    pub(crate) force_flush_at: std::sync::atomic::AtomicUsize,
     decompressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     pub(crate) closed: AtomicBool,
 }
@@ -337,6 +339,8 @@ impl Qcow2 {
             snapshots: Mutex::new(snapshots),
             bitmaps: Mutex::new(bitmaps),
             pending_tags: Mutex::new(Vec::new()),
+            pending_count: std::sync::atomic::AtomicUsize::new(0),
+            force_flush_at: std::sync::atomic::AtomicUsize::new(crate::write::FORCE_FLUSH_FREES),
             decompressed: Mutex::new(None),
             closed: AtomicBool::new(false),
             header: Mutex::new(h),

@@ -71,8 +71,6 @@ pub(crate) struct Refcounts {
     compressed_pos: u64,
     /// Set when refcount blocks were written since the last sync of the file.
     pub unsynced: bool,
-    /// Clusters freed since the last take, for the caller to pass on as discards.
-    pub freed: Vec<u64>,
     /// With direct I/O, fresh clusters are reserved (fallocate) this many bytes ahead, so data
     /// writes do not extend the file: file systems serialise extending direct writes.
     reserve_ahead: u64,
@@ -117,7 +115,6 @@ impl Refcounts {
             fresh_from: flen.div_ceil(cs),
             compressed_pos: 0,
             unsynced: false,
-            freed: Vec::new(),
             reserve_ahead: if file.alignment() > 1 { 1 << 20 } else { 0 },
             reserved_until: flen,
             file,
@@ -280,7 +277,6 @@ impl Refcounts {
         }
         if new == 0 && cur != 0 {
             self.free_hint = self.free_hint.min(idx);
-            self.freed.push(idx);
         }
         Ok(new)
     }

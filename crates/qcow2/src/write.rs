@@ -10,6 +10,9 @@ use crate::image::{lock, MappingKind, Qcow2, Tables};
 use crate::l2::{EntryKind, BITMAP_ALL_ALLOC, BITMAP_ALL_ZERO, OFFSET_MASK, OFLAG_COMPRESSED};
 use crate::l2::{OFLAG_COPIED, OFLAG_ZERO};
 
+/// Queued frees that force a metadata flush.
+pub(crate) const FORCE_FLUSH_FREES: usize = 16384;
+
 /// Largest number of clusters one allocation plan covers.
 const MAX_PLAN_CLUSTERS: u64 = 512;
 
@@ -137,7 +140,25 @@ impl Qcow2 {
             return;
         }
         let tag = self.gate.bump();
-        lock(&self.pending_tags).push((tag, clusters));
+        let n = clusters.len();
+        let mut p = lock(&self.pending_tags);
+        p.push((tag, clusters));
+        self.pending_count
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Applies queued frees through a metadata flush once many have piled up (guests that
+    /// never flush would otherwise never get their clusters back). Callers hold no lock.
+    fn maybe_apply_frees(&self) -> Result<()> {
+        let pending = self.pending_count.load(Ordering::Relaxed);
+        if pending > self.force_flush_at.load(Ordering::Relaxed) {
+            self.flush()?;
+            // Frees held back by long-running requests must not make every write flush.
+            let left = self.pending_count.load(Ordering::Relaxed);
+            self.force_flush_at
+                .store((2 * left).max(FORCE_FLUSH_FREES), Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Host clusters an entry references (for dropping references).
@@ -566,7 +587,7 @@ impl Qcow2 {
             self.commit_write(plan)?;
             done += n;
         }
-        Ok(())
+        self.maybe_apply_frees()
     }
 
     /// Performs the data I/O of a plan (the generic layer): COW regions merged with the data
@@ -645,7 +666,7 @@ impl Qcow2 {
             self.c(r)?;
             pos = stop;
         }
-        Ok(())
+        self.maybe_apply_frees()
     }
 
     fn zero_flag_supported(&self) -> bool {
@@ -681,7 +702,7 @@ impl Qcow2 {
             self.c(r)?;
             pos = stop;
         }
-        Ok(())
+        self.maybe_apply_frees()
     }
 
     /// Sets whole clusters (or subclusters) in `[pos, pos+len)` (within one L2 table) to zero or
@@ -838,7 +859,8 @@ impl Qcow2 {
             Ok(())
         })();
         self.unregister(&[c]);
-        self.c(r)
+        self.c(r)?;
+        self.maybe_apply_frees()
     }
 
     /// Writes all cached metadata in a crash-consistent order and flushes the storage:
@@ -868,6 +890,7 @@ impl Qcow2 {
             let mut ready = Vec::new();
             p.retain_mut(|(tag, cl)| {
                 if self.gate.retired(*tag) {
+                    self.pending_count.fetch_sub(cl.len(), Ordering::Relaxed);
                     ready.push(std::mem::take(cl));
                     false
                 } else {

@@ -287,3 +287,30 @@ fn corrupt_entry_sets_corrupt_bit_and_goes_read_only() {
     let img = Qcow2::open_path(&path, OpenOptions::default()).unwrap();
     img.read_at(&mut buf, 65536).unwrap();
 }
+
+#[test]
+fn discarded_clusters_are_reused_without_guest_flushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = p(dir.path(), "churn.qcow2");
+    Qcow2::create_path(
+        &path,
+        &CreateOptions {
+            cluster_size: 4096,
+            ..CreateOptions::new(8 << 20)
+        },
+    )
+    .unwrap();
+    let img = rw(&path);
+    let data = pattern(1, 8 << 20);
+    for _ in 0..20 {
+        img.write_at(&data, 0).unwrap();
+        img.discard(0, 8 << 20).unwrap();
+    }
+    // 160 MiB were written; without reuse of the freed clusters the file would be that big.
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert!(len < 100 << 20, "file grew to {len}");
+    drop(img);
+    if have_qemu() {
+        assert_clean(&path, false);
+    }
+}
