@@ -118,7 +118,10 @@ fn query_commands_lists_exactly_what_runs_and_schema_agrees() {
         let reply = c.exec(&json!({"execute": name}).to_string());
         let ran = reply.get("return").is_some();
         let wants_args = reply["error"]["class"] == "GenericError"
-            && reply["error"]["desc"].as_str().unwrap_or_default().ends_with("is missing");
+            && reply["error"]["desc"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with("is missing");
         assert!(ran || wants_args, "{name}: {reply}");
     }
     assert_eq!(
@@ -305,7 +308,8 @@ fn bad_flags_get_one_clear_line() {
     for (args, needle) in [
         (&["--frobnicate"][..], "--frobnicate"),
         (&["--no-guest", "--qmp", "stdio"], "not a monitor address"),
-        (&[], "--no-guest"),
+        (&["--no-guest", "-m", "12X"], "memory size"),
+        (&["--no-guest", "--serial", "tcp:x"], "serial backend"),
     ] {
         let out = Command::new(VMM)
             .args(args)

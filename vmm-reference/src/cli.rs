@@ -31,9 +31,80 @@ pub struct Cli {
     #[arg(long = "chardev", value_name = "SPEC")]
     pub chardev: Vec<String>,
 
+    /// Guest memory: a size with an optional K, M or G suffix (QEMU's -m; a plain number is MiB).
+    #[arg(short = 'm', long = "memory", value_name = "SIZE", default_value = "128M", value_parser = parse_memory)]
+    pub memory: u64,
+
+    /// Number of vCPUs (QEMU's -smp).
+    #[arg(long = "smp", visible_alias = "vcpus", value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub smp: u8,
+
+    /// Start with the vCPUs paused (run state prelaunch) until `cont`.
+    #[arg(short = 'S')]
+    pub start_paused: bool,
+
+    /// Where COM1 goes: none, stdio, file:PATH or chardev:ID (a --chardev).
+    #[arg(long = "serial", value_name = "SPEC", default_value = "none")]
+    pub serial: SerialSpec,
+
     /// A name for the VM (reported by query-name).
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
+}
+
+/// Where the guest's COM1 is connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialSpec {
+    /// Nowhere: output is dropped.
+    None,
+    /// The VMM's standard input and output.
+    Stdio,
+    /// Output appended to a file.
+    File(PathBuf),
+    /// A character device created with --chardev.
+    Chardev(String),
+}
+
+impl FromStr for SerialSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" | "null" => Ok(SerialSpec::None),
+            "stdio" => Ok(SerialSpec::Stdio),
+            _ => {
+                if let Some(p) = s.strip_prefix("file:").filter(|p| !p.is_empty()) {
+                    Ok(SerialSpec::File(PathBuf::from(p)))
+                } else if let Some(id) = s.strip_prefix("chardev:").filter(|p| !p.is_empty()) {
+                    Ok(SerialSpec::Chardev(id.to_owned()))
+                } else {
+                    Err(format!(
+                        "'{s}' is not a serial backend: use none, stdio, file:PATH or chardev:ID"
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// QEMU's `-m` sizes: `512`, `512M`, `2G`, `65536K` (a plain number is MiB).
+fn parse_memory(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, "M"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a memory size"))?;
+    let shift = match unit {
+        "K" | "k" | "KiB" => 10,
+        "M" | "m" | "MiB" => 20,
+        "G" | "g" | "GiB" => 30,
+        _ => return Err(format!("'{s}' is not a memory size (use K, M or G)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 /// Where a QMP monitor listens.
@@ -155,6 +226,35 @@ mod tests {
         );
         assert_eq!(cli.name.as_deref(), Some("vm0"));
         assert_eq!(cli.chardev, ["ringbuf,id=rb0,size=4096"]);
+    }
+
+    #[test]
+    fn parses_machine_options() {
+        let cli = parse(&["-m", "64M", "-smp", "2", "-S", "-serial", "chardev:rb0"]).unwrap();
+        assert_eq!(cli.memory, 64 << 20);
+        assert_eq!(cli.smp, 2);
+        assert!(cli.start_paused);
+        assert_eq!(cli.serial, SerialSpec::Chardev("rb0".into()));
+        let cli = parse(&[
+            "--memory",
+            "1G",
+            "--vcpus",
+            "4",
+            "--serial",
+            "file:/tmp/out",
+        ])
+        .unwrap();
+        assert_eq!((cli.memory, cli.smp), (1 << 30, 4));
+        assert_eq!(cli.serial, SerialSpec::File("/tmp/out".into()));
+        assert_eq!(parse(&["-m", "256"]).unwrap().memory, 256 << 20);
+        let defaults = parse(&[]).unwrap();
+        assert_eq!(
+            (defaults.memory, defaults.smp, defaults.serial),
+            (128 << 20, 1, SerialSpec::None)
+        );
+        for bad in [&["-m", "12X"][..], &["-smp", "0"], &["--serial", "tcp:x"]] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

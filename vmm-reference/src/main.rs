@@ -3,6 +3,7 @@
 //! With `--no-guest` it serves the monitors alone, like qemu-storage-daemon.
 
 mod cli;
+mod machine;
 mod monitor;
 mod vm;
 
@@ -15,13 +16,19 @@ use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
-use crate::cli::Cli;
+use std::sync::Arc;
+
+use crate::cli::{Cli, SerialSpec};
+use crate::machine::bus::InputReady;
+use crate::machine::{Machine, MachineConfig};
 use crate::monitor::Monitors;
 use crate::vm::Vmm;
 
 const SIGNAL_TOKEN: Token = Token(0);
+/// Wakes the loop for the machine's requests (reset, shutdown).
+const MACHINE_TOKEN: Token = Token((1 << 20) - 1);
 /// Tokens of the character devices.
-const CHARDEV_TOKENS: std::ops::Range<usize> = 1..(1 << 20);
+const CHARDEV_TOKENS: std::ops::Range<usize> = 1..((1 << 20) - 1);
 /// First token of the QMP monitors (listeners and clients follow).
 const MONITOR_TOKENS: Token = Token(1 << 20);
 
@@ -56,11 +63,6 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
-    if !cli.no_guest {
-        return Err(
-            "running a guest is not available in this version yet; start with --no-guest".into(),
-        );
-    }
     if cli.qmp.is_empty() {
         log::warn!("no --qmp monitor given: nothing can talk to this process");
     }
@@ -70,7 +72,7 @@ fn run(cli: Cli) -> Result<(), String> {
     poll.registry()
         .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)
         .map_err(|e| format!("cannot watch signals: {e}"))?;
-    let mut monitors = Monitors::new(&cli.qmp, MONITOR_TOKENS)
+    let mut monitors = Monitors::new(&cli.qmp, MONITOR_TOKENS, !cli.no_guest)
         .map_err(|e| format!("cannot open a monitor: {e}"))?;
     monitors
         .register(poll.registry())
@@ -86,7 +88,19 @@ fn run(cli: Cli) -> Result<(), String> {
             .add(&parsed.id, &parsed.config)
             .map_err(|e| format!("--chardev {spec}: {e}"))?;
     }
-    let mut vmm = Vmm::new(cli.name, qapi_types::RunState::Running, chardevs);
+    let run_state = if !cli.no_guest && cli.start_paused {
+        qapi_types::RunState::Prelaunch
+    } else {
+        qapi_types::RunState::Running
+    };
+    let mut vmm = Vmm::new(cli.name.clone(), run_state, chardevs);
+    if !cli.no_guest {
+        let waker = Arc::new(
+            mio::Waker::new(poll.registry(), MACHINE_TOKEN)
+                .map_err(|e| format!("cannot create a waker: {e}"))?,
+        );
+        vmm.machine = Some(start_machine(&cli, &mut vmm.chardevs, waker)?);
+    }
     let mut events = Events::with_capacity(256);
     log::info!("serving QMP on {:?}", cli.qmp);
     'outer: loop {
@@ -107,6 +121,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 monitors.handle_event(poll.registry(), ev, &mut vmm);
             } else if vmm.chardevs.owns(ev.token()) {
                 vmm.chardevs.handle_event(ev);
+            } else if ev.token() == MACHINE_TOKEN && machine_requests(&mut vmm) {
+                monitors.flush_events(&mut vmm);
+                break 'outer;
             }
         }
         vmm.chardevs.on_timeout(Instant::now());
@@ -119,5 +136,69 @@ fn run(cli: Cli) -> Result<(), String> {
         }
     }
     monitors.shutdown(Duration::from_secs(2));
+    if let Some(m) = &mut vmm.machine {
+        m.shutdown();
+    }
     Ok(())
+}
+
+/// Creates the guest with COM1 connected as `--serial` says.
+fn start_machine(
+    cli: &Cli,
+    chardevs: &mut ChardevRegistry,
+    waker: Arc<mio::Waker>,
+) -> Result<Machine, String> {
+    let serial_chardev = match &cli.serial {
+        SerialSpec::None => None,
+        SerialSpec::Chardev(id) => Some(id.clone()),
+        spec @ (SerialSpec::Stdio | SerialSpec::File(_)) => {
+            let opts = match spec {
+                SerialSpec::File(path) => format!("file,id=serial0,path={}", path.display()),
+                _ => "stdio,id=serial0".to_owned(),
+            };
+            let parsed = parse_chardev_opts(&opts).map_err(|e| format!("--serial: {e}"))?;
+            chardevs
+                .add(&parsed.id, &parsed.config)
+                .map_err(|e| format!("--serial: {e}"))?;
+            Some(parsed.id)
+        }
+    };
+    let (out, input): (Box<dyn std::io::Write + Send>, InputReady) = match &serial_chardev {
+        Some(id) => {
+            let handle = chardevs
+                .handle(id)
+                .map_err(|e| format!("--serial chardev:{id}: {e}"))?;
+            (Box::new(handle.writer()), InputReady(Some(handle)))
+        }
+        None => (Box::new(std::io::sink()), InputReady(None)),
+    };
+    let config = MachineConfig {
+        memory: cli.memory,
+        vcpus: cli.smp,
+        paused: cli.start_paused,
+    };
+    let machine = Machine::new(&config, machine::DEFAULT_GUEST, out, input, waker)
+        .map_err(|e| e.to_string())?;
+    if let Some(id) = serial_chardev {
+        chardevs
+            .attach(&id, Box::new(machine.serial_frontend()))
+            .map_err(|e| format!("--serial chardev:{id}: {e}"))?;
+    }
+    Ok(machine)
+}
+
+/// Acts on what the machine asked for; returns whether the VMM must exit.
+fn machine_requests(vmm: &mut Vmm) -> bool {
+    let Some(m) = &vmm.machine else { return false };
+    if m.bus().take_shutdown() {
+        vmm.events.push(qapi_types::event::Shutdown::message());
+        return true;
+    }
+    if m.bus().take_reset() {
+        if let Err(e) = vmm.reset() {
+            log::error!("guest reset failed: {}", e.desc);
+            return true;
+        }
+    }
+    false
 }

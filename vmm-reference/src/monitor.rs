@@ -45,7 +45,7 @@ impl Handler for Call<'_> {
 
 impl Monitors {
     /// Opens a listener for every address; the first token of the range they use is `base`.
-    pub fn new(addrs: &[MonitorAddr], base: Token) -> io::Result<Monitors> {
+    pub fn new(addrs: &[MonitorAddr], base: Token, with_guest: bool) -> io::Result<Monitors> {
         let greeting = qapi_types::QapiType::to_qmp(&vm::version_info());
         let mut config = ServerConfig::new(SessionConfig::new(greeting));
         config.first_token = base.0;
@@ -68,7 +68,7 @@ impl Monitors {
             }
         }
         let mut dispatcher = Dispatcher::new();
-        vm::register(&mut dispatcher);
+        vm::register(&mut dispatcher, with_guest);
         Ok(Monitors { server, dispatcher })
     }
 

@@ -2,11 +2,16 @@
 //! commands that concern the machine as a whole (version, run state, name,
 //! quit).
 
+use std::sync::atomic::Ordering;
+
 use chardev_ringbuf::ChardevRegistry;
 use qapi_types::{
-    cmd, event, Dispatcher, EventInfo, NameInfo, RunState, StatusInfo, VersionInfo, VersionTriple,
+    cmd, event, CpuInfo, CpuInfoBranch, CpuInfoFast, CpuInfoX86, Dispatcher, EventInfo, KvmInfo,
+    NameInfo, RunState, StatusInfo, SysEmuTarget, VersionInfo, VersionTriple,
 };
-use qmp_proto::EventMessage;
+use qmp_proto::{EventMessage, QmpError};
+
+use crate::machine::Machine;
 
 /// The QEMU version whose QMP interface this VMM follows; clients see it in
 /// the greeting and in `query-version`.
@@ -24,6 +29,8 @@ pub struct Vmm {
     pub quit: bool,
     /// The character devices (`--chardev`, `chardev-add`).
     pub chardevs: ChardevRegistry,
+    /// The guest, unless `--no-guest`.
+    pub machine: Option<Machine>,
 }
 
 impl Vmm {
@@ -35,7 +42,42 @@ impl Vmm {
             events: Vec::new(),
             quit: false,
             chardevs,
+            machine: None,
         }
+    }
+
+    /// `stop`: parks every vCPU (returns once they are parked) and sends STOP.
+    pub fn stop(&mut self) {
+        if let Some(m) = &self.machine {
+            if self.run_state == RunState::Running {
+                m.pause();
+                self.run_state = RunState::Paused;
+                self.events.push(event::Stop::message());
+            }
+        }
+    }
+
+    /// `cont`: runs the vCPUs again and sends RESUME.
+    pub fn cont(&mut self) {
+        if let Some(m) = &self.machine {
+            if matches!(self.run_state, RunState::Paused | RunState::Prelaunch) {
+                m.resume();
+                self.run_state = RunState::Running;
+                self.events.push(event::Resume::message());
+            }
+        }
+    }
+
+    /// Puts the guest back in its power-on state, keeping the run state, and sends RESET.
+    pub fn reset(&mut self) -> Result<(), QmpError> {
+        if let Some(m) = &self.machine {
+            m.reset().map_err(|e| QmpError::generic(e.to_string()))?;
+            if self.run_state == RunState::Running {
+                m.resume();
+            }
+            self.events.push(event::Reset::message());
+        }
+        Ok(())
     }
 }
 
@@ -52,9 +94,13 @@ pub fn version_info() -> VersionInfo {
     }
 }
 
-/// Registers the machine-level commands and the groups the VMM's parts implement.
-pub fn register(d: &mut Dispatcher<Vmm>) {
+/// Registers the machine-level commands and the groups the VMM's parts
+/// implement; the commands that act on a guest only when there is one.
+pub fn register(d: &mut Dispatcher<Vmm>, with_guest: bool) {
     d.register_char_commands(|vmm| &mut vmm.chardevs);
+    if with_guest {
+        register_guest_commands(d);
+    }
     d.register::<cmd::QueryVersion>(|_, _| Ok(version_info()));
     d.register::<cmd::QueryStatus>(|vmm, _| {
         Ok(StatusInfo {
@@ -81,5 +127,79 @@ pub fn register(d: &mut Dispatcher<Vmm>) {
         // QEMU announces the end of the VM before it exits.
         vmm.events.push(event::Shutdown::message());
         Ok(())
+    });
+}
+
+/// The commands that act on the guest: run state, reset, vCPUs, KVM.
+fn register_guest_commands(d: &mut Dispatcher<Vmm>) {
+    d.register::<cmd::Stop>(|vmm, _| {
+        vmm.stop();
+        Ok(())
+    });
+    d.register::<cmd::Cont>(|vmm, _| {
+        vmm.cont();
+        Ok(())
+    });
+    d.register::<cmd::SystemReset>(|vmm, _| vmm.reset());
+    d.register::<cmd::SystemPowerdown>(|vmm, _| {
+        // The embedded guest has no ACPI; like QEMU with such a guest, the
+        // request is announced and the guest may ignore it.
+        vmm.events.push(event::Powerdown::message());
+        Ok(())
+    });
+    d.register::<cmd::SystemWakeup>(|_, _| {
+        Err(QmpError::generic(
+            "wake-up from suspend is not supported by this guest",
+        ))
+    });
+    d.register::<cmd::QueryKvm>(|_, _| {
+        Ok(KvmInfo {
+            enabled: true,
+            present: true,
+        })
+    });
+    d.register::<cmd::QueryCpusFast>(|vmm, _| {
+        let Some(m) = &vmm.machine else {
+            return Ok(Vec::new());
+        };
+        Ok(m.vcpu_info()
+            .iter()
+            .enumerate()
+            .map(|(i, info)| CpuInfoFast {
+                cpu_index: i as i64,
+                qom_path: format!("/machine/unattached/device[{i}]"),
+                thread_id: info.thread_id.load(Ordering::Relaxed),
+                props: None,
+                target: SysEmuTarget::X8664,
+            })
+            .collect())
+    });
+    d.register::<cmd::QueryCpus>(|vmm, _| {
+        let Some(m) = &vmm.machine else {
+            return Ok(Vec::new());
+        };
+        // Registers are read from parked vCPUs: a running VM is paused for
+        // the moment it takes, as QEMU interrupts each vCPU for this query.
+        let running = vmm.run_state == RunState::Running;
+        m.pause();
+        let cpus = m
+            .vcpu_info()
+            .iter()
+            .enumerate()
+            .map(|(i, info)| CpuInfo {
+                cpu: i as i64,
+                current: i == 0,
+                halted: false,
+                qom_path: format!("/machine/unattached/device[{i}]"),
+                thread_id: info.thread_id.load(Ordering::Relaxed),
+                arch: CpuInfoBranch::X86(CpuInfoX86 {
+                    pc: info.pc.load(Ordering::Relaxed) as i64,
+                }),
+            })
+            .collect();
+        if running {
+            m.resume();
+        }
+        Ok(cpus)
     });
 }

@@ -1,0 +1,139 @@
+//! The port-I/O devices the vCPUs reach: COM1 (a vm-superio 16550 on a
+//! chardev) and the i8042's reset line. Requests for the main loop (reset,
+//! shutdown) are queued here and wake it through a `mio::Waker`.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use chardev_ringbuf::FrontendHandle;
+use vm_superio::serial::SerialEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// COM1's first port.
+pub const COM1: u16 = 0x3f8;
+/// COM1's interrupt line.
+pub const COM1_IRQ: u32 = 4;
+const I8042_COMMAND: u16 = 0x64;
+const I8042_DATA: u16 = 0x60;
+const I8042_RESET: u8 = 0xfe;
+
+/// Raises the serial port's interrupt through an irqfd.
+pub struct EventFdTrigger(pub EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Tells the chardev to read input again once the guest drained the
+/// receive FIFO (the back-pressure of the chardev model).
+pub struct InputReady(pub Option<FrontendHandle>);
+
+impl SerialEvents for InputReady {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        if let Some(h) = &self.0 {
+            h.accept_input();
+        }
+    }
+}
+
+/// The 16550 of COM1, writing the guest's output to a chardev.
+pub type SerialPort = Serial<EventFdTrigger, InputReady, Box<dyn Write + Send>>;
+
+/// COM1 as a chardev frontend: input goes to its receive FIFO, never more
+/// than the FIFO has room for.
+pub struct SerialFrontend(pub Arc<Mutex<SerialPort>>);
+
+impl chardev_ringbuf::Frontend for SerialFrontend {
+    fn can_receive(&mut self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .fifo_capacity()
+    }
+
+    fn receive(&mut self, data: &[u8]) {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = s.enqueue_raw_bytes(data) {
+            log::debug!("serial input: {e:?}");
+        }
+    }
+}
+
+/// What the vCPU threads see of the machine.
+pub struct IoBus {
+    serial: Arc<Mutex<SerialPort>>,
+    reset: AtomicBool,
+    shutdown: AtomicBool,
+    waker: Arc<mio::Waker>,
+}
+
+impl IoBus {
+    /// A bus with COM1 and a waker of the main loop.
+    pub fn new(serial: Arc<Mutex<SerialPort>>, waker: Arc<mio::Waker>) -> Self {
+        IoBus {
+            serial,
+            reset: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            waker,
+        }
+    }
+
+    /// A port write from the guest.
+    pub fn pio_write(&self, port: u16, data: &[u8]) {
+        match (port, data) {
+            (COM1..=0x3ff, [value]) => {
+                let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(e) = s.write((port - COM1) as u8, *value) {
+                    log::debug!("serial write: {e:?}");
+                }
+            }
+            (I8042_COMMAND, [I8042_RESET]) => self.request_reset(),
+            _ => {}
+        }
+    }
+
+    /// A port read from the guest; unclaimed ports read as all ones.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        match (port, data.len()) {
+            (COM1..=0x3ff, 1) => {
+                data[0] = self
+                    .serial
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read((port - COM1) as u8);
+            }
+            (I8042_COMMAND | I8042_DATA, 1) => data[0] = 0,
+            _ => data.fill(0xff),
+        }
+    }
+
+    /// Asks the main loop to reset the machine.
+    pub fn request_reset(&self) {
+        self.reset.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+
+    /// Asks the main loop to shut the machine down.
+    pub fn request_shutdown(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+
+    /// Takes a pending reset request.
+    pub fn take_reset(&self) -> bool {
+        self.reset.swap(false, Ordering::SeqCst)
+    }
+
+    /// Takes a pending shutdown request.
+    pub fn take_shutdown(&self) -> bool {
+        self.shutdown.swap(false, Ordering::SeqCst)
+    }
+}

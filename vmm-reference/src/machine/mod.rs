@@ -1,0 +1,225 @@
+//! The virtual machine: KVM, guest memory, the embedded guest, COM1 and the
+//! vCPU threads.
+
+mod boot;
+pub mod bus;
+mod vcpu;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use bus::{EventFdTrigger, InputReady, IoBus, SerialPort, COM1_IRQ};
+pub use vcpu::VcpuInfo;
+use vcpu::Vcpus;
+
+/// The embedded default guest (built from `guest/guest.S` by build.rs).
+pub const DEFAULT_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.bin"));
+
+/// Smallest guest memory: the boot tables, the stack and the guest at 1 MiB.
+pub const MIN_MEMORY: u64 = 4 << 20;
+/// Largest guest memory this layout supports (no PCI hole below 4 GiB yet).
+pub const MAX_MEMORY: u64 = 3 << 30;
+
+/// How to build the machine.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    /// Guest memory in bytes.
+    pub memory: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Start with the vCPUs paused (`-S`).
+    pub paused: bool,
+}
+
+/// Errors building or running the machine.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// /dev/kvm can't be used.
+    #[error("KVM is not available: {0}")]
+    Kvm(kvm_ioctls::Error),
+    /// A KVM call failed.
+    #[error("{0}: {1}")]
+    KvmCall(&'static str, kvm_ioctls::Error),
+    /// Guest memory could not be set up.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// The configuration is outside what this machine supports.
+    #[error("{0}")]
+    Config(String),
+    /// A thread or descriptor could not be created.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running (or paused) virtual machine.
+pub struct Machine {
+    _kvm: Kvm,
+    _vm: VmFd,
+    memory: GuestMemoryMmap,
+    vcpus: Vcpus,
+    bus: Arc<IoBus>,
+    serial: Arc<Mutex<SerialPort>>,
+    image: &'static [u8],
+}
+
+impl Machine {
+    /// Creates the VM, loads `image` and starts its vCPUs (paused if asked).
+    /// `serial_out` receives what the guest writes to COM1; `input` is told
+    /// when COM1 can take input again; `waker` wakes the main loop for the
+    /// machine's requests (reset, shutdown).
+    pub fn new(
+        cfg: &MachineConfig,
+        image: &'static [u8],
+        serial_out: Box<dyn Write + Send>,
+        input: InputReady,
+        waker: Arc<mio::Waker>,
+    ) -> Result<Machine, MachineError> {
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&cfg.memory) {
+            return Err(MachineError::Config(format!(
+                "memory size {} MiB is outside the supported {}..{} MiB",
+                cfg.memory >> 20,
+                MIN_MEMORY >> 20,
+                MAX_MEMORY >> 20
+            )));
+        }
+        if cfg.vcpus == 0 {
+            return Err(MachineError::Config("at least one vCPU is needed".into()));
+        }
+        let kvm = Kvm::new().map_err(MachineError::Kvm)?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| MachineError::KvmCall("KVM_CREATE_VM", e))?;
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(|e| MachineError::KvmCall("KVM_SET_TSS_ADDR", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| MachineError::KvmCall("KVM_CREATE_IRQCHIP", e))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(|e| MachineError::KvmCall("KVM_CREATE_PIT2", e))?;
+
+        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), cfg.memory as usize)])
+            .map_err(|e| MachineError::Memory(e.to_string()))?;
+        for (slot, region) in memory.iter().enumerate() {
+            let host = memory
+                .get_host_address(region.start_addr())
+                .map_err(|e| MachineError::Memory(e.to_string()))?;
+            let desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is mapped by `memory`, which the Machine owns
+            // and keeps alive (and unmoved) for as long as the VM exists.
+            unsafe { vm.set_user_memory_region(desc) }
+                .map_err(|e| MachineError::KvmCall("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+        load_image(&memory, image)?;
+
+        let irq = EventFd::new(libc::EFD_NONBLOCK)?;
+        vm.register_irqfd(&irq, COM1_IRQ)
+            .map_err(|e| MachineError::KvmCall("KVM_IRQFD", e))?;
+        let serial = Arc::new(Mutex::new(SerialPort::with_events(
+            EventFdTrigger(irq),
+            input,
+            serial_out,
+        )));
+        let bus = Arc::new(IoBus::new(serial.clone(), waker));
+
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| MachineError::KvmCall("KVM_GET_SUPPORTED_CPUID", e))?;
+        let mut fds: Vec<VcpuFd> = Vec::new();
+        for index in 0..cfg.vcpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(index))
+                .map_err(|e| MachineError::KvmCall("KVM_CREATE_VCPU", e))?;
+            let mut cpuid = cpuid.clone();
+            for e in cpuid.as_mut_slice() {
+                if e.function == 1 {
+                    // The initial APIC id of this vCPU.
+                    e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(index) << 24);
+                }
+            }
+            vcpu.set_cpuid2(&cpuid)
+                .map_err(|e| MachineError::KvmCall("KVM_SET_CPUID2", e))?;
+            fds.push(vcpu);
+        }
+        let boot: Arc<vcpu::BootFn> = Arc::new(|vcpu: &VcpuFd, index: usize| {
+            if index == 0 {
+                boot::setup_vcpu(vcpu, boot::GUEST_LOAD_ADDR)
+            } else {
+                // Application processors wait for INIT/SIPI, as on real hardware.
+                vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
+                    mp_state: kvm_bindings::KVM_MP_STATE_UNINITIALIZED,
+                })
+            }
+        });
+        let vcpus = Vcpus::spawn(fds, bus.clone(), cfg.paused, boot)?;
+        Ok(Machine {
+            _kvm: kvm,
+            _vm: vm,
+            memory,
+            vcpus,
+            bus,
+            serial,
+            image,
+        })
+    }
+
+    /// Parks every vCPU; returns when none runs guest code.
+    pub fn pause(&self) {
+        self.vcpus.pause();
+    }
+
+    /// Lets the vCPUs run.
+    pub fn resume(&self) {
+        self.vcpus.resume();
+    }
+
+    /// Puts the machine back in its power-on state; the vCPUs are left
+    /// paused (the caller resumes them if the VM was running).
+    pub fn reset(&self) -> Result<(), MachineError> {
+        self.vcpus.pause();
+        load_image(&self.memory, self.image)?;
+        self.vcpus.request_reset();
+        Ok(())
+    }
+
+    /// What each vCPU published (thread id, last parked pc).
+    pub fn vcpu_info(&self) -> &[Arc<VcpuInfo>] {
+        self.vcpus.info()
+    }
+
+    /// The machine's requests to the main loop.
+    pub fn bus(&self) -> &IoBus {
+        &self.bus
+    }
+
+    /// COM1 as a frontend for its chardev.
+    pub fn serial_frontend(&self) -> bus::SerialFrontend {
+        bus::SerialFrontend(self.serial.clone())
+    }
+
+    /// Stops and joins the vCPU threads.
+    pub fn shutdown(&mut self) {
+        self.vcpus.shutdown();
+    }
+}
+
+fn load_image(memory: &GuestMemoryMmap, image: &[u8]) -> Result<(), MachineError> {
+    boot::write_tables(memory).map_err(|e| MachineError::Memory(e.to_string()))?;
+    memory
+        .write_slice(image, GuestAddress(boot::GUEST_LOAD_ADDR))
+        .map_err(|e| MachineError::Memory(format!("loading the guest: {e}")))
+}
