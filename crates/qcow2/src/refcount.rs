@@ -499,12 +499,27 @@ impl Refcounts {
         let fresh = start >= self.fresh_from;
         self.fresh_from = self.fresh_from.max(start + n);
         let end = (start + n) << self.cluster_bits;
-        if fresh && self.reserve_ahead > 0 && end > self.reserved_until {
-            // Everything from here on is unallocated and was never written.
-            let from = self.reserved_until.max(start << self.cluster_bits);
-            let to = end + self.reserve_ahead;
-            self.file.write_zeroes(from, to - from)?;
-            self.reserved_until = to;
+        if fresh && end > self.reserved_until {
+            // Everything from here on is unallocated and was never written, and every data
+            // write in flight targets clusters below `start`: growing the file here cannot
+            // cut anything off.
+            if self.reserve_ahead > 0 {
+                // Direct I/O: reserve ahead so data writes never extend the file (file
+                // systems serialise extending direct writes).
+                let from = self.reserved_until.max(start << self.cluster_bits);
+                let to = end + self.reserve_ahead;
+                self.file.write_zeroes(from, to - from)?;
+                self.reserved_until = to;
+            } else {
+                // A cluster published before its data lands (see prepare_write) must lie
+                // inside the file, or a crash leaves an entry past the end of the file.
+                // Grown in 1 MiB steps: one truncate per many allocations.
+                let to = end + (1 << 20);
+                if self.file.len()? < to {
+                    self.file.set_len(to)?;
+                }
+                self.reserved_until = to;
+            }
         }
         Ok((start << self.cluster_bits, fresh))
     }
