@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The README's main job: builds the reference VMM, starts it with a QMP
-# socket, and runs a QMP session against it with QEMU's own qmp-shell.
+# The README's main job: builds the reference VMM, boots its embedded
+# default guest on KVM with the guest's serial console on a ring-buffer
+# chardev and a QMP socket, and plays a QMP session against it with QEMU's
+# own qmp-shell: the console read over QMP, stop (the vCPUs park and the
+# console stays silent), cont, the vCPUs, then quit.
 #
-# The VMM cannot run a guest yet (that arrives with the VMM issue); until
-# then it runs as a storage/management daemon (--no-guest), which is what
-# exists today.
+# The virtio-blk qcow2 disk joins when the block graph lands; without
+# /dev/kvm the demo runs the VMM without a guest (--no-guest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,22 +17,31 @@ dir=$(mktemp -d)
 trap 'kill "$vmm" 2>/dev/null || true; rm -rf "$dir"' EXIT
 sock="$dir/qmp.sock"
 
-echo "+ vmm-reference --no-guest --name demo --chardev ringbuf,id=rb0,size=4096 --qmp unix:$sock"
-./target/release/vmm-reference --no-guest --name demo --chardev ringbuf,id=rb0,size=4096 --qmp "unix:$sock" &
+if [ -w /dev/kvm ]; then
+    guest=(-m 64M --chardev ringbuf,id=console,size=65536 --serial chardev:console)
+else
+    echo "note: /dev/kvm is not usable here: running without a guest"
+    guest=(--no-guest --chardev ringbuf,id=console,size=65536)
+fi
+echo "+ vmm-reference ${guest[*]} --name demo --qmp unix:$sock"
+./target/release/vmm-reference "${guest[@]}" --name demo --qmp "unix:$sock" &
 vmm=$!
 for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
+sleep 1   # let the guest print a few lines
 
 echo "+ qmp-shell -v -p $sock   (QEMU's interactive QMP shell, fed from a script)"
 printf '%s\n' \
     'query-version' \
     'query-status' \
-    'query-name' \
-    'ringbuf-write device=rb0 data=hello-from-qmp' \
-    'ringbuf-read device=rb0 size=10' \
-    'query-chardev' \
+    'ringbuf-read device=console size=300' \
+    'query-cpus-fast' \
+    'stop' \
+    'query-status' \
+    'ringbuf-read device=console size=300' \
+    'cont' \
     'query-status bogus=1' | qmp-shell -v -p "$sock"
 
-echo "+ quit, with QEMU's Python QMP client listening for the SHUTDOWN event"
+echo "+ the console after cont, and quit, with QEMU's Python QMP client"
 python3 - "$sock" <<'PY'
 import asyncio, json, sys
 from qemu.qmp import QMPClient
@@ -38,6 +49,8 @@ from qemu.qmp import QMPClient
 async def main():
     qmp = QMPClient("demo")
     await qmp.connect(sys.argv[1])
+    await asyncio.sleep(0.5)
+    print(await qmp.execute("ringbuf-read", {"device": "console", "size": 300}), end="")
     with qmp.listener(("SHUTDOWN",)) as events:
         print("-> quit  <-", json.dumps(await qmp.execute("quit")))
         print("<- event", json.dumps(dict(await events.get())))
