@@ -1,0 +1,266 @@
+//! The driver API: what a block driver (a format like `qcow2`, a protocol like `file`, a
+//! filter like `raw`) implements to become a node of the graph.
+//!
+//! # How a request reaches a driver
+//!
+//! A user (a guest device, a job) holds a [`crate::BlockBackend`] or another root. Its request
+//! enters the graph at the root node and goes down the edges: each node's generic layer
+//! ([`crate::Node`]) checks the request, tracks it for drain, zero-fills reads past the end,
+//! applies `detect-zeroes` and `discard=ignore`, sets dirty bitmaps and the write threshold,
+//! and then calls the driver. The driver does its own work and sends requests to its children
+//! through their [`Edge`]s (never to a node directly: the edge carries the permissions, and
+//! the graph may replace the node behind it while the subtree is drained).
+//!
+//! Requests run on the caller's thread, from many threads at once: every method takes
+//! `&self`, and drivers keep their state behind their own fine-grained locks (or none).
+//!
+//! # Writing a driver
+//!
+//! 1. Implement [`BlockDriver`] for your state. Only `format_name`, `length`, `read`, `write`
+//!    and `flush` are required; the rest have defaults that either do the generic thing
+//!    (`write_zeroes` writes zero buffers, `block_status` says "all data") or refuse with
+//!    `ENOTSUP`.
+//! 2. Write an open function `fn(&mut OpenCtx<'_>, &BlockdevOptions) -> Result<Box<dyn
+//!    BlockDriver>>`. Take your driver's branch out of the options, open your children with
+//!    [`OpenCtx::open_child`] (they may be inline definitions or references to existing
+//!    nodes), and check every option: an invalid one is an error in QEMU's words, never a
+//!    silent default.
+//! 3. Register it in [`crate::drivers::open_driver`] under the `BlockdevDriver` value.
+//!
+//! See `CONTRIBUTING.md` of this crate for a complete example.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::Arc;
+
+use crate::error::{BlockError, Result};
+use crate::node::Edge;
+use crate::perm::{default_child_perm, ChildRole, Perm};
+
+/// Flags of a write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Force unit access: the data is durable when the request completes.
+    pub fua: bool,
+}
+
+/// Flags of a write-zeroes request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The driver may deallocate the range instead of writing zeros, as long as it reads as
+    /// zero afterwards.
+    pub may_unmap: bool,
+    /// Force unit access.
+    pub fua: bool,
+}
+
+/// Where a range lives, as a driver reports it for its own node.
+#[derive(Debug, Clone)]
+pub enum StatusKind {
+    /// Data allocated in this node; `offset` is its position in the child `file` (or
+    /// `data-file`) when it is stored there as is.
+    Data {
+        /// Host offset in the data child, when the data is stored there unchanged.
+        offset: Option<u64>,
+    },
+    /// Allocated in this node and reads as zero.
+    Zero,
+    /// Not allocated in this node: reads fall through to the backing node (zeros without
+    /// one).
+    Unallocated,
+    /// The node only passes the range through (a filter): ask `child` at `offset`.
+    Delegate {
+        /// The child that holds the data.
+        child: Arc<Edge>,
+        /// Offset in the child.
+        offset: u64,
+    },
+}
+
+/// The status of a prefix of the queried range.
+#[derive(Debug, Clone)]
+pub struct DriverStatus {
+    /// Bytes from the queried offset with this status (at least 1, at most the query).
+    pub len: u64,
+    /// What they are.
+    pub kind: StatusKind,
+}
+
+/// What a node reports about its image for `query-named-block-nodes` and `query-block`
+/// (QEMU's `ImageInfo`, minus what the generic layer fills in).
+#[derive(Debug, Clone, Default)]
+pub struct DriverImageInfo {
+    /// Cluster size of the format, if it has one.
+    pub cluster_size: Option<u64>,
+    /// The format's dirty flag (qcow2 lazy refcounts).
+    pub dirty_flag: Option<bool>,
+    /// Backing file name as recorded in the image.
+    pub backing_filename: Option<String>,
+    /// Backing file format as recorded in the image.
+    pub backing_filename_format: Option<String>,
+    /// Internal snapshots.
+    pub snapshots: Vec<qapi_types::SnapshotInfo>,
+    /// Format-specific information.
+    pub format_specific: Option<qapi_types::ImageInfoSpecific>,
+}
+
+/// A block driver: the code behind one node. See the [module documentation](self).
+pub trait BlockDriver: Send + Sync {
+    /// The driver name as `BlockdevDriver` spells it (`qcow2`, `file`, ...).
+    fn format_name(&self) -> &'static str;
+
+    /// Whether the driver is a protocol (talks to host storage, has no `file` child).
+    fn is_protocol(&self) -> bool {
+        false
+    }
+
+    /// Whether the driver is a filter: the node's data is exactly its filtered child's
+    /// (QEMU skips implicitly created filters in `query-block`).
+    fn is_filter(&self) -> bool {
+        false
+    }
+
+    /// The length of the node in bytes.
+    fn length(&self) -> Result<u64>;
+
+    /// Reads `iov.len()` bytes at `offset`. The generic layer guarantees
+    /// `offset + len <= length()`.
+    fn read(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()>;
+
+    /// Writes at `offset`. A write may extend a protocol node (the edge must hold
+    /// [`Perm::RESIZE`]); formats refuse writes past their end.
+    fn write(&self, offset: u64, iov: &[IoSlice<'_>], flags: WriteFlags) -> Result<()>;
+
+    /// Makes `[offset, offset + len)` read as zero. The default writes zero buffers.
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let chunk = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            self.write(
+                offset + done,
+                &[IoSlice::new(&chunk[..n])],
+                WriteFlags { fua: flags.fua },
+            )?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Hints that `[offset, offset + len)` is unused. The default ignores the hint.
+    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// Makes every completed write durable, including those the driver sent to its
+    /// children (flush them too).
+    fn flush(&self) -> Result<()>;
+
+    /// Allocation status of a prefix of `[offset, offset + len)` within this node. The
+    /// default says "data", which is always correct, merely pessimistic.
+    fn block_status(&self, offset: u64, len: u64) -> Result<DriverStatus> {
+        let _ = offset;
+        Ok(DriverStatus {
+            len,
+            kind: StatusKind::Data { offset: None },
+        })
+    }
+
+    /// Changes the length (`block_resize`). The default refuses.
+    fn truncate(&self, _len: u64) -> Result<()> {
+        Err(BlockError::generic(
+            "Image format driver does not support resize",
+        ))
+    }
+
+    /// The permissions this node takes on a child in `role`, given what the node's own
+    /// parents need (`perm`) and share (`shared`). Override only when the defaults (QEMU's
+    /// `bdrv_default_perms`) do not fit.
+    fn child_perm(
+        &self,
+        role: ChildRole,
+        perm: Perm,
+        shared: Perm,
+        writable: bool,
+    ) -> (Perm, Perm) {
+        default_child_perm(role, perm, shared, writable)
+    }
+
+    /// The host file name for protocol drivers (`/path/img`, `null-co://`). Formats and
+    /// filters return `None` and show their primary child's name.
+    fn filename(&self) -> Option<String> {
+        None
+    }
+
+    /// Host bytes allocated, for `actual-size` (`None`: ask the primary child).
+    fn allocated_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// Image details for `query-named-block-nodes`.
+    fn image_info(&self) -> DriverImageInfo {
+        DriverImageInfo::default()
+    }
+
+    /// The backing file recorded in the image (name, format), which the graph opens when
+    /// the options do not say otherwise.
+    fn backing_file(&self) -> Option<(String, Option<String>)> {
+        None
+    }
+
+    /// Whether the format can have a backing node.
+    fn supports_backing(&self) -> bool {
+        false
+    }
+
+    /// Rewrites the backing file name recorded in the image (`change-backing-file`,
+    /// snapshots). The default refuses.
+    fn change_backing_file(&self, _name: Option<&str>, _format: Option<&str>) -> Result<()> {
+        Err(BlockError::io(libc::ENOTSUP, "Operation not supported"))
+    }
+
+    /// Internal snapshots: creates one (`blockdev-snapshot-internal-sync`).
+    fn snapshot_create(&self, _name: &str) -> Result<qapi_types::SnapshotInfo> {
+        Err(BlockError::io(libc::ENOTSUP, "Operation not supported"))
+    }
+
+    /// Internal snapshots: finds one by id and/or name.
+    fn snapshot_find(
+        &self,
+        _id: Option<&str>,
+        _name: Option<&str>,
+    ) -> Option<qapi_types::SnapshotInfo> {
+        None
+    }
+
+    /// Internal snapshots: deletes the one with this id (exact).
+    fn snapshot_delete(&self, _id: &str) -> Result<()> {
+        Err(BlockError::io(libc::ENOTSUP, "Operation not supported"))
+    }
+
+    /// Whether the format stores persistent dirty bitmaps.
+    fn supports_persistent_bitmaps(&self) -> bool {
+        false
+    }
+
+    /// Persistent bitmaps found in the image when it was opened: (name, granularity, bits,
+    /// in-use flag), loaded into the node's bitmaps by the graph.
+    fn load_bitmaps(&self) -> Result<Vec<crate::bitmap::StoredBitmap>> {
+        Ok(Vec::new())
+    }
+
+    /// Stores a persistent bitmap (on close, or when it is created).
+    fn store_bitmap(&self, _bm: &crate::bitmap::StoredBitmap) -> Result<()> {
+        Err(BlockError::io(libc::ENOTSUP, "Operation not supported"))
+    }
+
+    /// Removes a persistent bitmap from the image.
+    fn remove_bitmap(&self, _name: &str) -> Result<()> {
+        Err(BlockError::io(libc::ENOTSUP, "Operation not supported"))
+    }
+
+    /// Closes the driver: writes cached state (the graph calls it when the node goes away,
+    /// after the node's persistent bitmaps were stored).
+    fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,588 @@
+//! The `file` protocol driver: a host file (or block device) with positional vectored I/O,
+//! `cache.direct` through `O_DIRECT` with aligned bounce buffers, FUA through
+//! `RWF_DSYNC`, write-zeroes and discard through `fallocate`, block status through
+//! `SEEK_DATA`/`SEEK_HOLE`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use qcow2::AlignedBuf;
+
+use crate::driver::{BlockDriver, DriverStatus, StatusKind, WriteFlags, ZeroFlags};
+use crate::error::{BlockError, Result};
+use crate::iov::{copy_from_iov, copy_to_iov, iov_len, iov_len_mut};
+use crate::node::mlock;
+
+/// How the file driver is configured.
+#[derive(Debug, Clone)]
+pub struct FileOptions {
+    /// Host path.
+    pub filename: String,
+    /// Open read-only.
+    pub read_only: bool,
+    /// `O_DIRECT`.
+    pub direct: bool,
+}
+
+/// Byte ranges being written, so that a read-modify-write of an unaligned `O_DIRECT` write
+/// never overlaps another write of the same blocks.
+#[derive(Default)]
+struct RangeLocks {
+    ranges: Mutex<Vec<(u64, u64, bool)>>,
+    cv: Condvar,
+}
+
+struct RangeGuard<'a> {
+    locks: &'a RangeLocks,
+    range: (u64, u64, bool),
+}
+
+impl RangeLocks {
+    fn lock(&self, start: u64, end: u64, exclusive: bool) -> RangeGuard<'_> {
+        let mut r = mlock(&self.ranges);
+        while r
+            .iter()
+            .any(|&(s, e, x)| s < end && start < e && (x || exclusive))
+        {
+            r = self.cv.wait(r).unwrap_or_else(|e| e.into_inner());
+        }
+        r.push((start, end, exclusive));
+        RangeGuard {
+            locks: self,
+            range: (start, end, exclusive),
+        }
+    }
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut r = mlock(&self.locks.ranges);
+        if let Some(i) = r.iter().position(|x| *x == self.range) {
+            r.swap_remove(i);
+        }
+        self.locks.cv.notify_all();
+    }
+}
+
+/// The `file` driver's state.
+pub struct FileDriver {
+    file: File,
+    filename: String,
+    /// Request (offset, length and memory) alignment; 1 without `O_DIRECT`.
+    align: usize,
+    block_device: bool,
+    rmw: RangeLocks,
+    /// Whether `pwritev2(RWF_DSYNC)` works here (cleared on the first ENOTSUP/ENOSYS).
+    dsync_ok: AtomicBool,
+    /// Last data extent found with SEEK_DATA/SEEK_HOLE.
+    extent: Mutex<(u64, u64)>,
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+impl FileDriver {
+    /// Opens the file. Errors read as QEMU's: `Could not open '/x': No such file or
+    /// directory`.
+    pub fn open(o: &FileOptions) -> Result<Self> {
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!o.read_only);
+        let mut flags = libc::O_CLOEXEC;
+        if o.direct {
+            flags |= libc::O_DIRECT;
+        }
+        oo.custom_flags(flags);
+        let file = oo.open(&o.filename).map_err(|e| {
+            BlockError::from(e).prepend(&format!("Could not open '{}'", o.filename))
+        })?;
+        let md = file.metadata().map_err(BlockError::from)?;
+        let block_device = md.file_type().is_block_device();
+        if md.is_dir() {
+            return Err(BlockError::generic(format!(
+                "'{}' is not a regular file or block device",
+                o.filename
+            )));
+        }
+        let mut d = FileDriver {
+            file,
+            filename: o.filename.clone(),
+            align: 1,
+            block_device,
+            rmw: RangeLocks::default(),
+            dsync_ok: AtomicBool::new(true),
+            extent: Mutex::new((0, 0)),
+        };
+        if o.direct {
+            d.align = d.probe_alignment();
+        }
+        Ok(d)
+    }
+
+    /// Finds the smallest request size `O_DIRECT` accepts (512 or 4096).
+    fn probe_alignment(&self) -> usize {
+        let mut buf = AlignedBuf::new(4096, 4096);
+        for a in [512usize, 4096] {
+            // SAFETY: pread into our own 4096-byte buffer, reading at most `a <= 4096` bytes.
+            let r = unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    a,
+                    0,
+                )
+            };
+            if r >= 0 {
+                return a;
+            }
+        }
+        4096
+    }
+
+    /// The request alignment (`O_DIRECT`), 1 otherwise.
+    pub fn alignment(&self) -> usize {
+        self.align
+    }
+
+    fn aligned_iov(
+        &self,
+        offset: u64,
+        bases: impl Iterator<Item = (usize, usize)>,
+        len: usize,
+    ) -> bool {
+        let a = self.align;
+        if a == 1 {
+            return true;
+        }
+        offset % a as u64 == 0
+            && len % a == 0
+            && bases.into_iter().all(|(p, l)| p % a == 0 && l % a == 0)
+    }
+
+    fn preadv_full(&self, mut offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let total = iov_len_mut(iov);
+        let mut done = 0usize;
+        while done < total {
+            let sub = crate::iov::slice_iov_mut(iov, done, total - done);
+            // SAFETY: IoSliceMut is ABI-compatible with struct iovec; the slices borrow
+            // writable memory we own for the duration of the call.
+            let r = unsafe {
+                libc::preadv(
+                    self.file.as_raw_fd(),
+                    sub.as_ptr() as *const libc::iovec,
+                    sub.len().min(1024) as i32,
+                    offset as libc::off_t,
+                )
+            };
+            drop(sub);
+            if r < 0 {
+                let e = errno();
+                if e == libc::EINTR {
+                    continue;
+                }
+                return Err(BlockError::errno(e));
+            }
+            if r == 0 {
+                // End of file: the rest reads as zero.
+                let mut rest = crate::iov::slice_iov_mut(iov, done, total - done);
+                crate::iov::zero_iov(&mut rest);
+                return Ok(());
+            }
+            done += r as usize;
+            offset += r as u64;
+        }
+        Ok(())
+    }
+
+    fn pwritev_full(&self, mut offset: u64, iov: &[IoSlice<'_>], fua: bool) -> Result<()> {
+        let total = iov_len(iov);
+        let mut done = 0usize;
+        let mut dsync = fua && self.dsync_ok.load(Ordering::Relaxed);
+        while done < total {
+            let sub = crate::iov::slice_iov(iov, done, total - done);
+            let cnt = sub.len().min(1024) as i32;
+            // SAFETY: IoSlice is ABI-compatible with struct iovec; the slices borrow memory
+            // that stays valid for the call.
+            let r = unsafe {
+                if dsync {
+                    libc::pwritev2(
+                        self.file.as_raw_fd(),
+                        sub.as_ptr() as *const libc::iovec,
+                        cnt,
+                        offset as libc::off_t,
+                        libc::RWF_DSYNC,
+                    )
+                } else {
+                    libc::pwritev(
+                        self.file.as_raw_fd(),
+                        sub.as_ptr() as *const libc::iovec,
+                        cnt,
+                        offset as libc::off_t,
+                    )
+                }
+            };
+            if r < 0 {
+                let e = errno();
+                if e == libc::EINTR {
+                    continue;
+                }
+                if dsync && (e == libc::EOPNOTSUPP || e == libc::ENOSYS || e == libc::EINVAL) {
+                    self.dsync_ok.store(false, Ordering::Relaxed);
+                    dsync = false;
+                    continue;
+                }
+                return Err(BlockError::errno(e));
+            }
+            if r == 0 {
+                return Err(BlockError::errno(libc::EIO));
+            }
+            done += r as usize;
+            offset += r as u64;
+        }
+        if fua && !dsync {
+            self.fdatasync()?;
+        }
+        Ok(())
+    }
+
+    fn fdatasync(&self) -> Result<()> {
+        loop {
+            // SAFETY: fdatasync on our own descriptor.
+            if unsafe { libc::fdatasync(self.file.as_raw_fd()) } == 0 {
+                return Ok(());
+            }
+            let e = errno();
+            if e != libc::EINTR {
+                return Err(BlockError::errno(e));
+            }
+        }
+    }
+
+    fn bounce_range(&self, offset: u64, len: usize) -> (u64, usize) {
+        let a = self.align as u64;
+        let start = offset / a * a;
+        let end = (offset + len as u64).div_ceil(a) * a;
+        (start, (end - start) as usize)
+    }
+
+    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> std::result::Result<(), i32> {
+        // SAFETY: fallocate on our own descriptor with integer arguments.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(errno())
+        }
+    }
+
+    fn lseek(&self, offset: u64, whence: i32) -> std::result::Result<u64, i32> {
+        // SAFETY: lseek on our own descriptor; no memory is involved.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
+        if r < 0 {
+            Err(errno())
+        } else {
+            Ok(r as u64)
+        }
+    }
+}
+
+impl BlockDriver for FileDriver {
+    fn format_name(&self) -> &'static str {
+        if self.block_device {
+            "host_device"
+        } else {
+            "file"
+        }
+    }
+
+    fn is_protocol(&self) -> bool {
+        true
+    }
+
+    fn length(&self) -> Result<u64> {
+        self.lseek(0, libc::SEEK_END).map_err(BlockError::errno)
+    }
+
+    fn read(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let len = iov_len_mut(iov);
+        if self.aligned_iov(
+            offset,
+            iov.iter().map(|s| (s.as_ptr() as usize, s.len())),
+            len,
+        ) {
+            return self.preadv_full(offset, iov);
+        }
+        let (start, blen) = self.bounce_range(offset, len);
+        let mut bounce = AlignedBuf::new(blen, self.align);
+        self.preadv_full(start, &mut [IoSliceMut::new(&mut bounce)])?;
+        let skip = (offset - start) as usize;
+        copy_to_iov(iov, 0, &bounce[skip..skip + len]);
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, iov: &[IoSlice<'_>], flags: WriteFlags) -> Result<()> {
+        let len = iov_len(iov);
+        if self.align == 1 {
+            return self.pwritev_full(offset, iov, flags.fua);
+        }
+        let (start, blen) = self.bounce_range(offset, len);
+        if self.aligned_iov(
+            offset,
+            iov.iter().map(|s| (s.as_ptr() as usize, s.len())),
+            len,
+        ) {
+            let _g = self.rmw.lock(start, start + blen as u64, false);
+            return self.pwritev_full(offset, iov, flags.fua);
+        }
+        let mut bounce = AlignedBuf::new(blen, self.align);
+        let skip = (offset - start) as usize;
+        let partial = skip != 0 || len % self.align != 0;
+        let _g = self.rmw.lock(start, start + blen as u64, partial);
+        if partial {
+            self.preadv_full(start, &mut [IoSliceMut::new(&mut bounce)])?;
+        }
+        copy_from_iov(iov, 0, &mut bounce[skip..skip + len]);
+        self.pwritev_full(start, &[IoSlice::new(&bounce)], flags.fua)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let size = self.length()?;
+        let aligned =
+            self.align == 1 || (offset % self.align as u64 == 0 && len % self.align as u64 == 0);
+        if aligned && !self.block_device {
+            if flags.may_unmap
+                && offset + len <= size
+                && self
+                    .fallocate(
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        offset,
+                        len,
+                    )
+                    .is_ok()
+            {
+                *mlock(&self.extent) = (0, 0);
+                return if flags.fua { self.fdatasync() } else { Ok(()) };
+            }
+            if self
+                .fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
+                .is_ok()
+            {
+                *mlock(&self.extent) = (0, 0);
+                return if flags.fua { self.fdatasync() } else { Ok(()) };
+            }
+        }
+        let chunk = AlignedBuf::new(len.min(1 << 20) as usize, self.align.max(512));
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            self.write(
+                offset + done,
+                &[IoSlice::new(&chunk[..n])],
+                WriteFlags { fua: false },
+            )?;
+            done += n as u64;
+        }
+        if flags.fua {
+            self.fdatasync()?;
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        if self.block_device {
+            return Ok(());
+        }
+        if let Err(e) = self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            log::debug!(
+                "{}: discard not supported: {}",
+                self.filename,
+                crate::error::strerror(e)
+            );
+        }
+        *mlock(&self.extent) = (0, 0);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.fdatasync()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<DriverStatus> {
+        let data = |l: u64| DriverStatus {
+            len: l,
+            kind: StatusKind::Data {
+                offset: Some(offset),
+            },
+        };
+        {
+            let (s, e) = *mlock(&self.extent);
+            if offset >= s && offset < e {
+                return Ok(data(len.min(e - offset)));
+            }
+        }
+        match self.lseek(offset, libc::SEEK_DATA) {
+            Err(libc::ENXIO) => Ok(DriverStatus {
+                len,
+                kind: StatusKind::Zero,
+            }),
+            Err(_) => Ok(data(len)),
+            Ok(d) if d > offset => Ok(DriverStatus {
+                len: (d - offset).min(len),
+                kind: StatusKind::Zero,
+            }),
+            Ok(_) => match self.lseek(offset, libc::SEEK_HOLE) {
+                Ok(h) if h > offset => {
+                    *mlock(&self.extent) = (offset, h);
+                    Ok(data((h - offset).min(len)))
+                }
+                _ => Ok(data(len)),
+            },
+        }
+    }
+
+    fn truncate(&self, len: u64) -> Result<()> {
+        if self.block_device {
+            let cur = self.length()?;
+            if len > cur {
+                return Err(BlockError::generic("Cannot grow device files"));
+            }
+            return Ok(());
+        }
+        self.file
+            .set_len(len)
+            .map_err(|e| BlockError::from(e).prepend("Failed to resize the file"))?;
+        *mlock(&self.extent) = (0, 0);
+        Ok(())
+    }
+
+    fn filename(&self) -> Option<String> {
+        Some(self.filename.clone())
+    }
+
+    fn allocated_size(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(path: &std::path::Path, direct: bool) -> FileDriver {
+        FileDriver::open(&FileOptions {
+            filename: path.to_string_lossy().into(),
+            read_only: false,
+            direct,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn vectored_io_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+        let f = open(&p, false);
+        let a = [1u8; 100];
+        let b = [2u8; 28];
+        f.write(
+            4096,
+            &[IoSlice::new(&a), IoSlice::new(&b)],
+            WriteFlags { fua: true },
+        )
+        .unwrap();
+        let mut x = [0u8; 64];
+        let mut y = [0u8; 64];
+        f.read(
+            4096 + 64,
+            &mut [IoSliceMut::new(&mut x), IoSliceMut::new(&mut y)],
+        )
+        .unwrap();
+        assert_eq!(&x[..36], &[1u8; 36][..]);
+        assert_eq!(&x[36..], &[2u8; 28][..]);
+        assert_eq!(y, [0u8; 64]);
+        f.write_zeroes(
+            0,
+            8192,
+            ZeroFlags {
+                may_unmap: true,
+                fua: false,
+            },
+        )
+        .unwrap();
+        let mut z = [9u8; 128];
+        f.read(4096, &mut [IoSliceMut::new(&mut z)]).unwrap();
+        assert_eq!(z, [0u8; 128]);
+        assert_eq!(f.length().unwrap(), 1 << 20);
+        f.truncate(2 << 20).unwrap();
+        assert_eq!(f.length().unwrap(), 2 << 20);
+        let st = f.block_status(1 << 20, 1 << 20).unwrap();
+        assert!(matches!(
+            st.kind,
+            StatusKind::Zero | StatusKind::Data { .. }
+        ));
+    }
+
+    #[test]
+    fn missing_file_is_worded_like_qemu() {
+        let e = FileDriver::open(&FileOptions {
+            filename: "/nonexistent/x".into(),
+            read_only: true,
+            direct: false,
+        })
+        .err()
+        .unwrap();
+        assert_eq!(
+            e.to_string(),
+            "Could not open '/nonexistent/x': No such file or directory"
+        );
+    }
+
+    #[test]
+    fn direct_io_bounces_unaligned_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d");
+        std::fs::write(&p, vec![7u8; 64 << 10]).unwrap();
+        let f = match FileDriver::open(&FileOptions {
+            filename: p.to_string_lossy().into(),
+            read_only: false,
+            direct: true,
+        }) {
+            Ok(f) => f,
+            // tmpfs has no O_DIRECT.
+            Err(BlockError::Io { errno, .. }) if errno == libc::EINVAL => return,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(f.alignment() >= 512);
+        let data = [3u8; 700];
+        f.write(100, &[IoSlice::new(&data)], WriteFlags::default())
+            .unwrap();
+        let mut back = [0u8; 1000];
+        f.read(0, &mut [IoSliceMut::new(&mut back)]).unwrap();
+        assert_eq!(&back[..100], &[7u8; 100][..]);
+        assert_eq!(&back[100..800], &[3u8; 700][..]);
+        assert_eq!(&back[800..], &[7u8; 200][..]);
+        f.write_zeroes(1, 10, ZeroFlags::default()).unwrap();
+        f.read(0, &mut [IoSliceMut::new(&mut back)]).unwrap();
+        assert_eq!(back[0], 7);
+        assert_eq!(&back[1..11], &[0u8; 10][..]);
+    }
+}

@@ -1,0 +1,86 @@
+//! The `null-co` and `null-aio` protocol drivers: a device of a given size that stores
+//! nothing, with optional emulated latency and zeroed reads (for benchmarks and tests).
+
+use std::io::{IoSlice, IoSliceMut};
+use std::time::Duration;
+
+use crate::driver::{BlockDriver, DriverStatus, StatusKind, WriteFlags};
+use crate::error::Result;
+use crate::iov::zero_iov;
+
+/// The null driver's state.
+#[derive(Debug, Clone)]
+pub struct NullDriver {
+    /// `null-co` or `null-aio`.
+    pub name: &'static str,
+    /// Size in bytes.
+    pub size: u64,
+    /// Emulated latency per request.
+    pub latency: Duration,
+    /// Reads fill the buffer with zeros (otherwise it is left as it is).
+    pub read_zeroes: bool,
+}
+
+impl NullDriver {
+    fn wait(&self) {
+        if !self.latency.is_zero() {
+            std::thread::sleep(self.latency);
+        }
+    }
+}
+
+impl BlockDriver for NullDriver {
+    fn format_name(&self) -> &'static str {
+        self.name
+    }
+
+    fn is_protocol(&self) -> bool {
+        true
+    }
+
+    fn length(&self) -> Result<u64> {
+        Ok(self.size)
+    }
+
+    fn read(&self, _offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
+        self.wait();
+        if self.read_zeroes {
+            zero_iov(iov);
+        }
+        Ok(())
+    }
+
+    fn write(&self, _offset: u64, _iov: &[IoSlice<'_>], _flags: WriteFlags) -> Result<()> {
+        self.wait();
+        Ok(())
+    }
+
+    fn write_zeroes(&self, _o: u64, _l: u64, _f: crate::driver::ZeroFlags) -> Result<()> {
+        self.wait();
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.wait();
+        Ok(())
+    }
+
+    fn block_status(&self, _offset: u64, len: u64) -> Result<DriverStatus> {
+        Ok(DriverStatus {
+            len,
+            kind: if self.read_zeroes {
+                StatusKind::Zero
+            } else {
+                StatusKind::Data { offset: None }
+            },
+        })
+    }
+
+    fn filename(&self) -> Option<String> {
+        Some(format!("{}://", self.name))
+    }
+
+    fn allocated_size(&self) -> Option<u64> {
+        Some(0)
+    }
+}

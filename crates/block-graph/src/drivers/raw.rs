@@ -1,0 +1,141 @@
+//! The `raw` format driver: the guest sees the child's bytes, optionally a window of them
+//! (`offset`, `size`). Without a window it behaves as a filter.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::driver::{BlockDriver, DriverStatus, StatusKind, WriteFlags, ZeroFlags};
+use crate::error::{BlockError, Result};
+use crate::iov::iov_len;
+use crate::node::Edge;
+use crate::perm::{default_child_perm, ChildRole, Perm};
+
+/// The raw driver's state.
+pub struct RawDriver {
+    file: Arc<Edge>,
+    offset: u64,
+    size: Option<AtomicU64>,
+}
+
+impl RawDriver {
+    /// Opens a raw view of `file`: from `offset`, `size` bytes (default: to the end).
+    pub fn new(file: Arc<Edge>, offset: u64, size: Option<u64>) -> Result<Self> {
+        let real = file.length();
+        if offset > real {
+            return Err(BlockError::generic(format!(
+                "Offset ({offset}) cannot be greater than size of the containing file ({real})"
+            )));
+        }
+        if let Some(s) = size {
+            if real - offset < s {
+                return Err(BlockError::generic(format!(
+                    "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to \
+                     the  actual size of the containing file ({real})"
+                )));
+            }
+            if s % 512 != 0 {
+                return Err(BlockError::generic("Specified size is not multiple of 512"));
+            }
+        }
+        Ok(RawDriver {
+            file,
+            offset,
+            size: size.map(AtomicU64::new),
+        })
+    }
+
+    /// The child role raw takes on its file for these options.
+    pub fn file_role(offset: u64, size: Option<u64>) -> ChildRole {
+        if offset != 0 || size.is_some() {
+            ChildRole::Data
+        } else {
+            ChildRole::Filtered
+        }
+    }
+
+    fn window(&self, offset: u64, len: u64) -> Result<u64> {
+        if let Some(s) = &self.size {
+            let s = s.load(Ordering::Acquire);
+            if offset > s || len > s - offset {
+                return Err(BlockError::errno(libc::ENOSPC));
+            }
+        }
+        Ok(self.offset + offset)
+    }
+}
+
+impl BlockDriver for RawDriver {
+    fn format_name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn is_filter(&self) -> bool {
+        self.offset == 0 && self.size.is_none()
+    }
+
+    fn length(&self) -> Result<u64> {
+        Ok(match &self.size {
+            Some(s) => s.load(Ordering::Acquire),
+            None => self.file.length().saturating_sub(self.offset),
+        })
+    }
+
+    fn read(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let len = crate::iov::iov_len_mut(iov) as u64;
+        let o = self.window(offset, len)?;
+        self.file.read(o, iov)
+    }
+
+    fn write(&self, offset: u64, iov: &[IoSlice<'_>], flags: WriteFlags) -> Result<()> {
+        let o = self.window(offset, iov_len(iov) as u64)?;
+        self.file.write(o, iov, flags)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let o = self.window(offset, len)?;
+        self.file.write_zeroes(o, len, flags)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let o = self.window(offset, len)?;
+        self.file.discard(o, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.file.flush()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<DriverStatus> {
+        Ok(DriverStatus {
+            len,
+            kind: StatusKind::Delegate {
+                child: self.file.clone(),
+                offset: self.offset + offset,
+            },
+        })
+    }
+
+    fn truncate(&self, len: u64) -> Result<()> {
+        if self.size.is_some() {
+            return Err(BlockError::io(
+                libc::ENOTSUP,
+                "Cannot resize fixed-size raw disks",
+            ));
+        }
+        self.file.truncate(self.offset + len)
+    }
+
+    fn child_perm(
+        &self,
+        role: ChildRole,
+        perm: Perm,
+        shared: Perm,
+        writable: bool,
+    ) -> (Perm, Perm) {
+        let (p, s) = default_child_perm(role, perm, shared, writable);
+        // Write and resize are only needed when a parent needs them.
+        let keep = perm | Perm::CONSISTENT_READ;
+        (p & keep, s)
+    }
+}

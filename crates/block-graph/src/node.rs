@@ -1,0 +1,863 @@
+//! Nodes (QEMU's BlockDriverState) and edges (BdrvChild): the generic request layer every
+//! driver sits behind, and the links of the graph.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, Weak};
+
+use qapi_types::event::{BlockWriteThreshold, BlockWriteThresholdData};
+
+use crate::bitmap::DirtyBitmap;
+use crate::driver::{BlockDriver, StatusKind, WriteFlags, ZeroFlags};
+use crate::error::{BlockError, Result};
+use crate::events::EventQueue;
+use crate::gate::RootGate;
+use crate::iov::{iov_len, iov_len_mut, is_zero, slice_iov_mut, zero_iov};
+use crate::perm::{ChildRole, Perm};
+
+/// Largest offset + length of a request (QEMU's `BDRV_MAX_LENGTH`, about 2^63 rounded down).
+pub const MAX_REQUEST_END: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
+pub(crate) fn rlock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn wlock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn mlock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    l.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `detect-zeroes`: what to do with writes of all-zero buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    /// Write them as they are.
+    #[default]
+    Off,
+    /// Turn them into write-zeroes requests.
+    On,
+    /// Turn them into write-zeroes requests that may unmap (with `discard=unmap`).
+    Unmap,
+}
+
+/// The generic options of a node.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Opened read-only.
+    pub read_only: bool,
+    /// `auto-read-only`.
+    pub auto_read_only: bool,
+    /// `cache.direct`: bypass the host page cache.
+    pub cache_direct: bool,
+    /// `cache.no-flush`: ignore flushes.
+    pub cache_no_flush: bool,
+    /// `cache.writeback` (always true since QEMU 2.x; reported in `cache`).
+    pub cache_writeback: bool,
+    /// `discard=unmap`: pass discards down (otherwise they are ignored).
+    pub discard_unmap: bool,
+    /// `detect-zeroes`.
+    pub detect_zeroes: DetectZeroes,
+    /// `force-share`: share every permission with other users.
+    pub force_share: bool,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            read_only: false,
+            auto_read_only: false,
+            cache_direct: false,
+            cache_no_flush: false,
+            cache_writeback: true,
+            discard_unmap: false,
+            detect_zeroes: DetectZeroes::Off,
+            force_share: false,
+        }
+    }
+}
+
+/// A parent that is not a node: a BlockBackend, a job, a temporary user. It owns the gate its
+/// requests pass.
+#[derive(Debug)]
+pub struct RootInfo {
+    pub(crate) gate: RootGate,
+    desc: Mutex<String>,
+    device: Mutex<String>,
+}
+
+impl RootInfo {
+    /// A root described as `desc` in permission errors (`block device 'disk0'`, `an unnamed
+    /// block device`).
+    pub fn new(desc: impl Into<String>) -> Arc<Self> {
+        Arc::new(RootInfo {
+            gate: RootGate::default(),
+            desc: Mutex::new(desc.into()),
+            device: Mutex::new(String::new()),
+        })
+    }
+
+    /// The description used in permission errors.
+    pub fn desc(&self) -> String {
+        mlock(&self.desc).clone()
+    }
+
+    /// Changes the description (a device was attached).
+    pub fn set_desc(&self, d: impl Into<String>) {
+        *mlock(&self.desc) = d.into();
+    }
+
+    /// The device name events report for this root (a BlockBackend's name; empty for
+    /// other roots).
+    pub fn device_name(&self) -> String {
+        mlock(&self.device).clone()
+    }
+
+    /// Sets the device name.
+    pub fn set_device_name(&self, d: impl Into<String>) {
+        *mlock(&self.device) = d.into();
+    }
+
+    /// The gate of this root's requests.
+    pub fn gate(&self) -> &RootGate {
+        &self.gate
+    }
+}
+
+/// Who holds an edge.
+#[derive(Debug, Clone)]
+pub enum Parent {
+    /// A node (through one of its children).
+    Node(Weak<Node>),
+    /// A root user.
+    Root(Arc<RootInfo>),
+}
+
+/// An edge of the graph: a parent's use of a child node, with the permissions it holds.
+///
+/// The node behind an edge can be replaced (snapshots, job completion) while the parent is
+/// drained; the edge itself stays, so a driver keeps its `Arc<Edge>` for its whole life.
+pub struct Edge {
+    name: String,
+    role: ChildRole,
+    parent: OnceLock<Parent>,
+    opening: Option<String>,
+    child: RwLock<Arc<Node>>,
+    perm: AtomicU32,
+    shared: AtomicU32,
+}
+
+impl std::fmt::Debug for Edge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Edge")
+            .field("name", &self.name)
+            .field("child", &self.node().name())
+            .field("perm", &self.perm())
+            .finish()
+    }
+}
+
+impl Edge {
+    /// A new edge to `child`, registered in the child's parent list. Its parent is set
+    /// with [`Edge::set_parent`] once known.
+    pub(crate) fn new(
+        name: &str,
+        role: ChildRole,
+        child: Arc<Node>,
+        perm: Perm,
+        shared: Perm,
+    ) -> Arc<Edge> {
+        Self::new_for(name, role, child, perm, shared, None)
+    }
+
+    /// Like [`Edge::new`] for the child of node `opening`, which is being opened.
+    pub(crate) fn new_for(
+        name: &str,
+        role: ChildRole,
+        child: Arc<Node>,
+        perm: Perm,
+        shared: Perm,
+        opening: Option<String>,
+    ) -> Arc<Edge> {
+        let e = Arc::new(Edge {
+            name: name.to_string(),
+            role,
+            parent: OnceLock::new(),
+            opening,
+            child: RwLock::new(child.clone()),
+            perm: AtomicU32::new(perm.bits()),
+            shared: AtomicU32::new(shared.bits()),
+        });
+        mlock(&child.parents).insert(0, Arc::downgrade(&e));
+        e
+    }
+
+    /// Sets the parent (once).
+    pub(crate) fn set_parent(&self, p: Parent) {
+        let _ = self.parent.set(p);
+    }
+
+    /// The child's name in its parent (`file`, `backing`, `root`, `children.0`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The child's role.
+    pub fn role(&self) -> ChildRole {
+        self.role
+    }
+
+    /// The parent, if set.
+    pub fn parent(&self) -> Option<&Parent> {
+        self.parent.get()
+    }
+
+    /// The node behind the edge.
+    pub fn node(&self) -> Arc<Node> {
+        rlock(&self.child).clone()
+    }
+
+    /// The permissions held.
+    pub fn perm(&self) -> Perm {
+        Perm::from_bits(self.perm.load(Ordering::Relaxed))
+    }
+
+    /// The permissions shared with other users.
+    pub fn shared(&self) -> Perm {
+        Perm::from_bits(self.shared.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_perm(&self, perm: Perm, shared: Perm) {
+        self.perm.store(perm.bits(), Ordering::Relaxed);
+        self.shared.store(shared.bits(), Ordering::Relaxed);
+    }
+
+    /// Points the edge at another node (the caller drained the parent and checks
+    /// permissions).
+    pub(crate) fn replace_child(self: &Arc<Self>, new: Arc<Node>) {
+        let mut c = wlock(&self.child);
+        let me = Arc::as_ptr(self);
+        mlock(&c.parents).retain(|w| w.as_ptr() != me);
+        mlock(&new.parents).insert(0, Arc::downgrade(self));
+        *c = new;
+    }
+
+    /// QEMU's description of the parent for permission errors.
+    pub fn parent_desc(&self) -> String {
+        match self.parent.get() {
+            Some(Parent::Node(w)) => match w.upgrade() {
+                Some(n) => format!("node '{}'", n.name()),
+                None => "a node being deleted".into(),
+            },
+            Some(Parent::Root(r)) => r.desc(),
+            None => match &self.opening {
+                Some(n) => format!("node '{n}'"),
+                None => "a node being opened".into(),
+            },
+        }
+    }
+
+    /// Reads from the child.
+    pub fn read(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
+        rlock(&self.child).read(offset, iov)
+    }
+
+    /// Reads into one buffer.
+    pub fn read_buf(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read(offset, &mut [IoSliceMut::new(buf)])
+    }
+
+    fn check_write(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
+        let p = self.perm();
+        if !p.contains(Perm::WRITE) && !p.contains(Perm::WRITE_UNCHANGED) {
+            return Err(BlockError::io(
+                libc::EPERM,
+                format!(
+                    "'{}' child of {} has no write permission on node '{}'",
+                    self.name,
+                    self.parent_desc(),
+                    node.name()
+                ),
+            ));
+        }
+        if offset.saturating_add(len) > node.length() && !p.contains(Perm::RESIZE) {
+            return Err(BlockError::errno(libc::EIO));
+        }
+        Ok(())
+    }
+
+    /// Writes to the child (needs the write permission; past the end, the resize one).
+    pub fn write(&self, offset: u64, iov: &[IoSlice<'_>], flags: WriteFlags) -> Result<()> {
+        let n = rlock(&self.child);
+        self.check_write(&n, offset, iov_len(iov) as u64)?;
+        n.write(offset, iov, flags)
+    }
+
+    /// Writes one buffer.
+    pub fn write_buf(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        self.write(offset, &[IoSlice::new(buf)], flags)
+    }
+
+    /// Makes a range of the child read as zero.
+    pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let n = rlock(&self.child);
+        self.check_write(&n, offset, len)?;
+        n.write_zeroes(offset, len, flags)
+    }
+
+    /// Discards a range of the child.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let n = rlock(&self.child);
+        if !self.perm().contains(Perm::WRITE) {
+            return Err(BlockError::errno(libc::EPERM));
+        }
+        n.discard(offset, len)
+    }
+
+    /// Flushes the child.
+    pub fn flush(&self) -> Result<()> {
+        rlock(&self.child).flush()
+    }
+
+    /// The child's length.
+    pub fn length(&self) -> u64 {
+        rlock(&self.child).length()
+    }
+
+    /// Resizes the child (needs the resize permission).
+    pub fn truncate(&self, len: u64) -> Result<()> {
+        if !self.perm().contains(Perm::RESIZE) {
+            return Err(BlockError::errno(libc::EPERM));
+        }
+        rlock(&self.child).truncate(len)
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let me = self as *const Edge;
+        let c = rlock(&self.child);
+        mlock(&c.parents).retain(|w| w.as_ptr() != me);
+    }
+}
+
+/// A slot holding an optional child edge that can change while the node lives (the backing
+/// child). Drivers that read through their backing node keep an `Arc` of the slot.
+#[derive(Debug, Default)]
+pub struct ChildSlot(RwLock<Option<Arc<Edge>>>);
+
+impl ChildSlot {
+    /// The current edge.
+    pub fn get(&self) -> Option<Arc<Edge>> {
+        rlock(&self.0).clone()
+    }
+
+    pub(crate) fn set(&self, e: Option<Arc<Edge>>) -> Option<Arc<Edge>> {
+        std::mem::replace(&mut *wlock(&self.0), e)
+    }
+}
+
+/// The allocation status of a range, through filters and the backing chain (what
+/// `qemu-img map` shows and jobs rely on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeStatus {
+    /// Bytes from the queried offset with this status.
+    pub len: u64,
+    /// Whether a layer of the chain (at `depth`) allocates the range.
+    pub allocated: bool,
+    /// Whether the range reads as zero.
+    pub zero: bool,
+    /// Whether the range is backed by data.
+    pub data: bool,
+    /// The layer that answers: 0 the node itself, 1 its backing node, ... For unallocated
+    /// ranges, the last layer examined.
+    pub depth: u32,
+    /// Offset of the data in the answering layer's file, when stored there as is.
+    pub offset: Option<u64>,
+    /// Name of the node that answers.
+    pub node: String,
+}
+
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(c: &'a AtomicUsize) -> Self {
+        c.fetch_add(1, Ordering::SeqCst);
+        InFlight(c)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A node of the graph: a driver instance with its children, parents, options, dirty
+/// bitmaps and write threshold. Requests go through [`Edge`]s; the node's methods are the
+/// generic layer in front of the driver.
+pub struct Node {
+    name: String,
+    driver: Box<dyn BlockDriver>,
+    opts: NodeOptions,
+    implicit: bool,
+    len: AtomicU64,
+    pub(crate) children: RwLock<Vec<Arc<Edge>>>,
+    pub(crate) parents: Mutex<Vec<Weak<Edge>>>,
+    pub(crate) backing: Arc<ChildSlot>,
+    pub(crate) cumulative: Mutex<(Perm, Perm)>,
+    in_flight: AtomicUsize,
+    wr_highest_offset: AtomicU64,
+    write_threshold: AtomicU64,
+    bitmaps: RwLock<Vec<Arc<DirtyBitmap>>>,
+    has_bitmaps: AtomicBool,
+    events: Arc<EventQueue>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("driver", &self.driver.format_name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    pub(crate) fn new(
+        name: String,
+        driver: Box<dyn BlockDriver>,
+        opts: NodeOptions,
+        implicit: bool,
+        children: Vec<Arc<Edge>>,
+        backing: Arc<ChildSlot>,
+        events: Arc<EventQueue>,
+    ) -> Result<Arc<Node>> {
+        let len = driver.length()?;
+        let node = Arc::new(Node {
+            name,
+            driver,
+            opts,
+            implicit,
+            len: AtomicU64::new(len),
+            children: RwLock::new(children),
+            parents: Mutex::new(Vec::new()),
+            backing,
+            cumulative: Mutex::new((Perm::NONE, Perm::ALL)),
+            in_flight: AtomicUsize::new(0),
+            wr_highest_offset: AtomicU64::new(0),
+            write_threshold: AtomicU64::new(0),
+            bitmaps: RwLock::new(Vec::new()),
+            has_bitmaps: AtomicBool::new(false),
+            events,
+            closed: AtomicBool::new(false),
+        });
+        for e in rlock(&node.children).iter() {
+            e.set_parent(Parent::Node(Arc::downgrade(&node)));
+        }
+        Ok(node)
+    }
+
+    /// The node name (given, or generated `#blockNNN`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The driver.
+    pub fn driver(&self) -> &dyn BlockDriver {
+        &*self.driver
+    }
+
+    /// The driver name (`qcow2`, `file`, ...).
+    pub fn driver_name(&self) -> &'static str {
+        self.driver.format_name()
+    }
+
+    /// The generic options.
+    pub fn options(&self) -> &NodeOptions {
+        &self.opts
+    }
+
+    /// Whether the node is read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.opts.read_only
+    }
+
+    /// Whether the node is a filter created implicitly (hidden from `query-block`).
+    pub fn is_implicit(&self) -> bool {
+        self.implicit
+    }
+
+    /// The length in bytes.
+    pub fn length(&self) -> u64 {
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// Requests in flight in this node.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The end of the highest write so far (`wr_highest_offset`).
+    pub fn wr_highest_offset(&self) -> u64 {
+        self.wr_highest_offset.load(Ordering::Relaxed)
+    }
+
+    /// The children, in the order they were attached.
+    pub fn children(&self) -> Vec<Arc<Edge>> {
+        rlock(&self.children).clone()
+    }
+
+    /// The child edge named `name`.
+    pub fn child(&self, name: &str) -> Option<Arc<Edge>> {
+        rlock(&self.children)
+            .iter()
+            .find(|e| e.name() == name)
+            .cloned()
+    }
+
+    /// The primary child: `file` for formats, the filtered child for filters.
+    pub fn primary_child(&self) -> Option<Arc<Edge>> {
+        let c = rlock(&self.children);
+        c.iter()
+            .find(|e| e.name() == "file")
+            .or_else(|| {
+                c.iter()
+                    .find(|e| matches!(e.role(), ChildRole::Filtered | ChildRole::Image))
+            })
+            .cloned()
+    }
+
+    /// The backing edge, if any.
+    pub fn backing(&self) -> Option<Arc<Edge>> {
+        self.backing.get()
+    }
+
+    /// The edges through which parents use this node (newest first).
+    pub fn parents(&self) -> Vec<Arc<Edge>> {
+        mlock(&self.parents)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// What the parents need from the node and what they share, combined.
+    pub fn cumulative_perm(&self) -> (Perm, Perm) {
+        *mlock(&self.cumulative)
+    }
+
+    /// The configured write threshold (0: none).
+    pub fn write_threshold(&self) -> u64 {
+        self.write_threshold.load(Ordering::SeqCst)
+    }
+
+    /// Sets the write threshold (0 disables it).
+    pub fn set_write_threshold(&self, t: u64) {
+        self.write_threshold.store(t, Ordering::SeqCst);
+    }
+
+    fn check_threshold(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        loop {
+            let t = self.write_threshold.load(Ordering::SeqCst);
+            if t == 0 || t >= end {
+                return;
+            }
+            if self
+                .write_threshold
+                .compare_exchange(t, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                self.events
+                    .push(BlockWriteThreshold::message(&BlockWriteThresholdData {
+                        node_name: self.name.clone(),
+                        amount_exceeded: end - t,
+                        write_threshold: t,
+                    }));
+                return;
+            }
+        }
+    }
+
+    /// The node's dirty bitmaps.
+    pub fn bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
+        rlock(&self.bitmaps).clone()
+    }
+
+    /// The bitmap named `name`.
+    pub fn bitmap(&self, name: &str) -> Option<Arc<DirtyBitmap>> {
+        rlock(&self.bitmaps)
+            .iter()
+            .find(|b| b.name() == name)
+            .cloned()
+    }
+
+    /// Adds a bitmap (the name must be free).
+    pub fn add_bitmap(&self, bm: Arc<DirtyBitmap>) -> Result<()> {
+        let mut b = wlock(&self.bitmaps);
+        if b.iter().any(|x| x.name() == bm.name()) {
+            return Err(BlockError::generic(format!(
+                "Bitmap already exists: {}",
+                bm.name()
+            )));
+        }
+        // QEMU lists the newest bitmap first.
+        b.insert(0, bm);
+        self.has_bitmaps.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Removes the bitmap named `name`; returns it.
+    pub fn remove_bitmap(&self, name: &str) -> Option<Arc<DirtyBitmap>> {
+        let mut b = wlock(&self.bitmaps);
+        let i = b.iter().position(|x| x.name() == name)?;
+        let bm = b.remove(i);
+        self.has_bitmaps.store(!b.is_empty(), Ordering::Release);
+        Some(bm)
+    }
+
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        if self.has_bitmaps.load(Ordering::Acquire) {
+            for b in rlock(&self.bitmaps).iter() {
+                b.record_write(offset, len);
+            }
+        }
+    }
+
+    fn check_request(offset: u64, len: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|e| e > MAX_REQUEST_END) {
+            return Err(BlockError::errno(libc::EIO));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn read(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let len = iov_len_mut(iov) as u64;
+        Self::check_request(offset, len)?;
+        let _f = InFlight::new(&self.in_flight);
+        if len == 0 {
+            return Ok(());
+        }
+        let size = self.length();
+        if offset >= size {
+            zero_iov(iov);
+            return Ok(());
+        }
+        if offset + len > size {
+            let avail = (size - offset) as usize;
+            {
+                let mut head = slice_iov_mut(iov, 0, avail);
+                self.driver.read(offset, &mut head)?;
+            }
+            let mut tail = slice_iov_mut(iov, avail, len as usize - avail);
+            zero_iov(&mut tail);
+            return Ok(());
+        }
+        self.driver.read(offset, iov)
+    }
+
+    fn finish_write(&self, offset: u64, len: u64, grew: bool) {
+        let end = offset + len;
+        if grew {
+            self.len.fetch_max(end, Ordering::AcqRel);
+        }
+        self.wr_highest_offset.fetch_max(end, Ordering::Relaxed);
+    }
+
+    pub(crate) fn write(&self, offset: u64, iov: &[IoSlice<'_>], flags: WriteFlags) -> Result<()> {
+        let len = iov_len(iov) as u64;
+        Self::check_request(offset, len)?;
+        if self.opts.read_only {
+            return Err(BlockError::errno(libc::EACCES));
+        }
+        let _f = InFlight::new(&self.in_flight);
+        if len == 0 {
+            return Ok(());
+        }
+        if self.opts.detect_zeroes != DetectZeroes::Off && is_zero(iov) {
+            let may_unmap =
+                self.opts.detect_zeroes == DetectZeroes::Unmap && self.opts.discard_unmap;
+            return self.zeroes_inner(
+                offset,
+                len,
+                ZeroFlags {
+                    may_unmap,
+                    fua: flags.fua,
+                },
+            );
+        }
+        self.check_threshold(offset, len);
+        let r = self.driver.write(offset, iov, flags);
+        self.mark_dirty(offset, len);
+        r?;
+        self.finish_write(offset, len, offset + len > self.length());
+        Ok(())
+    }
+
+    fn zeroes_inner(&self, offset: u64, len: u64, mut flags: ZeroFlags) -> Result<()> {
+        if !self.opts.discard_unmap {
+            flags.may_unmap = false;
+        }
+        self.check_threshold(offset, len);
+        let r = self.driver.write_zeroes(offset, len, flags);
+        self.mark_dirty(offset, len);
+        r?;
+        self.finish_write(offset, len, offset + len > self.length());
+        Ok(())
+    }
+
+    pub(crate) fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        Self::check_request(offset, len)?;
+        if self.opts.read_only {
+            return Err(BlockError::errno(libc::EACCES));
+        }
+        let _f = InFlight::new(&self.in_flight);
+        if len == 0 {
+            return Ok(());
+        }
+        self.zeroes_inner(offset, len, flags)
+    }
+
+    pub(crate) fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        Self::check_request(offset, len)?;
+        if self.opts.read_only {
+            return Err(BlockError::errno(libc::EACCES));
+        }
+        if !self.opts.discard_unmap {
+            return Ok(());
+        }
+        let _f = InFlight::new(&self.in_flight);
+        let size = self.length();
+        if len == 0 || offset >= size {
+            return Ok(());
+        }
+        let len = len.min(size - offset);
+        let r = self.driver.discard(offset, len);
+        self.mark_dirty(offset, len);
+        r
+    }
+
+    pub(crate) fn flush(&self) -> Result<()> {
+        let _f = InFlight::new(&self.in_flight);
+        if self.opts.read_only || (self.opts.cache_no_flush && self.driver.is_protocol()) {
+            return Ok(());
+        }
+        self.driver.flush()
+    }
+
+    /// Changes the node's length (`block_resize`); the caller holds a root with the resize
+    /// permission and has drained the node.
+    pub(crate) fn truncate(&self, len: u64) -> Result<()> {
+        if self.opts.read_only {
+            return Err(BlockError::generic("Image is read-only"));
+        }
+        let _f = InFlight::new(&self.in_flight);
+        self.driver.truncate(len)?;
+        let new = self.driver.length()?;
+        self.len.store(new, Ordering::Release);
+        for b in rlock(&self.bitmaps).iter() {
+            b.resize(new);
+        }
+        Ok(())
+    }
+
+    /// Allocation status of a prefix of `[offset, offset + len)` through filters and the
+    /// backing chain, down to (not including) `base` when given.
+    pub fn block_status_above(
+        self: &Arc<Self>,
+        base: Option<&Arc<Node>>,
+        offset: u64,
+        len: u64,
+    ) -> Result<RangeStatus> {
+        let size = self.length();
+        if offset >= size || len == 0 {
+            return Err(BlockError::errno(libc::EINVAL));
+        }
+        let mut len = len.min(size - offset);
+        let mut cur = self.clone();
+        let mut off = offset;
+        let mut depth = 0u32;
+        loop {
+            let _f = InFlight::new(&cur.in_flight);
+            let st = cur.driver.block_status(off, len)?;
+            if st.len == 0 {
+                return Err(BlockError::errno(libc::EIO));
+            }
+            len = len.min(st.len);
+            let answer = |allocated, zero, data, offset, depth, node: &Node| RangeStatus {
+                len,
+                allocated,
+                zero,
+                data,
+                depth,
+                offset,
+                node: node.name.clone(),
+            };
+            match st.kind {
+                StatusKind::Data { offset } => {
+                    return Ok(answer(true, false, true, offset, depth, &cur))
+                }
+                StatusKind::Zero => return Ok(answer(true, true, false, None, depth, &cur)),
+                StatusKind::Delegate { child, offset } => {
+                    let next = child.node();
+                    let clen = next.length();
+                    if offset >= clen {
+                        return Ok(answer(true, true, false, None, depth, &cur));
+                    }
+                    len = len.min(clen - offset);
+                    drop(_f);
+                    cur = next;
+                    off = offset;
+                }
+                StatusKind::Unallocated => {
+                    let Some(b) = cur.backing() else {
+                        return Ok(answer(false, true, false, None, depth, &cur));
+                    };
+                    let next = b.node();
+                    if base.is_some_and(|base| Arc::ptr_eq(base, &next)) {
+                        return Ok(answer(false, false, false, None, depth, &cur));
+                    }
+                    let blen = next.length();
+                    if off >= blen {
+                        return Ok(answer(false, true, false, None, depth + 1, &next));
+                    }
+                    len = len.min(blen - off);
+                    drop(_f);
+                    cur = next;
+                    depth += 1;
+                }
+            }
+        }
+    }
+
+    /// Stores persistent bitmaps and closes the driver (once).
+    pub(crate) fn close(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if !self.opts.read_only {
+            for b in rlock(&self.bitmaps).iter() {
+                if b.is_persistent() && !b.is_inconsistent() {
+                    if let Err(e) = self.driver.store_bitmap(&b.to_stored()) {
+                        log::error!(
+                            "node '{}': storing bitmap '{}' failed: {e}",
+                            self.name,
+                            b.name()
+                        );
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.driver.close() {
+            log::error!("node '{}': close failed: {e}", self.name);
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

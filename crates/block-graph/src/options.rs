@@ -1,0 +1,211 @@
+//! The generic options of `BlockdevOptions` (read-only, cache, discard, detect-zeroes, ...)
+//! and how children inherit them from their parents, as QEMU's `bdrv_inherited_options` and
+//! `bdrv_backing_options` do.
+
+use qapi_types::{
+    BlockdevAioOptions, BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevOptions,
+};
+
+use crate::error::{BlockError, Result};
+use crate::node::{DetectZeroes, NodeOptions};
+use crate::perm::ChildRole;
+
+/// Defaults a node takes from its parent when its own options leave them unset.
+#[derive(Debug, Clone, Default)]
+pub struct Inherit {
+    /// The node is the top of a `blockdev-add` (where `id`, `werror`, ... are allowed).
+    pub top_level: bool,
+    /// Default for `read-only`.
+    pub read_only: Option<bool>,
+    /// Default for `auto-read-only`.
+    pub auto_read_only: Option<bool>,
+    /// Default for `cache.direct`.
+    pub cache_direct: Option<bool>,
+    /// Default for `cache.no-flush`.
+    pub cache_no_flush: Option<bool>,
+    /// Default for `discard` (`Some(true)`: unmap).
+    pub discard_unmap: Option<bool>,
+}
+
+impl Inherit {
+    /// The defaults of a `blockdev-add` top level.
+    pub fn top() -> Self {
+        Inherit {
+            top_level: true,
+            ..Default::default()
+        }
+    }
+
+    /// What a child in `role` inherits from a parent opened with `parent`.
+    pub fn for_child(parent: &NodeOptions, role: ChildRole) -> Self {
+        match role {
+            // Backing files are opened read-only by default.
+            ChildRole::Cow => Inherit {
+                top_level: false,
+                read_only: Some(true),
+                auto_read_only: Some(false),
+                cache_direct: Some(parent.cache_direct),
+                cache_no_flush: Some(parent.cache_no_flush),
+                discard_unmap: None,
+            },
+            // Drivers send flushes and respect the unmap policy themselves, so lower layers
+            // default to passing discards on.
+            _ => Inherit {
+                top_level: false,
+                read_only: Some(parent.read_only),
+                auto_read_only: Some(parent.auto_read_only),
+                cache_direct: Some(parent.cache_direct),
+                cache_no_flush: Some(parent.cache_no_flush),
+                discard_unmap: Some(true),
+            },
+        }
+    }
+}
+
+/// The generic options of a node, checked as QEMU checks them.
+pub fn node_options(o: &BlockdevOptions, inh: &Inherit) -> Result<NodeOptions> {
+    let read_only = o.read_only.or(inh.read_only).unwrap_or(false);
+    let auto_read_only = o.auto_read_only.or(inh.auto_read_only).unwrap_or(false);
+    let cache = o.cache.clone().unwrap_or_default();
+    let cache_direct = cache.direct.or(inh.cache_direct).unwrap_or(false);
+    let cache_no_flush = cache.no_flush.or(inh.cache_no_flush).unwrap_or(false);
+    let cache_writeback = cache.writeback.unwrap_or(true);
+    let discard_unmap = match &o.discard {
+        Some(BlockdevDiscardOptions::Unmap) => true,
+        Some(BlockdevDiscardOptions::Ignore) => false,
+        Some(BlockdevDiscardOptions::Unrecognized(s)) => {
+            return Err(BlockError::generic(format!("Invalid discard option '{s}'")))
+        }
+        None => inh.discard_unmap.unwrap_or(false),
+    };
+    let detect_zeroes = match &o.detect_zeroes {
+        None | Some(BlockdevDetectZeroesOptions::Off) => DetectZeroes::Off,
+        Some(BlockdevDetectZeroesOptions::On) => DetectZeroes::On,
+        Some(BlockdevDetectZeroesOptions::Unmap) => {
+            if !discard_unmap {
+                return Err(BlockError::generic(
+                    "setting detect-zeroes to unmap is not allowed without setting discard \
+                     operation to unmap",
+                ));
+            }
+            DetectZeroes::Unmap
+        }
+        Some(BlockdevDetectZeroesOptions::Unrecognized(s)) => {
+            return Err(BlockError::generic(format!(
+                "Parameter 'detect-zeroes' does not accept value '{s}'"
+            )))
+        }
+    };
+    let force_share = o.force_share.unwrap_or(false);
+    if force_share && !read_only {
+        return Err(BlockError::generic(
+            "force-share=on can only be used with read-only images",
+        ));
+    }
+    match &o.aio {
+        None | Some(BlockdevAioOptions::Threads) => {}
+        Some(BlockdevAioOptions::Native) => {
+            if !cache_direct {
+                return Err(BlockError::generic(
+                    "aio=native was specified, but it requires cache.direct=on, which was not \
+                     specified.",
+                ));
+            }
+        }
+        Some(other) => {
+            return Err(BlockError::generic(format!(
+                "aio={} is not supported by this block layer (requests run on the calling \
+                 thread; use aio=threads)",
+                other.as_str()
+            )))
+        }
+    }
+    let backend_only = o.werror.is_some()
+        || o.rerror.is_some()
+        || o.stats_account_invalid.is_some()
+        || o.stats_account_failed.is_some()
+        || o.stats_intervals.is_some();
+    if backend_only && (!inh.top_level || o.id.is_none()) {
+        return Err(BlockError::generic(
+            "werror, rerror and the stats-* options need a BlockBackend: they are only \
+             allowed with 'id' at the top level",
+        ));
+    }
+    Ok(NodeOptions {
+        read_only,
+        auto_read_only,
+        cache_direct,
+        cache_no_flush,
+        cache_writeback,
+        discard_unmap,
+        detect_zeroes,
+        force_share,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qapi_types::QapiType;
+    use serde_json::json;
+
+    fn opts(v: serde_json::Value) -> BlockdevOptions {
+        BlockdevOptions::from_qmp_strict(v).unwrap()
+    }
+
+    #[test]
+    fn children_inherit_cache_and_read_only() {
+        let p = node_options(
+            &opts(json!({"driver": "null-co", "read-only": true, "cache": {"direct": true}})),
+            &Inherit::top(),
+        )
+        .unwrap();
+        assert!(p.read_only && p.cache_direct && !p.discard_unmap);
+        let c = node_options(
+            &opts(json!({"driver": "null-co"})),
+            &Inherit::for_child(&p, ChildRole::Image),
+        )
+        .unwrap();
+        assert!(c.read_only && c.cache_direct && c.discard_unmap);
+        let b = node_options(
+            &opts(json!({"driver": "null-co", "read-only": false})),
+            &Inherit::for_child(&p, ChildRole::Cow),
+        )
+        .unwrap();
+        assert!(!b.read_only);
+    }
+
+    #[test]
+    fn invalid_combinations_are_refused() {
+        let e = node_options(
+            &opts(json!({"driver": "null-co", "detect-zeroes": "unmap"})),
+            &Inherit::top(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("setting detect-zeroes to unmap"));
+        let e = node_options(
+            &opts(json!({"driver": "null-co", "force-share": true})),
+            &Inherit::top(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "force-share=on can only be used with read-only images"
+        );
+        assert!(node_options(
+            &opts(json!({"driver": "null-co", "aio": "native"})),
+            &Inherit::top()
+        )
+        .is_err());
+        assert!(node_options(
+            &opts(json!({"driver": "null-co", "werror": "stop"})),
+            &Inherit::top()
+        )
+        .is_err());
+        assert!(node_options(
+            &opts(json!({"driver": "null-co", "id": "d", "werror": "stop"})),
+            &Inherit::top()
+        )
+        .is_ok());
+    }
+}
