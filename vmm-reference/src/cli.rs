@@ -48,6 +48,14 @@ pub struct Cli {
     #[arg(long = "serial", value_name = "SPEC", default_value = "none")]
     pub serial: SerialSpec,
 
+    /// The VM's UUID (reported by query-uuid).
+    #[arg(long = "uuid", value_name = "UUID", value_parser = parse_uuid)]
+    pub uuid: Option<String>,
+
+    /// Write the process id to FILE (removed at exit).
+    #[arg(long = "pidfile", value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+
     /// A name for the VM (reported by query-name).
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
@@ -85,6 +93,23 @@ impl FromStr for SerialSpec {
                 }
             }
         }
+    }
+}
+
+/// A UUID in its canonical 8-4-4-4-12 hex form, as QEMU's -uuid takes it.
+fn parse_uuid(s: &str) -> Result<String, String> {
+    let groups: Vec<&str> = s.split('-').collect();
+    let lens: Vec<usize> = groups.iter().map(|g| g.len()).collect();
+    if lens == [8, 4, 4, 4, 12]
+        && groups
+            .iter()
+            .all(|g| g.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "'{s}' is not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"
+        ))
     }
 }
 

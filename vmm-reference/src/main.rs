@@ -3,6 +3,8 @@
 //! With `--no-guest` it serves the monitors alone, like qemu-storage-daemon.
 
 mod cli;
+mod fds;
+mod hmp;
 mod machine;
 mod monitor;
 mod vm;
@@ -94,6 +96,15 @@ fn run(cli: Cli) -> Result<(), String> {
         qapi_types::RunState::Running
     };
     let mut vmm = Vmm::new(cli.name.clone(), run_state, chardevs);
+    if let Some(uuid) = &cli.uuid {
+        vmm.uuid = uuid.clone();
+    }
+    let _pidfile = match &cli.pidfile {
+        Some(path) => Some(PidFile::create(path)?),
+        None => None,
+    };
+    let resolver = vmm.fds.resolver();
+    vmm.chardevs.set_fd_resolver(resolver);
     if !cli.no_guest {
         let waker = Arc::new(
             mio::Waker::new(poll.registry(), MACHINE_TOKEN)
@@ -201,4 +212,35 @@ fn machine_requests(vmm: &mut Vmm) -> bool {
         }
     }
     false
+}
+
+/// The text of an OS error without Rust's " (os error N)" suffix, as QEMU words it.
+pub(crate) fn os_error(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_owned(),
+        None => s,
+    }
+}
+
+/// `--pidfile`: holds the process id while the VMM runs, removed on exit.
+struct PidFile(std::path::PathBuf);
+
+impl PidFile {
+    fn create(path: &std::path::Path) -> Result<PidFile, String> {
+        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|e| {
+            format!(
+                "cannot write the pid file {}: {}",
+                path.display(),
+                os_error(&e)
+            )
+        })?;
+        Ok(PidFile(path.to_path_buf()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }

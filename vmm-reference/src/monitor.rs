@@ -35,7 +35,11 @@ impl Handler for Call<'_> {
         request: &Request,
     ) -> Result<Value, QmpError> {
         log::debug!("QMP request {} {:?}", request.command, request.arguments);
+        // Descriptors that came with the request are there for getfd/add-fd;
+        // whatever the command does not take is closed after it.
+        self.vmm.fds.incoming = call.take_fds();
         let result = self.dispatcher.dispatch(self.vmm, request);
+        self.vmm.fds.incoming.clear();
         if self.vmm.quit {
             call.request_shutdown();
         }

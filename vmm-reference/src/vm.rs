@@ -7,10 +7,11 @@ use std::sync::atomic::Ordering;
 use chardev_ringbuf::ChardevRegistry;
 use qapi_types::{
     cmd, event, CpuInfo, CpuInfoBranch, CpuInfoFast, CpuInfoX86, Dispatcher, EventInfo, KvmInfo,
-    NameInfo, RunState, StatusInfo, SysEmuTarget, VersionInfo, VersionTriple,
+    NameInfo, RunState, StatusInfo, SysEmuTarget, UuidInfo, VersionInfo, VersionTriple,
 };
 use qmp_proto::{EventMessage, QmpError};
 
+use crate::fds::FdStore;
 use crate::machine::Machine;
 
 /// The QEMU version whose QMP interface this VMM follows; clients see it in
@@ -31,6 +32,10 @@ pub struct Vmm {
     pub chardevs: ChardevRegistry,
     /// The guest, unless `--no-guest`.
     pub machine: Option<Machine>,
+    /// File descriptors passed by clients (getfd, add-fd).
+    pub fds: FdStore,
+    /// The VM's UUID (`--uuid`), reported by query-uuid.
+    pub uuid: String,
 }
 
 impl Vmm {
@@ -43,6 +48,8 @@ impl Vmm {
             quit: false,
             chardevs,
             machine: None,
+            fds: FdStore::default(),
+            uuid: "00000000-0000-0000-0000-000000000000".to_owned(),
         }
     }
 
@@ -117,6 +124,15 @@ pub fn register(d: &mut Dispatcher<Vmm>, with_guest: bool) {
             })
             .collect())
     });
+    d.register::<cmd::QueryUuid>(|vmm, _| {
+        Ok(UuidInfo {
+            uuid: vmm.uuid.clone(),
+        })
+    });
+    // No I/O threads are configured (-object iothread is not supported).
+    d.register::<cmd::QueryIothreads>(|_, _| Ok(Vec::new()));
+    d.register::<cmd::HumanMonitorCommand>(|vmm, a| crate::hmp::execute(vmm, &a.command_line));
+    crate::fds::register(d);
     d.register::<cmd::QueryName>(|vmm, _| {
         Ok(NameInfo {
             name: vmm.name.clone(),
@@ -157,6 +173,26 @@ fn register_guest_commands(d: &mut Dispatcher<Vmm>) {
             enabled: true,
             present: true,
         })
+    });
+    d.register::<cmd::InjectNmi>(|vmm, _| {
+        if let Some(m) = &vmm.machine {
+            m.inject_nmi();
+        }
+        Ok(())
+    });
+    d.register::<cmd::Pmemsave>(|vmm, a| {
+        let Some(m) = &vmm.machine else {
+            return Ok(());
+        };
+        let file = std::fs::File::create(&a.filename).map_err(|e| {
+            QmpError::generic(format!(
+                "Could not open '{}': {}",
+                a.filename,
+                crate::os_error(&e)
+            ))
+        })?;
+        m.save_physical(a.val, a.size, file)
+            .map_err(|e| QmpError::generic(e.to_string()))
     });
     d.register::<cmd::QueryCpusFast>(|vmm, _| {
         let Some(m) = &vmm.machine else {

@@ -211,6 +211,42 @@ impl Machine {
         bus::SerialFrontend(self.serial.clone())
     }
 
+    /// Delivers an NMI to every vCPU (`inject-nmi`).
+    pub fn inject_nmi(&self) {
+        self.vcpus.request_nmi();
+    }
+
+    /// Writes `size` bytes of guest physical memory from `addr` (`pmemsave`).
+    pub fn save_physical(
+        &self,
+        addr: i64,
+        size: i64,
+        mut out: impl Write,
+    ) -> Result<(), MachineError> {
+        let end = addr.checked_add(size).filter(|_| addr >= 0 && size >= 0);
+        let limit = self.memory.last_addr().0 + 1;
+        let (start, end) = match end {
+            Some(end) if end as u64 <= limit => (addr as u64, end as u64),
+            _ => {
+                return Err(MachineError::Config(format!(
+                    "Invalid parameter: [{addr}, {addr}+{size}) is outside guest memory (0..{limit:#x})"
+                )))
+            }
+        };
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            self.memory
+                .read_slice(&mut buf[..n], GuestAddress(at))
+                .map_err(|e| MachineError::Memory(e.to_string()))?;
+            out.write_all(&buf[..n])?;
+            at += n as u64;
+        }
+        out.flush()?;
+        Ok(())
+    }
+
     /// Stops and joins the vCPU threads.
     pub fn shutdown(&mut self) {
         self.vcpus.shutdown();

@@ -34,6 +34,8 @@ struct Inner {
     parked: usize,
     /// Bumped by a reset: each vCPU reloads its boot registers when it sees a new value.
     reset_generation: u64,
+    /// Bumped by inject-nmi: each vCPU injects one NMI when it sees a new value.
+    nmi_generation: u64,
 }
 
 /// What each vCPU publishes for `query-cpus` and `query-cpus-fast`.
@@ -92,6 +94,7 @@ impl Vcpus {
                 want: if paused { Want::Pause } else { Want::Run },
                 parked: 0,
                 reset_generation: 0,
+                nmi_generation: 0,
             }),
             cv: Condvar::new(),
         });
@@ -172,6 +175,16 @@ impl Vcpus {
         g.reset_generation += 1;
     }
 
+    /// Delivers an NMI to every vCPU (each injects it before it runs again).
+    pub fn request_nmi(&self) {
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .nmi_generation += 1;
+        self.kick();
+    }
+
     /// Stops and joins every thread.
     pub fn shutdown(&mut self) {
         self.shared
@@ -208,6 +221,7 @@ fn vcpu_loop(
     info.thread_id
         .store(i64::from(unsafe { libc::gettid() }), Ordering::Relaxed);
     let mut generation = u64::MAX;
+    let mut nmis = 0u64;
     loop {
         {
             let mut g = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -224,6 +238,12 @@ fn vcpu_loop(
             }
             if g.want == Want::Exit {
                 return;
+            }
+            if g.nmi_generation != nmis {
+                nmis = g.nmi_generation;
+                if let Err(e) = vcpu.nmi() {
+                    log::warn!("vCPU {index}: NMI: {e}");
+                }
             }
             if g.reset_generation != generation {
                 generation = g.reset_generation;
