@@ -44,6 +44,24 @@ pub struct Cli {
     #[arg(short = 'S')]
     pub start_paused: bool,
 
+    /// Boot this Linux kernel (bzImage or ELF vmlinux) instead of the embedded guest.
+    #[arg(long = "kernel", value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+
+    /// The kernel command line (QEMU's -append).
+    #[arg(
+        long = "cmdline",
+        visible_alias = "append",
+        value_name = "STRING",
+        default_value = "",
+        requires = "kernel"
+    )]
+    pub cmdline: String,
+
+    /// An initial RAM disk for the kernel.
+    #[arg(long = "initrd", value_name = "FILE", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+
     /// Where COM1 goes: none, stdio, file:PATH or chardev:ID (a --chardev).
     #[arg(long = "serial", value_name = "SPEC", default_value = "none")]
     pub serial: SerialSpec,

@@ -22,7 +22,8 @@ use std::sync::Arc;
 
 use crate::cli::{Cli, SerialSpec};
 use crate::machine::bus::InputReady;
-use crate::machine::{Machine, MachineConfig};
+use crate::machine::linux::LinuxBoot;
+use crate::machine::{BootSource, Machine, MachineConfig};
 use crate::monitor::Monitors;
 use crate::vm::Vmm;
 
@@ -188,8 +189,15 @@ fn start_machine(
         vcpus: cli.smp,
         paused: cli.start_paused,
     };
-    let machine = Machine::new(&config, machine::DEFAULT_GUEST, out, input, waker)
-        .map_err(|e| e.to_string())?;
+    let boot = match &cli.kernel {
+        Some(kernel) => BootSource::Linux(LinuxBoot {
+            kernel: kernel.clone(),
+            cmdline: cli.cmdline.clone(),
+            initrd: cli.initrd.clone(),
+        }),
+        None => BootSource::Flat(machine::DEFAULT_GUEST),
+    };
+    let machine = Machine::new(&config, boot, out, input, waker).map_err(|e| e.to_string())?;
     if let Some(id) = serial_chardev {
         chardevs
             .attach(&id, Box::new(machine.serial_frontend()))

@@ -72,8 +72,10 @@ pub fn write_tables(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemoryE
     Ok(())
 }
 
-/// Puts a vCPU in 64-bit mode at `entry`, with the tables of [`write_tables`].
-pub fn setup_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<(), kvm_ioctls::Error> {
+/// Puts a vCPU in 64-bit mode at `entry`, with the tables of
+/// [`write_tables`] and `rsi` pointing at the zero page for Linux (0 for
+/// the embedded guest).
+pub fn setup_vcpu(vcpu: &VcpuFd, entry: u64, rsi: u64) -> Result<(), kvm_ioctls::Error> {
     let mut sregs: kvm_sregs = vcpu.get_sregs()?;
     let code = segment(gdt_entry(0xa09b, 0, 0xfffff), 1);
     let data = segment(gdt_entry(0xc093, 0, 0xfffff), 2);
@@ -101,6 +103,7 @@ pub fn setup_vcpu(vcpu: &VcpuFd, entry: u64) -> Result<(), kvm_ioctls::Error> {
     })?;
     vcpu.set_regs(&kvm_regs {
         rip: entry,
+        rsi,
         rsp: GUEST_STACK,
         rbp: GUEST_STACK,
         rflags: 0x2,

@@ -3,6 +3,7 @@
 
 mod boot;
 pub mod bus;
+pub mod linux;
 mod vcpu;
 
 use std::io::Write;
@@ -26,6 +27,15 @@ pub const DEFAULT_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest
 pub const MIN_MEMORY: u64 = 4 << 20;
 /// Largest guest memory this layout supports (no PCI hole below 4 GiB yet).
 pub const MAX_MEMORY: u64 = 3 << 30;
+
+/// What the vCPUs run.
+#[derive(Debug, Clone)]
+pub enum BootSource {
+    /// A flat 64-bit program loaded at 1 MiB (the embedded default guest).
+    Flat(&'static [u8]),
+    /// A Linux kernel with the 64-bit boot protocol.
+    Linux(linux::LinuxBoot),
+}
 
 /// How to build the machine.
 #[derive(Debug, Clone)]
@@ -66,17 +76,19 @@ pub struct Machine {
     vcpus: Vcpus,
     bus: Arc<IoBus>,
     serial: Arc<Mutex<SerialPort>>,
-    image: &'static [u8],
+    boot: BootSource,
+    /// Entry point and `rsi` of the loaded program, read by the vCPUs at (re)boot.
+    entry: Arc<Mutex<(u64, u64)>>,
 }
 
 impl Machine {
-    /// Creates the VM, loads `image` and starts its vCPUs (paused if asked).
+    /// Creates the VM, loads what `boot_source` names and starts its vCPUs (paused if asked).
     /// `serial_out` receives what the guest writes to COM1; `input` is told
     /// when COM1 can take input again; `waker` wakes the main loop for the
     /// machine's requests (reset, shutdown).
     pub fn new(
         cfg: &MachineConfig,
-        image: &'static [u8],
+        boot_source: BootSource,
         serial_out: Box<dyn Write + Send>,
         input: InputReady,
         waker: Arc<mio::Waker>,
@@ -124,7 +136,7 @@ impl Machine {
             unsafe { vm.set_user_memory_region(desc) }
                 .map_err(|e| MachineError::KvmCall("KVM_SET_USER_MEMORY_REGION", e))?;
         }
-        load_image(&memory, image)?;
+        let entry = Arc::new(Mutex::new(load(&memory, &boot_source)?));
 
         let irq = EventFd::new(libc::EFD_NONBLOCK)?;
         vm.register_irqfd(&irq, COM1_IRQ)
@@ -155,9 +167,11 @@ impl Machine {
                 .map_err(|e| MachineError::KvmCall("KVM_SET_CPUID2", e))?;
             fds.push(vcpu);
         }
-        let boot: Arc<vcpu::BootFn> = Arc::new(|vcpu: &VcpuFd, index: usize| {
+        let boot_entry = entry.clone();
+        let boot: Arc<vcpu::BootFn> = Arc::new(move |vcpu: &VcpuFd, index: usize| {
             if index == 0 {
-                boot::setup_vcpu(vcpu, boot::GUEST_LOAD_ADDR)
+                let (rip, rsi) = *boot_entry.lock().unwrap_or_else(|e| e.into_inner());
+                boot::setup_vcpu(vcpu, rip, rsi)
             } else {
                 // Application processors wait for INIT/SIPI, as on real hardware.
                 vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
@@ -173,7 +187,8 @@ impl Machine {
             vcpus,
             bus,
             serial,
-            image,
+            boot: boot_source,
+            entry,
         })
     }
 
@@ -191,7 +206,7 @@ impl Machine {
     /// paused (the caller resumes them if the VM was running).
     pub fn reset(&self) -> Result<(), MachineError> {
         self.vcpus.pause();
-        load_image(&self.memory, self.image)?;
+        *self.entry.lock().unwrap_or_else(|e| e.into_inner()) = load(&self.memory, &self.boot)?;
         self.vcpus.request_reset();
         Ok(())
     }
@@ -253,9 +268,16 @@ impl Machine {
     }
 }
 
-fn load_image(memory: &GuestMemoryMmap, image: &[u8]) -> Result<(), MachineError> {
+/// Writes the boot tables and the program; returns its entry point and `rsi`.
+fn load(memory: &GuestMemoryMmap, boot: &BootSource) -> Result<(u64, u64), MachineError> {
     boot::write_tables(memory).map_err(|e| MachineError::Memory(e.to_string()))?;
-    memory
-        .write_slice(image, GuestAddress(boot::GUEST_LOAD_ADDR))
-        .map_err(|e| MachineError::Memory(format!("loading the guest: {e}")))
+    match boot {
+        BootSource::Flat(image) => {
+            memory
+                .write_slice(image, GuestAddress(boot::GUEST_LOAD_ADDR))
+                .map_err(|e| MachineError::Memory(format!("loading the guest: {e}")))?;
+            Ok((boot::GUEST_LOAD_ADDR, 0))
+        }
+        BootSource::Linux(linux) => Ok((linux::load(memory, linux)?, linux::ZERO_PAGE)),
+    }
 }
