@@ -20,6 +20,7 @@ use crate::iov::{iov_len, iov_len_mut};
 use crate::node::{mlock, rlock, wlock, Edge, Node, Parent, RangeStatus, RootInfo};
 use crate::perm::{ChildRole, Perm};
 use crate::stats::{AcctType, Stats};
+use crate::throttle::{ThrottleGroup, ThrottleLimits};
 
 /// Options of a BlockBackend.
 #[derive(Debug, Clone)]
@@ -131,6 +132,7 @@ pub struct BlockBackend {
     events: Arc<EventQueue>,
     read_only_hint: AtomicBool,
     resize_cb: Mutex<Option<ResizeCallback>>,
+    throttle: RwLock<Option<Arc<ThrottleGroup>>>,
 }
 
 /// Called with the new length when the medium is resized (`block_resize`): devices tell
@@ -176,6 +178,7 @@ impl BlockBackend {
             events,
             read_only_hint: AtomicBool::new(false),
             resize_cb: Mutex::new(None),
+            throttle: RwLock::new(None),
         })
     }
 
@@ -282,6 +285,27 @@ impl BlockBackend {
         let mut s = mlock(&self.iostatus);
         if s.is_some() {
             *s = Some(BlockDeviceIoStatus::Ok);
+        }
+    }
+
+    /// The throttle limits (with the group name), if throttling is enabled.
+    pub fn throttle_config(&self) -> Option<ThrottleLimits> {
+        rlock(&self.throttle).as_ref().map(|g| g.limits())
+    }
+
+    /// The throttle group, if any.
+    pub fn throttle_group(&self) -> Option<Arc<ThrottleGroup>> {
+        rlock(&self.throttle).clone()
+    }
+
+    pub(crate) fn set_throttle_group(&self, g: Option<Arc<ThrottleGroup>>) {
+        *wlock(&self.throttle) = g;
+    }
+
+    fn throttle(&self, write: bool, bytes: u64) {
+        let g = rlock(&self.throttle).clone();
+        if let Some(g) = g {
+            g.intercept(write, bytes, || self.info.gate.is_quiesced());
         }
     }
 
@@ -412,6 +436,7 @@ impl BlockBackend {
         let _g = self.info.gate.enter();
         let e = self.check(AcctType::Read, offset, len, false)?;
         let c = self.stats.start(AcctType::Read, len);
+        self.throttle(false, len);
         let r = e.read(offset, iov);
         self.stats.done(c, r.is_ok());
         r
@@ -432,6 +457,7 @@ impl BlockBackend {
             flags.fua = true;
         }
         let c = self.stats.start(AcctType::Write, len);
+        self.throttle(true, len);
         let r = e.write(offset, iov, flags);
         self.stats.done(c, r.is_ok());
         r
@@ -447,6 +473,7 @@ impl BlockBackend {
         let _g = self.info.gate.enter();
         let e = self.check(AcctType::Write, offset, len, true)?;
         let c = self.stats.start(AcctType::Write, len);
+        self.throttle(true, len);
         let r = e.write_zeroes(offset, len, flags);
         self.stats.done(c, r.is_ok());
         r

@@ -191,6 +191,12 @@ pub trait BlockDriver: Send + Sync {
         None
     }
 
+    /// The options that change what the node's data is (QEMU's strong runtime options:
+    /// raw's `offset` and `size`, null's `size`, ...), for `json:` file names.
+    fn strong_options(&self) -> Vec<(&'static str, serde_json::Value)> {
+        Vec::new()
+    }
+
     /// Host bytes allocated, for `actual-size` (`None`: ask the primary child).
     fn allocated_size(&self) -> Option<u64> {
         None
@@ -256,6 +262,12 @@ pub trait BlockDriver: Send + Sync {
     /// Removes a persistent bitmap from the image.
     fn remove_bitmap(&self, _name: &str) -> Result<()> {
         Err(BlockError::io(libc::ENOTSUP, "Operation not supported"))
+    }
+
+    /// Prepares for read-only use: writes everything cached so that nothing needs writing
+    /// later (the node was flushed just before). The default does nothing.
+    fn reopen_read_only(&self) -> Result<()> {
+        Ok(())
     }
 
     /// Closes the driver: writes cached state (the graph calls it when the node goes away,

@@ -23,6 +23,8 @@ pub struct BlockGraph {
     pub(crate) monitor_owned: Vec<Arc<Node>>,
     pub(crate) backends: Vec<Arc<BlockBackend>>,
     pub(crate) events: Arc<EventQueue>,
+    pub(crate) throttle_groups: crate::throttle::ThrottleGroups,
+    pub(crate) transaction_ext: Option<Box<dyn crate::transaction::TransactionExtension>>,
     name_counter: u64,
     rng: u64,
 }
@@ -76,6 +78,8 @@ impl BlockGraph {
             monitor_owned: Vec::new(),
             backends: Vec::new(),
             events: Arc::new(EventQueue::default()),
+            throttle_groups: Default::default(),
+            transaction_ext: None,
             name_counter: 0,
             rng: seed | 1,
         }
@@ -514,6 +518,16 @@ impl BlockGraph {
         if self.backend_of(&node).is_some() {
             return Err(BlockError::generic(format!("Node {node_name} is in use")));
         }
+        if let Some(e) = node.parents().iter().find(|e| e.name() == "backing") {
+            let user = match e.parent() {
+                Some(Parent::Node(w)) => w.upgrade().map(|p| self.device_or_node_name(&p)),
+                _ => None,
+            };
+            return Err(BlockError::generic(format!(
+                "Node '{node_name}' is busy: node is used as backing hd of '{}'",
+                user.unwrap_or_default()
+            )));
+        }
         let Some(i) = self
             .monitor_owned
             .iter()
@@ -543,6 +557,14 @@ impl BlockGraph {
             .cloned()
     }
 
+    /// QEMU's `bdrv_get_device_or_node_name`: the backend's name when `n` is a medium.
+    pub fn device_or_node_name(&self, n: &Arc<Node>) -> String {
+        self.backend_of(n)
+            .map(|b| b.name().to_string())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| n.name().to_string())
+    }
+
     /// Whether the monitor owns `node` (it was added with `blockdev-add` without `id`).
     pub fn is_monitor_owned(&self, node: &Arc<Node>) -> bool {
         self.monitor_owned.iter().any(|n| Arc::ptr_eq(n, node))
@@ -560,6 +582,37 @@ impl BlockGraph {
     pub fn disown(&mut self, node: &Arc<Node>) {
         self.monitor_owned.retain(|n| !Arc::ptr_eq(n, node));
         self.prune();
+    }
+
+    /// Makes `node` and the children that inherited its read-write mode read-only (QEMU
+    /// does this to the old image after an external snapshot).
+    pub fn reopen_read_only(&mut self, node: &Arc<Node>) -> Result<()> {
+        let _d = self.drain(std::slice::from_ref(node));
+        let mut todo = vec![node.clone()];
+        let mut done = Vec::new();
+        while let Some(n) = todo.pop() {
+            if n.is_read_only() {
+                continue;
+            }
+            // Children first see no writer once the parent is read-only; children shared
+            // with writable users stay as they are.
+            n.reopen_read_only()?;
+            done.push(n.clone());
+            for c in n.children() {
+                if c.name() == "backing" {
+                    continue;
+                }
+                let cn = c.node();
+                let other_writer = cn
+                    .parents()
+                    .iter()
+                    .any(|e| !Arc::ptr_eq(e, &c) && e.perm().contains(Perm::WRITE));
+                if !other_writer && cn.parents().len() == 1 {
+                    todo.push(cn);
+                }
+            }
+        }
+        self.refresh_perms()
     }
 
     /// Flushes every node (for shutdown).

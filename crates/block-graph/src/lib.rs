@@ -35,10 +35,12 @@
 
 pub mod backend;
 pub mod bitmap;
+pub mod bitmap_ops;
 pub mod driver;
 pub mod drivers;
 pub mod error;
 pub mod events;
+pub mod filename;
 pub mod gate;
 pub mod graph;
 pub mod iov;
@@ -47,7 +49,10 @@ pub mod node;
 pub mod ops;
 pub mod options;
 pub mod perm;
+pub mod qmp;
 pub mod stats;
+pub mod throttle;
+pub mod transaction;
 
 pub use backend::{BackendOptions, BlockBackend, DeviceAttach};
 pub use bitmap::DirtyBitmap;
@@ -56,6 +61,7 @@ pub use error::{BlockError, Result};
 pub use graph::{BlockGraph, DrainGuard};
 pub use node::{Edge, Node, NodeOptions, RangeStatus, RootInfo};
 pub use perm::{ChildRole, Perm};
+pub use qmp::register;
 
 /// The README's example, compiled and run as a doctest.
 #[cfg(doctest)]

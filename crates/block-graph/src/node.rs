@@ -414,6 +414,7 @@ pub struct Node {
     has_bitmaps: AtomicBool,
     events: Arc<EventQueue>,
     closed: AtomicBool,
+    ro: AtomicBool,
 }
 
 impl std::fmt::Debug for Node {
@@ -436,10 +437,14 @@ impl Node {
         events: Arc<EventQueue>,
     ) -> Result<Arc<Node>> {
         let len = driver.length()?;
+        let len = if driver.is_protocol() {
+            len.div_ceil(512) * 512
+        } else {
+            len
+        };
         let node = Arc::new(Node {
             name,
             driver,
-            opts,
             implicit,
             len: AtomicU64::new(len),
             children: RwLock::new(children),
@@ -453,6 +458,8 @@ impl Node {
             has_bitmaps: AtomicBool::new(false),
             events,
             closed: AtomicBool::new(false),
+            ro: AtomicBool::new(opts.read_only),
+            opts,
         });
         for e in rlock(&node.children).iter() {
             e.set_parent(Parent::Node(Arc::downgrade(&node)));
@@ -482,12 +489,18 @@ impl Node {
 
     /// Whether the node is read-only.
     pub fn is_read_only(&self) -> bool {
-        self.opts.read_only
+        self.ro.load(Ordering::Acquire)
     }
 
     /// Whether the node is a filter created implicitly (hidden from `query-block`).
     pub fn is_implicit(&self) -> bool {
         self.implicit
+    }
+
+    /// The exact length as the driver reports it (protocol nodes show it rounded up to 512
+    /// bytes in [`Node::length`], as QEMU does).
+    pub fn exact_length(&self) -> Result<u64> {
+        self.driver.length()
     }
 
     /// The length in bytes.
@@ -661,6 +674,11 @@ impl Node {
     fn finish_write(&self, offset: u64, len: u64, grew: bool) {
         let end = offset + len;
         if grew {
+            let end = if self.driver.is_protocol() {
+                end.div_ceil(512) * 512
+            } else {
+                end
+            };
             self.len.fetch_max(end, Ordering::AcqRel);
         }
         self.wr_highest_offset.fetch_max(end, Ordering::Relaxed);
@@ -669,7 +687,7 @@ impl Node {
     pub(crate) fn write(&self, offset: u64, iov: &[IoSlice<'_>], flags: WriteFlags) -> Result<()> {
         let len = iov_len(iov) as u64;
         Self::check_request(offset, len)?;
-        if self.opts.read_only {
+        if self.is_read_only() {
             return Err(BlockError::errno(libc::EACCES));
         }
         let _f = InFlight::new(&self.in_flight);
@@ -710,7 +728,7 @@ impl Node {
 
     pub(crate) fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         Self::check_request(offset, len)?;
-        if self.opts.read_only {
+        if self.is_read_only() {
             return Err(BlockError::errno(libc::EACCES));
         }
         let _f = InFlight::new(&self.in_flight);
@@ -722,7 +740,7 @@ impl Node {
 
     pub(crate) fn discard(&self, offset: u64, len: u64) -> Result<()> {
         Self::check_request(offset, len)?;
-        if self.opts.read_only {
+        if self.is_read_only() {
             return Err(BlockError::errno(libc::EACCES));
         }
         if !self.opts.discard_unmap {
@@ -741,7 +759,7 @@ impl Node {
 
     pub(crate) fn flush(&self) -> Result<()> {
         let _f = InFlight::new(&self.in_flight);
-        if self.opts.read_only || (self.opts.cache_no_flush && self.driver.is_protocol()) {
+        if self.is_read_only() || (self.opts.cache_no_flush && self.driver.is_protocol()) {
             return Ok(());
         }
         self.driver.flush()
@@ -750,12 +768,17 @@ impl Node {
     /// Changes the node's length (`block_resize`); the caller holds a root with the resize
     /// permission and has drained the node.
     pub(crate) fn truncate(&self, len: u64) -> Result<()> {
-        if self.opts.read_only {
+        if self.is_read_only() {
             return Err(BlockError::generic("Image is read-only"));
         }
         let _f = InFlight::new(&self.in_flight);
         self.driver.truncate(len)?;
         let new = self.driver.length()?;
+        let new = if self.driver.is_protocol() {
+            new.div_ceil(512) * 512
+        } else {
+            new
+        };
         self.len.store(new, Ordering::Release);
         for b in rlock(&self.bitmaps).iter() {
             b.resize(new);
@@ -832,12 +855,30 @@ impl Node {
         }
     }
 
+    /// Makes the node read-only (QEMU's reopen with `read-only=on`): persistent bitmaps
+    /// are stored, the driver writes what it caches, and writes are refused from now on.
+    /// The caller drained the node and refreshes permissions.
+    pub(crate) fn reopen_read_only(&self) -> Result<()> {
+        if self.is_read_only() {
+            return Ok(());
+        }
+        self.driver.flush()?;
+        for b in rlock(&self.bitmaps).iter() {
+            if b.is_persistent() && !b.is_inconsistent() {
+                self.driver.store_bitmap(&b.to_stored())?;
+            }
+        }
+        self.driver.reopen_read_only()?;
+        self.ro.store(true, Ordering::Release);
+        Ok(())
+    }
+
     /// Stores persistent bitmaps and closes the driver (once).
     pub(crate) fn close(&self) {
         if self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
-        if !self.opts.read_only {
+        if !self.is_read_only() {
             for b in rlock(&self.bitmaps).iter() {
                 if b.is_persistent() && !b.is_inconsistent() {
                     if let Err(e) = self.driver.store_bitmap(&b.to_stored()) {

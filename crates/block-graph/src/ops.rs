@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use qapi_types::{BlockdevOptions, NewImageMode, QapiType, SnapshotInfo};
+use qapi_types::{BlockIOThrottle, BlockdevOptions, NewImageMode, QapiType, SnapshotInfo};
 
 use crate::error::{BlockError, Result};
 use crate::graph::BlockGraph;
@@ -69,6 +69,12 @@ impl BlockGraph {
         if size < 0 {
             return Err(BlockError::generic("Parameter 'size' expects a >0 size"));
         }
+        if node.parents().iter().any(|e| e.name() == "backing") {
+            return Err(BlockError::generic(format!(
+                "Device '{}' is in use",
+                device.unwrap_or("(null)")
+            )));
+        }
         let user = self.new_root(&node, Perm::RESIZE, Perm::ALL, "an unnamed block device")?;
         let r = {
             let _d = self.drain(std::slice::from_ref(&node));
@@ -85,10 +91,26 @@ impl BlockGraph {
         Ok(())
     }
 
-    /// `blockdev-snapshot`: installs `node` as the backing node of `overlay` and replaces
-    /// `node` by `overlay` for all of `node`'s users, atomically (drained, permission
-    /// checked, undone on failure).
+    /// `blockdev-snapshot`: installs `node` as the backing node of `overlay`, replaces
+    /// `node` by `overlay` for all of `node`'s users atomically (drained, permission
+    /// checked, undone on failure), then makes `node` read-only.
     pub fn blockdev_snapshot(&mut self, node: &str, overlay: &str) -> Result<SnapshotDone> {
+        let done = self.prepare_snapshot(node, overlay)?;
+        self.reopen_read_only(&done.old)?;
+        Ok(done)
+    }
+
+    /// `blockdev-snapshot-sync`: like [`BlockGraph::prepare_snapshot_sync`], then makes the
+    /// old image read-only.
+    pub fn blockdev_snapshot_sync(&mut self, s: &SnapshotSync) -> Result<SnapshotDone> {
+        let done = self.prepare_snapshot_sync(s)?;
+        self.reopen_read_only(&done.old)?;
+        Ok(done)
+    }
+
+    /// The prepare phase of `blockdev-snapshot` (the old node stays writable; undo with
+    /// [`BlockGraph::undo_snapshot`]).
+    pub fn prepare_snapshot(&mut self, node: &str, overlay: &str) -> Result<SnapshotDone> {
         let old = self.lookup_either(node)?;
         let new = self.lookup_either(overlay)?;
         self.append_overlay(&old, &new)?;
@@ -129,8 +151,8 @@ impl BlockGraph {
         Ok(())
     }
 
-    /// Undoes a snapshot prepared by [`BlockGraph::blockdev_snapshot`] or
-    /// [`BlockGraph::blockdev_snapshot_sync`] (for transactions).
+    /// Undoes a snapshot prepared by [`BlockGraph::prepare_snapshot`] or
+    /// [`BlockGraph::prepare_snapshot_sync`] (for transactions).
     pub fn undo_snapshot(&mut self, s: &SnapshotDone) -> Result<()> {
         let _d = self.drain(&[s.old.clone(), s.overlay.clone()]);
         self.replace_node(&s.overlay, &s.old)?;
@@ -141,9 +163,9 @@ impl BlockGraph {
         Ok(())
     }
 
-    /// `blockdev-snapshot-sync`: creates (or, with mode `existing`, opens) an overlay file
-    /// backed by the device's current image and installs it.
-    pub fn blockdev_snapshot_sync(&mut self, s: &SnapshotSync) -> Result<SnapshotDone> {
+    /// The prepare phase of `blockdev-snapshot-sync`: creates (or, with mode `existing`,
+    /// opens) an overlay file backed by the device's current image and installs it.
+    pub fn prepare_snapshot_sync(&mut self, s: &SnapshotSync) -> Result<SnapshotDone> {
         let old = self.lookup(s.device.as_deref(), s.node_name.as_deref())?;
         let format = s.format.clone().unwrap_or_else(|| "qcow2".into());
         if s.node_name.is_some() && s.snapshot_node_name.is_none() {
@@ -307,6 +329,50 @@ impl BlockGraph {
                     "Could not change backing file to '{backing_file}': {e}"
                 ))
             })
+    }
+}
+
+impl BlockGraph {
+    /// `block_set_io_throttle`: sets (or, with all limits 0, removes) a backend's I/O
+    /// limits; `group` moves it to another throttle group.
+    pub fn set_io_throttle(&mut self, a: &BlockIOThrottle) -> Result<()> {
+        use crate::throttle::{BucketLimit, ThrottleLimits};
+        let be = self.get_blk(a.device.as_deref(), a.id.as_deref())?;
+        if be.root_node().is_none() {
+            return Err(BlockError::generic("Device has no medium"));
+        }
+        let b = |avg: i64, max: Option<i64>, len: Option<i64>| BucketLimit {
+            avg: avg as u64,
+            max: max.unwrap_or(0) as u64,
+            burst_length: len.unwrap_or(1) as u64,
+        };
+        let limits = ThrottleLimits {
+            bps_total: b(a.bps, a.bps_max, a.bps_max_length),
+            bps_read: b(a.bps_rd, a.bps_rd_max, a.bps_rd_max_length),
+            bps_write: b(a.bps_wr, a.bps_wr_max, a.bps_wr_max_length),
+            iops_total: b(a.iops, a.iops_max, a.iops_max_length),
+            iops_read: b(a.iops_rd, a.iops_rd_max, a.iops_rd_max_length),
+            iops_write: b(a.iops_wr, a.iops_wr_max, a.iops_wr_max_length),
+            iops_size: a.iops_size.unwrap_or(0) as u64,
+            group: String::new(),
+        };
+        limits.validate()?;
+        if !limits.enabled() {
+            be.set_throttle_group(None);
+            return Ok(());
+        }
+        let name = match (be.throttle_group(), &a.group) {
+            (_, Some(g)) => g.clone(),
+            (Some(cur), None) => cur.name().to_string(),
+            (None, None) => a
+                .device
+                .clone()
+                .or_else(|| a.id.clone())
+                .unwrap_or_default(),
+        };
+        let g = self.throttle_groups.get_or_create(&name, limits);
+        be.set_throttle_group(Some(g));
+        Ok(())
     }
 }
 

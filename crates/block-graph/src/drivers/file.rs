@@ -476,6 +476,13 @@ impl BlockDriver for FileDriver {
         Some(self.filename.clone())
     }
 
+    fn image_info(&self) -> crate::driver::DriverImageInfo {
+        crate::driver::DriverImageInfo {
+            dirty_flag: Some(false),
+            ..Default::default()
+        }
+    }
+
     fn allocated_size(&self) -> Option<u64> {
         use std::os::unix::fs::MetadataExt;
         self.file.metadata().ok().map(|m| m.blocks() * 512)

@@ -161,11 +161,22 @@ pub(crate) fn open_driver(
                 "null-aio"
             };
             let size = non_negative(n.size, "size")?.unwrap_or(1 << 30);
+            let mut given = Vec::new();
+            if let Some(s) = n.size {
+                given.push(("size", serde_json::json!(s)));
+            }
+            if let Some(l) = n.latency_ns {
+                given.push(("latency-ns", serde_json::json!(l)));
+            }
+            if let Some(z) = n.read_zeroes {
+                given.push(("read-zeroes", serde_json::json!(z)));
+            }
             Ok(Box::new(null::NullDriver {
                 name,
                 size,
                 latency: Duration::from_nanos(n.latency_ns.unwrap_or(0)),
                 read_zeroes: n.read_zeroes.unwrap_or(false),
+                given,
             }))
         }
         BlockdevOptionsBranch::Raw(r) => {
@@ -194,15 +205,9 @@ fn backing_option(o: &BlockdevOptions) -> Option<Option<&BlockdevRefOrNull>> {
     }
 }
 
-/// The host file name a node's data lives in (its own, or its primary child's).
+/// The node's file name as QEMU shows it (see [`crate::filename`]).
 pub fn node_filename(n: &Node) -> String {
-    if let Some(f) = n.driver().filename() {
-        return f;
-    }
-    match n.primary_child() {
-        Some(c) => node_filename(&c.node()),
-        None => String::new(),
-    }
+    crate::filename::node_filename(n)
 }
 
 /// Guesses a format from the first bytes of a file (qcow2 magic, else raw).
@@ -244,7 +249,7 @@ impl BlockGraph {
         name: &str,
         fmt: Option<&str>,
     ) -> Result<Arc<Node>> {
-        let base = node_filename(node);
+        let base = crate::filename::base_filename(node);
         let full = full_backing_filename(&base, name)?;
         let fmt = match fmt {
             Some(f) => f.to_string(),

@@ -19,6 +19,8 @@ pub struct NullDriver {
     pub latency: Duration,
     /// Reads fill the buffer with zeros (otherwise it is left as it is).
     pub read_zeroes: bool,
+    /// The options given explicitly, in QEMU's order, for the `json:` filename.
+    pub given: Vec<(&'static str, serde_json::Value)>,
 }
 
 impl NullDriver {
@@ -77,7 +79,23 @@ impl BlockDriver for NullDriver {
     }
 
     fn filename(&self) -> Option<String> {
-        Some(format!("{}://", self.name))
+        if self.given.is_empty() {
+            return Some(format!("{}://", self.name));
+        }
+        // QEMU's refresh_filename: options that change the data make a json: filename.
+        let mut m = serde_json::Map::new();
+        m.insert("driver".into(), self.name.into());
+        for (k, v) in &self.given {
+            m.insert((*k).into(), v.clone());
+        }
+        Some(format!(
+            "json:{}",
+            crate::filename::qemu_json(&serde_json::Value::Object(m))
+        ))
+    }
+
+    fn strong_options(&self) -> Vec<(&'static str, serde_json::Value)> {
+        self.given.clone()
     }
 
     fn allocated_size(&self) -> Option<u64> {

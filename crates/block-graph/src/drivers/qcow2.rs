@@ -43,7 +43,7 @@ impl Storage for EdgeStorage {
         Ok(self.0.flush()?)
     }
     fn len(&self) -> std::io::Result<u64> {
-        Ok(self.0.length())
+        Ok(self.0.node().exact_length()?)
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
         Ok(self.0.truncate(len)?)
@@ -198,7 +198,7 @@ pub(crate) fn open(
     let writable = !ctx.options().read_only;
     // Read the header first: cache sizes and checks depend on it.
     let storage: Arc<dyn Storage> = Arc::new(EdgeStorage(file.clone()));
-    let flen = file.length();
+    let flen = file.node().exact_length()?;
     let mut probe = [0u8; 24];
     storage.read_at(&mut probe, 0).map_err(BlockError::from)?;
     if flen < 24 || u32::from_be_bytes(probe[0..4].try_into().expect("4")) != ::qcow2::header::MAGIC
@@ -569,6 +569,12 @@ impl BlockDriver for Qcow2Driver {
 
     fn remove_bitmap(&self, name: &str) -> Result<()> {
         self.img.bitmap_remove(name).map_err(BlockError::from)
+    }
+
+    fn reopen_read_only(&self) -> Result<()> {
+        // Writes the metadata, applies deferred frees and clears the dirty bit: the image is
+        // clean and nothing is left to write.
+        self.img.close().map_err(BlockError::from)
     }
 
     fn close(&self) -> Result<()> {

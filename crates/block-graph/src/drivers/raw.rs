@@ -70,10 +70,6 @@ impl BlockDriver for RawDriver {
         "raw"
     }
 
-    fn is_filter(&self) -> bool {
-        self.offset == 0 && self.size.is_none()
-    }
-
     fn length(&self) -> Result<u64> {
         Ok(match &self.size {
             Some(s) => s.load(Ordering::Acquire),
@@ -124,6 +120,24 @@ impl BlockDriver for RawDriver {
             ));
         }
         self.file.truncate(self.offset + len)
+    }
+
+    fn strong_options(&self) -> Vec<(&'static str, serde_json::Value)> {
+        let mut v = Vec::new();
+        if self.offset != 0 {
+            v.push(("offset", serde_json::json!(self.offset)));
+        }
+        if let Some(s) = &self.size {
+            v.push(("size", serde_json::json!(s.load(Ordering::Acquire))));
+        }
+        v
+    }
+
+    fn image_info(&self) -> crate::driver::DriverImageInfo {
+        crate::driver::DriverImageInfo {
+            dirty_flag: Some(false),
+            ..Default::default()
+        }
     }
 
     fn child_perm(

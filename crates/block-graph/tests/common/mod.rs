@@ -109,3 +109,78 @@ pub fn pattern(i: u64, v: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A qemu-storage-daemon 7.2 with a QMP monitor, as the reference for reply shapes.
+pub struct Qsd {
+    child: std::process::Child,
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+    _dir: tempfile::TempDir,
+}
+
+impl Qsd {
+    /// Starts the daemon and negotiates capabilities.
+    pub fn start() -> Qsd {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=m",
+                sock.display()
+            ))
+            .args(["--monitor", "chardev=m"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon runs");
+        let mut tries = 0;
+        let s = loop {
+            match std::os::unix::net::UnixStream::connect(&sock) {
+                Ok(s) => break s,
+                Err(_) if tries < 200 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("cannot connect to qemu-storage-daemon: {e}"),
+            }
+        };
+        let mut q = Qsd {
+            child,
+            reader: std::io::BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+            _dir: dir,
+        };
+        let mut greeting = String::new();
+        q.reader.read_line(&mut greeting).unwrap();
+        q.execute("qmp_capabilities", serde_json::json!({}))
+            .expect("capabilities negotiated");
+        q
+    }
+
+    /// Runs a command; returns its `return` or `error` object.
+    pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, Value> {
+        use std::io::{BufRead, Write};
+        let req = serde_json::json!({"execute": cmd, "arguments": args});
+        writeln!(self.writer, "{req}").unwrap();
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).unwrap();
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if v.get("event").is_some() {
+                continue;
+            }
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            return Err(v["error"].clone());
+        }
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
