@@ -36,6 +36,7 @@
 pub mod backend;
 pub mod bitmap;
 pub mod bitmap_ops;
+pub mod cli;
 pub mod driver;
 pub mod drivers;
 pub mod error;
@@ -56,6 +57,7 @@ pub mod transaction;
 
 pub use backend::{BackendOptions, BlockBackend, DeviceAttach};
 pub use bitmap::DirtyBitmap;
+pub use cli::parse_blockdev_arg;
 pub use driver::{BlockDriver, WriteFlags, ZeroFlags};
 pub use error::{BlockError, Result};
 pub use graph::{BlockGraph, DrainGuard};
