@@ -270,6 +270,30 @@ pub trait BlockDriver: Send + Sync {
         Ok(())
     }
 
+    /// Whether children can be added and removed at run time (`x-blockdev-change`).
+    fn supports_child_change(&self) -> bool {
+        false
+    }
+
+    /// The name the next added child gets (`children.N`), or why none can be added.
+    fn next_child_name(&self) -> Result<String> {
+        Err(BlockError::io(libc::ENOTSUP, "Operation not supported"))
+    }
+
+    /// Takes a new child (already attached by the graph, permissions checked).
+    fn add_child(&self, _e: Arc<Edge>) -> Result<()> {
+        Err(BlockError::io(libc::ENOTSUP, "Operation not supported"))
+    }
+
+    /// Lets go of the child named `name` (the graph detaches it afterwards).
+    fn del_child(&self, _name: &str) -> Result<()> {
+        Err(BlockError::io(libc::ENOTSUP, "Operation not supported"))
+    }
+
+    /// An event a parent raises at this node (QEMU's `bdrv_debug_event`): only `blkdebug`
+    /// reacts to them. The default ignores them.
+    fn debug_event(&self, _ev: &qapi_types::BlkdebugEvent) {}
+
     /// Closes the driver: writes cached state (the graph calls it when the node goes away,
     /// after the node's persistent bitmaps were stored).
     fn close(&self) -> Result<()> {

@@ -39,6 +39,7 @@ pub mod bitmap_ops;
 pub mod cli;
 pub mod driver;
 pub mod drivers;
+pub mod edge;
 pub mod error;
 pub mod events;
 pub mod filename;

@@ -2,16 +2,17 @@
 //! driver sits behind, and the links of the graph.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
 
 use qapi_types::event::{BlockWriteThreshold, BlockWriteThresholdData};
+use qapi_types::BlkdebugEvent;
 
 use crate::bitmap::DirtyBitmap;
 use crate::driver::{BlockDriver, StatusKind, WriteFlags, ZeroFlags};
+pub use crate::edge::{ChildSlot, Edge, Parent, RootInfo};
 use crate::error::{BlockError, Result};
 use crate::events::EventQueue;
-use crate::gate::RootGate;
 use crate::iov::{iov_len, iov_len_mut, is_zero, slice_iov_mut, zero_iov};
 use crate::perm::{ChildRole, Perm};
 
@@ -75,286 +76,6 @@ impl Default for NodeOptions {
             detect_zeroes: DetectZeroes::Off,
             force_share: false,
         }
-    }
-}
-
-/// A parent that is not a node: a BlockBackend, a job, a temporary user. It owns the gate its
-/// requests pass.
-#[derive(Debug)]
-pub struct RootInfo {
-    pub(crate) gate: RootGate,
-    desc: Mutex<String>,
-    device: Mutex<String>,
-}
-
-impl RootInfo {
-    /// A root described as `desc` in permission errors (`block device 'disk0'`, `an unnamed
-    /// block device`).
-    pub fn new(desc: impl Into<String>) -> Arc<Self> {
-        Arc::new(RootInfo {
-            gate: RootGate::default(),
-            desc: Mutex::new(desc.into()),
-            device: Mutex::new(String::new()),
-        })
-    }
-
-    /// The description used in permission errors.
-    pub fn desc(&self) -> String {
-        mlock(&self.desc).clone()
-    }
-
-    /// Changes the description (a device was attached).
-    pub fn set_desc(&self, d: impl Into<String>) {
-        *mlock(&self.desc) = d.into();
-    }
-
-    /// The device name events report for this root (a BlockBackend's name; empty for
-    /// other roots).
-    pub fn device_name(&self) -> String {
-        mlock(&self.device).clone()
-    }
-
-    /// Sets the device name.
-    pub fn set_device_name(&self, d: impl Into<String>) {
-        *mlock(&self.device) = d.into();
-    }
-
-    /// The gate of this root's requests.
-    pub fn gate(&self) -> &RootGate {
-        &self.gate
-    }
-}
-
-/// Who holds an edge.
-#[derive(Debug, Clone)]
-pub enum Parent {
-    /// A node (through one of its children).
-    Node(Weak<Node>),
-    /// A root user.
-    Root(Arc<RootInfo>),
-}
-
-/// An edge of the graph: a parent's use of a child node, with the permissions it holds.
-///
-/// The node behind an edge can be replaced (snapshots, job completion) while the parent is
-/// drained; the edge itself stays, so a driver keeps its `Arc<Edge>` for its whole life.
-pub struct Edge {
-    name: String,
-    role: ChildRole,
-    parent: OnceLock<Parent>,
-    opening: Option<String>,
-    child: RwLock<Arc<Node>>,
-    perm: AtomicU32,
-    shared: AtomicU32,
-}
-
-impl std::fmt::Debug for Edge {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Edge")
-            .field("name", &self.name)
-            .field("child", &self.node().name())
-            .field("perm", &self.perm())
-            .finish()
-    }
-}
-
-impl Edge {
-    /// A new edge to `child`, registered in the child's parent list. Its parent is set
-    /// with [`Edge::set_parent`] once known.
-    pub(crate) fn new(
-        name: &str,
-        role: ChildRole,
-        child: Arc<Node>,
-        perm: Perm,
-        shared: Perm,
-    ) -> Arc<Edge> {
-        Self::new_for(name, role, child, perm, shared, None)
-    }
-
-    /// Like [`Edge::new`] for the child of node `opening`, which is being opened.
-    pub(crate) fn new_for(
-        name: &str,
-        role: ChildRole,
-        child: Arc<Node>,
-        perm: Perm,
-        shared: Perm,
-        opening: Option<String>,
-    ) -> Arc<Edge> {
-        let e = Arc::new(Edge {
-            name: name.to_string(),
-            role,
-            parent: OnceLock::new(),
-            opening,
-            child: RwLock::new(child.clone()),
-            perm: AtomicU32::new(perm.bits()),
-            shared: AtomicU32::new(shared.bits()),
-        });
-        mlock(&child.parents).insert(0, Arc::downgrade(&e));
-        e
-    }
-
-    /// Sets the parent (once).
-    pub(crate) fn set_parent(&self, p: Parent) {
-        let _ = self.parent.set(p);
-    }
-
-    /// The child's name in its parent (`file`, `backing`, `root`, `children.0`).
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The child's role.
-    pub fn role(&self) -> ChildRole {
-        self.role
-    }
-
-    /// The parent, if set.
-    pub fn parent(&self) -> Option<&Parent> {
-        self.parent.get()
-    }
-
-    /// The node behind the edge.
-    pub fn node(&self) -> Arc<Node> {
-        rlock(&self.child).clone()
-    }
-
-    /// The permissions held.
-    pub fn perm(&self) -> Perm {
-        Perm::from_bits(self.perm.load(Ordering::Relaxed))
-    }
-
-    /// The permissions shared with other users.
-    pub fn shared(&self) -> Perm {
-        Perm::from_bits(self.shared.load(Ordering::Relaxed))
-    }
-
-    pub(crate) fn set_perm(&self, perm: Perm, shared: Perm) {
-        self.perm.store(perm.bits(), Ordering::Relaxed);
-        self.shared.store(shared.bits(), Ordering::Relaxed);
-    }
-
-    /// Points the edge at another node (the caller drained the parent and checks
-    /// permissions).
-    pub(crate) fn replace_child(self: &Arc<Self>, new: Arc<Node>) {
-        let mut c = wlock(&self.child);
-        let me = Arc::as_ptr(self);
-        mlock(&c.parents).retain(|w| w.as_ptr() != me);
-        mlock(&new.parents).insert(0, Arc::downgrade(self));
-        *c = new;
-    }
-
-    /// QEMU's description of the parent for permission errors.
-    pub fn parent_desc(&self) -> String {
-        match self.parent.get() {
-            Some(Parent::Node(w)) => match w.upgrade() {
-                Some(n) => format!("node '{}'", n.name()),
-                None => "a node being deleted".into(),
-            },
-            Some(Parent::Root(r)) => r.desc(),
-            None => match &self.opening {
-                Some(n) => format!("node '{n}'"),
-                None => "a node being opened".into(),
-            },
-        }
-    }
-
-    /// Reads from the child.
-    pub fn read(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
-        rlock(&self.child).read(offset, iov)
-    }
-
-    /// Reads into one buffer.
-    pub fn read_buf(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.read(offset, &mut [IoSliceMut::new(buf)])
-    }
-
-    fn check_write(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
-        let p = self.perm();
-        if !p.contains(Perm::WRITE) && !p.contains(Perm::WRITE_UNCHANGED) {
-            return Err(BlockError::io(
-                libc::EPERM,
-                format!(
-                    "'{}' child of {} has no write permission on node '{}'",
-                    self.name,
-                    self.parent_desc(),
-                    node.name()
-                ),
-            ));
-        }
-        if offset.saturating_add(len) > node.length() && !p.contains(Perm::RESIZE) {
-            return Err(BlockError::errno(libc::EIO));
-        }
-        Ok(())
-    }
-
-    /// Writes to the child (needs the write permission; past the end, the resize one).
-    pub fn write(&self, offset: u64, iov: &[IoSlice<'_>], flags: WriteFlags) -> Result<()> {
-        let n = rlock(&self.child);
-        self.check_write(&n, offset, iov_len(iov) as u64)?;
-        n.write(offset, iov, flags)
-    }
-
-    /// Writes one buffer.
-    pub fn write_buf(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
-        self.write(offset, &[IoSlice::new(buf)], flags)
-    }
-
-    /// Makes a range of the child read as zero.
-    pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        let n = rlock(&self.child);
-        self.check_write(&n, offset, len)?;
-        n.write_zeroes(offset, len, flags)
-    }
-
-    /// Discards a range of the child.
-    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let n = rlock(&self.child);
-        if !self.perm().contains(Perm::WRITE) {
-            return Err(BlockError::errno(libc::EPERM));
-        }
-        n.discard(offset, len)
-    }
-
-    /// Flushes the child.
-    pub fn flush(&self) -> Result<()> {
-        rlock(&self.child).flush()
-    }
-
-    /// The child's length.
-    pub fn length(&self) -> u64 {
-        rlock(&self.child).length()
-    }
-
-    /// Resizes the child (needs the resize permission).
-    pub fn truncate(&self, len: u64) -> Result<()> {
-        if !self.perm().contains(Perm::RESIZE) {
-            return Err(BlockError::errno(libc::EPERM));
-        }
-        rlock(&self.child).truncate(len)
-    }
-}
-
-impl Drop for Edge {
-    fn drop(&mut self) {
-        let me = self as *const Edge;
-        let c = rlock(&self.child);
-        mlock(&c.parents).retain(|w| w.as_ptr() != me);
-    }
-}
-
-/// A slot holding an optional child edge that can change while the node lives (the backing
-/// child). Drivers that read through their backing node keep an `Arc` of the slot.
-#[derive(Debug, Default)]
-pub struct ChildSlot(RwLock<Option<Arc<Edge>>>);
-
-impl ChildSlot {
-    /// The current edge.
-    pub fn get(&self) -> Option<Arc<Edge>> {
-        rlock(&self.0).clone()
-    }
-
-    pub(crate) fn set(&self, e: Option<Arc<Edge>>) -> Option<Arc<Edge>> {
-        std::mem::replace(&mut *wlock(&self.0), e)
     }
 }
 
@@ -707,7 +428,9 @@ impl Node {
             );
         }
         self.check_threshold(offset, len);
+        self.driver.debug_event(&BlkdebugEvent::Pwritev);
         let r = self.driver.write(offset, iov, flags);
+        self.driver.debug_event(&BlkdebugEvent::PwritevDone);
         self.mark_dirty(offset, len);
         r?;
         self.finish_write(offset, len, offset + len > self.length());
@@ -719,6 +442,7 @@ impl Node {
             flags.may_unmap = false;
         }
         self.check_threshold(offset, len);
+        self.driver.debug_event(&BlkdebugEvent::PwritevZero);
         let r = self.driver.write_zeroes(offset, len, flags);
         self.mark_dirty(offset, len);
         r?;
@@ -761,6 +485,10 @@ impl Node {
         let _f = InFlight::new(&self.in_flight);
         if self.is_read_only() || (self.opts.cache_no_flush && self.driver.is_protocol()) {
             return Ok(());
+        }
+        if let Some(f) = self.primary_child() {
+            f.debug_event(BlkdebugEvent::FlushToOs);
+            f.debug_event(BlkdebugEvent::FlushToDisk);
         }
         self.driver.flush()
     }

@@ -376,6 +376,90 @@ impl BlockGraph {
     }
 }
 
+impl BlockGraph {
+    /// `x-blockdev-change`: adds `node` as a new child of `parent`, or removes `parent`'s
+    /// child named `child` (quorum).
+    pub fn x_blockdev_change(
+        &mut self,
+        parent: &str,
+        child: Option<&str>,
+        node: Option<&str>,
+    ) -> Result<()> {
+        let p = self.lookup_either(parent)?;
+        match (child, node) {
+            (Some(_), Some(_)) => {
+                return Err(BlockError::generic(
+                    "The parameters child and node are in conflict",
+                ))
+            }
+            (None, None) => {
+                return Err(BlockError::generic(
+                    "Either child or node must be specified",
+                ))
+            }
+            _ => {}
+        }
+        let pname = self.device_or_node_name(&p);
+        if let Some(c) = child {
+            let Some(e) = p.child(c) else {
+                return Err(BlockError::generic(format!(
+                    "Node '{parent}' does not have child '{c}'"
+                )));
+            };
+            if !p.driver().supports_child_change() {
+                return Err(BlockError::generic(format!(
+                    "The node {pname} does not support removing a child"
+                )));
+            }
+            let _d = self.drain(std::slice::from_ref(&p));
+            p.driver().del_child(c)?;
+            crate::node::wlock(&p.children).retain(|x| !Arc::ptr_eq(x, &e));
+            drop(e);
+            self.prune();
+            return self.refresh_perms();
+        }
+        let n = node.expect("checked");
+        let Some(nb) = self.find_node(n) else {
+            return Err(BlockError::generic(format!("Node '{n}' not found")));
+        };
+        if !p.driver().supports_child_change() {
+            return Err(BlockError::generic(format!(
+                "The node {pname} does not support adding a child"
+            )));
+        }
+        if !nb.parents().is_empty() {
+            return Err(BlockError::generic(format!(
+                "The node {} already has a parent",
+                nb.name()
+            )));
+        }
+        let name = p.driver().next_child_name()?;
+        let _d = self.drain(std::slice::from_ref(&p));
+        let e = crate::node::Edge::new(
+            &name,
+            crate::perm::ChildRole::Replica,
+            nb,
+            Perm::NONE,
+            Perm::ALL,
+        );
+        e.set_parent(Parent::Node(Arc::downgrade(&p)));
+        crate::node::wlock(&p.children).push(e.clone());
+        let undo = |g: &mut BlockGraph, e: &Arc<crate::node::Edge>| {
+            crate::node::wlock(&p.children).retain(|x| !Arc::ptr_eq(x, e));
+            let _ = g.refresh_perms();
+        };
+        if let Err(err) = self.refresh_perms() {
+            undo(self, &e);
+            return Err(err);
+        }
+        if let Err(err) = p.driver().add_child(e.clone()) {
+            undo(self, &e);
+            return Err(err);
+        }
+        Ok(())
+    }
+}
+
 /// The node whose format takes internal snapshots: the node itself, or below filters.
 fn snapshot_format_node(n: &Arc<Node>) -> Arc<Node> {
     let mut cur = n.clone();

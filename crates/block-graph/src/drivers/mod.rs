@@ -1,8 +1,10 @@
 //! The drivers and the context they are opened in.
 
+pub mod blkdebug;
 pub mod file;
 pub mod null;
 pub mod qcow2;
+pub mod quorum;
 pub mod raw;
 
 use std::sync::{Arc, OnceLock, Weak};
@@ -187,6 +189,9 @@ pub(crate) fn open_driver(
             Ok(Box::new(raw::RawDriver::new(file, offset, size)?))
         }
         BlockdevOptionsBranch::Qcow2(q) => qcow2::open(ctx, q),
+        BlockdevOptionsBranch::Blkdebug(b) => blkdebug::open(ctx, b),
+        BlockdevOptionsBranch::Quorum(q) => quorum::open(ctx, q),
+        BlockdevOptionsBranch::Blkverify(b) => quorum::open_blkverify(ctx, b),
         BlockdevOptionsBranch::Unrecognized(d) => {
             Err(BlockError::generic(format!("Unknown driver '{d}'")))
         }

@@ -13,9 +13,9 @@ use ::qcow2::{
 };
 use qapi_types::event::{BlockImageCorrupted, BlockImageCorruptedData};
 use qapi_types::{
-    BlockdevOptionsQcow2, ImageInfoSpecific, ImageInfoSpecificBranch, ImageInfoSpecificQCow2,
-    ImageInfoSpecificQCow2Wrapper, Qcow2CompressionType, Qcow2OverlapCheckMode, Qcow2OverlapChecks,
-    SnapshotInfo,
+    BlkdebugEvent, BlockdevOptionsQcow2, ImageInfoSpecific, ImageInfoSpecificBranch,
+    ImageInfoSpecificQCow2, ImageInfoSpecificQCow2Wrapper, Qcow2CompressionType,
+    Qcow2OverlapCheckMode, Qcow2OverlapChecks, SnapshotInfo,
 };
 
 use super::OpenCtx;
@@ -86,6 +86,7 @@ impl BlockRead for BackingRead {
 /// The qcow2 driver's state.
 pub struct Qcow2Driver {
     img: Qcow2,
+    file: Arc<Edge>,
     data: Arc<Edge>,
     backing: Arc<ChildSlot>,
     cluster_size: u64,
@@ -287,6 +288,7 @@ pub(crate) fn open(
     Ok(Box::new(Qcow2Driver {
         cluster_size: img.cluster_size(),
         img,
+        file,
         data,
         backing,
     }))
@@ -312,7 +314,10 @@ impl Qcow2Driver {
 
     fn read_backing(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
         match self.backing.get() {
-            Some(b) => b.read(offset, iov),
+            Some(b) => {
+                self.file.debug_event(BlkdebugEvent::ReadBackingAio);
+                b.read(offset, iov)
+            }
             None => {
                 zero_iov(iov);
                 Ok(())
@@ -375,7 +380,10 @@ impl BlockDriver for Qcow2Driver {
             let n = m.len;
             let mut sub = slice_iov_mut(iov, done as usize, n as usize);
             match m.kind {
-                MappingKind::Data { host_offset } => self.data.read(host_offset, &mut sub)?,
+                MappingKind::Data { host_offset } => {
+                    self.file.debug_event(BlkdebugEvent::ReadAio);
+                    self.data.read(host_offset, &mut sub)?
+                }
                 MappingKind::Zero { .. } => zero_iov(&mut sub),
                 MappingKind::Unallocated => self.read_backing(m.offset, &mut sub)?,
                 MappingKind::Compressed {
@@ -405,6 +413,7 @@ impl BlockDriver for Qcow2Driver {
                 .map_err(BlockError::from)?;
             let n = plan.len;
             let sub = slice_iov(iov, done as usize, n as usize);
+            self.file.debug_event(BlkdebugEvent::WriteAio);
             self.execute(&plan, &sub)?;
             self.img.commit_write(plan).map_err(BlockError::from)?;
             done += n;

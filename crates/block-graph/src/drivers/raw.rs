@@ -5,6 +5,8 @@ use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use qapi_types::BlkdebugEvent;
+
 use crate::driver::{BlockDriver, DriverStatus, StatusKind, WriteFlags, ZeroFlags};
 use crate::error::{BlockError, Result};
 use crate::iov::iov_len;
@@ -80,11 +82,13 @@ impl BlockDriver for RawDriver {
     fn read(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
         let len = crate::iov::iov_len_mut(iov) as u64;
         let o = self.window(offset, len)?;
+        self.file.debug_event(BlkdebugEvent::ReadAio);
         self.file.read(o, iov)
     }
 
     fn write(&self, offset: u64, iov: &[IoSlice<'_>], flags: WriteFlags) -> Result<()> {
         let o = self.window(offset, iov_len(iov) as u64)?;
+        self.file.debug_event(BlkdebugEvent::WriteAio);
         self.file.write(o, iov, flags)
     }
 

@@ -111,6 +111,7 @@ pub const COMMANDS: &[&str] = &[
     "blockdev-change-medium",
     "change",
     "transaction",
+    "x-blockdev-change",
 ];
 
 /// Registers the block commands on `d`; `get` finds the graph in the dispatcher's context.
@@ -257,6 +258,9 @@ pub fn register<C: 'static>(d: &mut Dispatcher<C>, get: fn(&mut C) -> &mut Block
             false,
             BlockdevChangeReadOnlyMode::Retain,
         ))
+    });
+    d.register::<cmd::XBlockdevChange>(move |c, a| {
+        q(get(c).x_blockdev_change(&a.parent, a.child.as_deref(), a.node.as_deref()))
     });
     d.register::<cmd::Transaction>(move |c, a| {
         q(get(c).transaction(&a.actions, a.properties.as_ref()))
