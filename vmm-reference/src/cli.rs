@@ -66,6 +66,11 @@ pub struct Cli {
     #[arg(long = "serial", value_name = "SPEC", default_value = "none")]
     pub serial: SerialSpec,
 
+    /// A block node in QEMU's -blockdev syntax (JSON or key=value with dotted keys),
+    /// e.g. driver=qcow2,node-name=disk0,file.driver=file,file.filename=disk.qcow2.
+    #[arg(long = "blockdev", value_name = "SPEC")]
+    pub blockdev: Vec<String>,
+
     /// The VM's UUID (reported by query-uuid).
     #[arg(long = "uuid", value_name = "UUID", value_parser = parse_uuid)]
     pub uuid: Option<String>,

@@ -106,11 +106,24 @@ fn run(cli: Cli) -> Result<(), String> {
     };
     let resolver = vmm.fds.resolver();
     vmm.chardevs.set_fd_resolver(resolver);
+    // One waker for the loop (mio allows one per poll): the machine's
+    // requests and the block layer's events from I/O threads.
+    let waker = Arc::new(
+        mio::Waker::new(poll.registry(), MACHINE_TOKEN)
+            .map_err(|e| format!("cannot create a waker: {e}"))?,
+    );
+    let block_waker = waker.clone();
+    vmm.block.set_event_notifier(Some(Arc::new(move || {
+        let _ = block_waker.wake();
+    })));
+    for spec in &cli.blockdev {
+        let opts = block_graph::cli::parse_blockdev_arg(spec)
+            .map_err(|e| format!("--blockdev {spec}: {e}"))?;
+        vmm.block
+            .blockdev_add(&opts)
+            .map_err(|e| format!("--blockdev {spec}: {e}"))?;
+    }
     if !cli.no_guest {
-        let waker = Arc::new(
-            mio::Waker::new(poll.registry(), MACHINE_TOKEN)
-                .map_err(|e| format!("cannot create a waker: {e}"))?,
-        );
         vmm.machine = Some(start_machine(&cli, &mut vmm.chardevs, waker)?);
     }
     let mut events = Events::with_capacity(256);
@@ -139,6 +152,7 @@ fn run(cli: Cli) -> Result<(), String> {
             }
         }
         vmm.chardevs.on_timeout(Instant::now());
+        vmm.events.extend(vmm.block.take_events());
         for e in vmm.chardevs.drain_events() {
             log::debug!("chardev {}: {:?}", e.id, e.kind);
         }

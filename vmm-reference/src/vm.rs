@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
+use block_graph::BlockGraph;
 use chardev_ringbuf::ChardevRegistry;
 use qapi_types::{
     cmd, event, CpuInfo, CpuInfoBranch, CpuInfoFast, CpuInfoX86, Dispatcher, EventInfo, KvmInfo,
@@ -32,6 +33,8 @@ pub struct Vmm {
     pub chardevs: ChardevRegistry,
     /// The guest, unless `--no-guest`.
     pub machine: Option<Machine>,
+    /// The block layer: nodes, backends and their QMP commands.
+    pub block: BlockGraph,
     /// File descriptors passed by clients (getfd, add-fd).
     pub fds: FdStore,
     /// The VM's UUID (`--uuid`), reported by query-uuid.
@@ -48,6 +51,7 @@ impl Vmm {
             quit: false,
             chardevs,
             machine: None,
+            block: BlockGraph::new(),
             fds: FdStore::default(),
             uuid: "00000000-0000-0000-0000-000000000000".to_owned(),
         }
@@ -105,6 +109,7 @@ pub fn version_info() -> VersionInfo {
 /// implement; the commands that act on a guest only when there is one.
 pub fn register(d: &mut Dispatcher<Vmm>, with_guest: bool) {
     d.register_char_commands(|vmm| &mut vmm.chardevs);
+    block_graph::register(d, |vmm| &mut vmm.block);
     if with_guest {
         register_guest_commands(d);
     }
