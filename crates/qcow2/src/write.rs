@@ -799,19 +799,36 @@ impl Qcow2 {
     /// or the rest of the disk for the last cluster). Falls back to a normal write when the
     /// data does not compress.
     pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        match self.compress_cluster(buf, offset)? {
+            Some(comp) => self.write_compressed_cluster(&comp, offset),
+            None => self.write_at(buf, offset),
+        }
+    }
+
+    fn check_compressed_target(&self, len: u64, offset: u64) -> Result<()> {
         self.check_writable()?;
         let cs = self.geo.cs();
-        if offset % cs != 0 || buf.len() as u64 > cs {
+        if offset % cs != 0 || len > cs {
             return Err(Error::InvalidArgument(
                 "compressed writes must cover one aligned cluster".into(),
             ));
         }
-        self.check_range(offset, buf.len() as u64)?;
         if self.external_data {
             return Err(Error::NotSupported(
                 "compression is not supported with an external data file".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// The first half of [`Qcow2::write_compressed`], which touches no image state (callers
+    /// compress in parallel and store in order): compresses the cluster `buf` destined for
+    /// the cluster-aligned `offset` with the image's compression type. `None` when it does not
+    /// compress; the caller then writes `buf` with [`Qcow2::write_at`].
+    pub fn compress_cluster(&self, buf: &[u8], offset: u64) -> Result<Option<Vec<u8>>> {
+        self.check_compressed_target(buf.len() as u64, offset)?;
+        self.check_range(offset, buf.len() as u64)?;
+        let cs = self.geo.cs();
         let padded;
         let data: &[u8] = if (buf.len() as u64) < cs {
             let mut v = vec![0u8; cs as usize];
@@ -822,9 +839,19 @@ impl Qcow2 {
             buf
         };
         let ty = lock(&self.header).compression_type;
-        let Some(comp) = crate::compress::compress(ty, data)? else {
-            return self.write_at(buf, offset);
-        };
+        crate::compress::compress(ty, data)
+    }
+
+    /// The second half of [`Qcow2::write_compressed`]: stores `comp`, the output of
+    /// [`Qcow2::compress_cluster`], as the cluster at `offset`.
+    pub fn write_compressed_cluster(&self, comp: &[u8], offset: u64) -> Result<()> {
+        self.check_compressed_target(comp.len() as u64, offset)?;
+        self.check_range(offset, 1)?;
+        if comp.is_empty() || comp.len() as u64 >= self.geo.cs() {
+            return Err(Error::InvalidArgument(
+                "compressed data must be shorter than a cluster".into(),
+            ));
+        }
         let _guard = self.gate.enter();
         let c = offset >> self.geo.cluster_bits;
         self.register(&[c]);
@@ -835,7 +862,7 @@ impl Qcow2 {
             let (old, _) = self.entry_at(&mut t, l2_off, offset)?;
             drop(t);
             let host = lock(&self.refs).alloc_bytes(comp.len() as u64)?;
-            self.file.write_at(&comp, host)?;
+            self.file.write_at(comp, host)?;
             let x = 62 - (self.geo.cluster_bits - 8);
             let sectors = (host + comp.len() as u64 - 1) / 512 - host / 512;
             let entry = OFLAG_COMPRESSED | (sectors << x) | host;

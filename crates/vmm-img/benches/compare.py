@@ -6,16 +6,19 @@ Runs `vmm-img bench` and `qemu-img bench` with identical flags (sequential and s
 /dev/shm and cache=none on a disk directory, fresh and fully allocated images), plus
 `convert` qcow2->raw and raw->qcow2, and prints a Markdown table: median time of several runs,
 the speed ratio (qemu time / our time: above 1 means vmm-img is faster) and the peak RSS of
-each tool (from wait4).
+each tool (from GNU time), and the CPU time (user + system) of each, which the load of a shared
+machine disturbs less than the elapsed time. Runs of the two tools alternate.
 
 qemu-img bench has no random mode: a step that is an odd number of blocks larger than the
 image visits every block in a scattered order, identically for both tools.
 
-Usage: compare.py [--vmm-img PATH] [--runs N] [--quick] [--disk-dir DIR] [--out FILE]
+Usage: compare.py [--vmm-img PATH] [--runs N] [--quick] [--only REGEX] [--disk-dir DIR]
+                  [--out FILE]
 """
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -28,14 +31,24 @@ GIB = 1 << 30
 GNU_TIME = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
 
 
+CONVERT_LABELS = ("convert qcow2->raw (1 GiB, all allocated)",
+                  "convert raw->qcow2 (1 GiB, all allocated)")
+
+
+def summarize(samples):
+    """(median seconds, max peak RSS KiB, median CPU seconds) of (secs, rss, cpu) samples."""
+    return (statistics.median(s[0] for s in samples), max(s[1] for s in samples),
+            statistics.median(s[2] for s in samples))
+
+
 def run(cmd):
-    """Runs cmd, returns (seconds from 'Run completed' or wall time, peak RSS KiB).
+    """Runs cmd, returns (seconds from 'Run completed' or wall time, peak RSS KiB, CPU seconds).
 
     Peak RSS comes from GNU time (%M): wait4 on a child forked from Python would report
     Python's own RSS as a floor.
     """
     rss_file = "/tmp/vmm-img-bench-rss"
-    full = [GNU_TIME, "-f", "%M", "-o", rss_file] + cmd if GNU_TIME else cmd
+    full = [GNU_TIME, "-f", "%M %U %S", "-o", rss_file] + cmd if GNU_TIME else cmd
     start = time.monotonic()
     p = subprocess.run(full, capture_output=True, text=True)
     wall = time.monotonic() - start
@@ -45,11 +58,12 @@ def run(cmd):
     for line in p.stdout.splitlines():
         if line.startswith("Run completed in"):
             secs = float(line.split()[3])
-    rss = 0
+    rss, cpu = 0, 0.0
     if GNU_TIME:
         with open(rss_file) as f:
-            rss = int(f.read().strip().splitlines()[-1])
-    return secs, rss
+            m, u, s = f.read().strip().splitlines()[-1].split()
+            rss, cpu = int(m), float(u) + float(s)
+    return secs, rss, cpu
 
 
 def make_images(d, fmt_template):
@@ -68,22 +82,19 @@ def make_images(d, fmt_template):
 
 def bench_case(tools, img_src, workdir, args, runs, copy_each):
     """Median seconds and max RSS per tool for one configuration."""
-    res = {}
-    for name, exe in tools:
-        times, mems = [], []
-        for _ in range(runs):
+    samples = {name: [] for name, _ in tools}
+    # Runs alternate between the tools, so load changes hit both alike.
+    for _ in range(runs):
+        for name, exe in tools:
             img = os.path.join(workdir, f"run-{name}.img")
             if copy_each or not os.path.exists(img):
                 shutil.copy(img_src, img)
             # Both tools report the time of the request loop ("Run completed in").
-            t, m = run([exe, "bench"] + args + [img])
-            times.append(t)
-            mems.append(m)
-        for f in os.listdir(workdir):
-            if f.startswith("run-"):
-                os.unlink(os.path.join(workdir, f))
-        res[name] = (statistics.median(times), max(mems))
-    return res
+            samples[name].append(run([exe, "bench"] + args + [img]))
+    for f in os.listdir(workdir):
+        if f.startswith("run-"):
+            os.unlink(os.path.join(workdir, f))
+    return {name: summarize(v) for name, v in samples.items()}
 
 
 def main():
@@ -96,7 +107,11 @@ def main():
     ap.add_argument("--shm-dir", default="/dev/shm/vmm-img-bench")
     ap.add_argument("--disk-dir", default="/var/tmp/vmm-img-bench")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default=None,
+                    help="run only the cases whose label matches this regular expression")
     a = ap.parse_args()
+    only = re.compile(a.only) if a.only else None
+    wanted = lambda label: only is None or only.search(label) is not None
     if not os.path.exists(a.vmm_img):
         sys.exit(f"vmm-img not found at {a.vmm_img}: build with cargo build --release -p vmm-img")
     tools = [("vmm-img", a.vmm_img), ("qemu-img", "qemu-img")]
@@ -105,6 +120,12 @@ def main():
 
     locations = [("writeback", a.shm_dir), ("none", a.disk_dir)]
     for cache, d in locations:
+        labels = [f"{k} {p} {s} QD{q} cache={cache}" for k in ("read", "write-fresh", "write-alloc")
+                  for p in ("seq", "rand") for s in ("4k", "64k") for q in (1, 32)]
+        if cache == "writeback":
+            labels += CONVERT_LABELS
+        if not any(wanted(lb) for lb in labels):
+            continue
         fresh, full, raw = make_images(d, None)
         for size in ("4k", "64k"):
             bs = 4096 if size == "4k" else 65536
@@ -120,6 +141,9 @@ def main():
                     for kind in ("read", "write-fresh", "write-alloc"):
                         if a.quick and pattern == "rand" and depth == 1:
                             continue
+                        label = f"{kind} {pattern} {size} QD{depth} cache={cache}"
+                        if not wanted(label):
+                            continue
                         src = fresh if kind == "write-fresh" else full
                         args = ["-c", str(count), "-d", str(depth), "-s", size,
                                 "-S", str(step), "-t", cache]
@@ -132,31 +156,29 @@ def main():
                             rr = bench_case([("vmm-img", a.vmm_img)], raw, d,
                                             ["-f", "raw"] + args, a.runs, copy_each=False)
                             raw_t = rr["vmm-img"][0]
-                        rows.append((f"{kind} {pattern} {size} QD{depth} cache={cache}",
-                                     count, r, raw_t))
+                        rows.append((label, count, r, raw_t))
                         print(fmt_row(rows[-1]), flush=True)
         # convert, page cache only.
         if cache == "writeback":
-            for label, src, ofmt in (("convert qcow2->raw", full, "raw"),
-                                     ("convert raw->qcow2", raw, "qcow2")):
-                res = {}
-                for name, exe in tools:
-                    times, mems = [], []
-                    for _ in range(a.runs):
+            for label, src, ofmt in zip(CONVERT_LABELS, (full, raw), ("raw", "qcow2")):
+                if not wanted(label):
+                    continue
+                samples = {name: [] for name, _ in tools}
+                # Runs alternate between the tools, so load changes hit both alike.
+                for _ in range(a.runs):
+                    for name, exe in tools:
                         dst = os.path.join(d, "conv.out")
                         if os.path.exists(dst):
                             os.unlink(dst)
-                        t, m = run([exe, "convert", "-O", ofmt, src, dst])
-                        times.append(t)
-                        mems.append(m)
-                    res[name] = (statistics.median(times), max(mems))
-                rows.append((f"{label} (1 GiB, all allocated)", 1, res, None))
+                        samples[name].append(run([exe, "convert", "-O", ofmt, src, dst]))
+                res = {name: summarize(v) for name, v in samples.items()}
+                rows.append((label, 1, res, None))
                 print(fmt_row(rows[-1]), flush=True)
         shutil.rmtree(d, ignore_errors=True)
 
     table = ["| case | requests | vmm-img s | qemu-img s | speedup (qemu/ours) | "
-             "ours vs raw file | vmm-img peak RSS | qemu-img peak RSS |",
-             "|---|---|---|---|---|---|---|---|"]
+             "ours vs raw file | vmm-img peak RSS | qemu-img peak RSS | CPU s ours / qemu |",
+             "|---|---|---|---|---|---|---|---|---|"]
     table += [fmt_row(r) for r in rows]
     text = "\n".join(table)
     print()
@@ -168,12 +190,12 @@ def main():
 
 def fmt_row(r):
     label, count, res, raw_t = r
-    ours, om = res["vmm-img"]
-    theirs, qm = res["qemu-img"]
+    ours, om, oc = res["vmm-img"]
+    theirs, qm, qc = res["qemu-img"]
     ratio = theirs / ours if ours > 0 else float("inf")
     vs_raw = f"{ours / raw_t:.2f}x raw time" if raw_t else "-"
     return (f"| {label} | {count} | {ours:.3f} | {theirs:.3f} | {ratio:.2f} | {vs_raw} | "
-            f"{om / 1024:.1f} MiB | {qm / 1024:.1f} MiB |")
+            f"{om / 1024:.1f} MiB | {qm / 1024:.1f} MiB | {oc:.2f} / {qc:.2f} |")
 
 
 if __name__ == "__main__":

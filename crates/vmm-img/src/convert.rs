@@ -1,17 +1,41 @@
-//! convert, compare, rebase and commit: the commands that copy guest data.
+//! `convert`: copies guest data into a new (or existing) image.
+//!
+//! Like qemu-img, `-m N` workers take the source in chunks of at most 2 MiB from a shared
+//! cursor (split where the block status changes), each with one chunk in flight: reads run in
+//! parallel, and without `-W` writes go one at a time in guest order (so a qcow2 target gets
+//! the layout of a sequential copy, and writers do not contend for the target's inode lock).
+//! With `-W` writes run as they come.
+//!
+//! Data that reads as zero is not written to a target that already reads as zero (detected
+//! per target cluster, or per 4 KiB for raw targets, like qemu-img's default `-S 4k`). When the
+//! source data is a plain file in the page cache and the target is a qcow2 image, the data is
+//! copied with `copy_file_range` straight from the source file into the clusters the target
+//! allocates (one copy in the kernel instead of a read and a write through a buffer); zero
+//! detection then reads only the first bytes of each cluster, and all of it only for clusters
+//! that start with zeros.
 
+use std::os::unix::io::RawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
-use qcow2::Preallocation;
+use qcow2::{Preallocation, Storage};
 
 use crate::cmds::{create_qcow2, parse_options};
 use crate::img::{create_raw, Cache, Image};
+use crate::progress::Progress;
 use crate::Error;
 
-/// Bytes one worker handles at a time.
-const CHUNK: u64 = 2 << 20;
+/// Bytes one worker handles at a time (qemu-img's IO_BUF_SIZE).
+pub const CHUNK: u64 = 2 << 20;
+/// Most workers `-m` accepts (qemu-img's MAX_COROUTINES).
+pub const MAX_WORKERS: usize = 16;
+/// Workers without `-m` (qemu-img's default number of coroutines).
+pub const DEFAULT_WORKERS: usize = 8;
+/// Bytes read at the start of a cluster to find out cheaply that it holds data.
+const PROBE: usize = 64;
+/// Smallest target cluster for which probing beats reading the data through a buffer.
+const MIN_OFFLOAD_CLUSTER: u64 = 16 << 10;
 
 /// Arguments of `convert`.
 pub struct ConvertArgs {
@@ -23,11 +47,41 @@ pub struct ConvertArgs {
     pub cache: Option<String>,
     pub src_cache: Option<String>,
     pub backing: Option<String>,
+    pub backing_fmt: Option<String>,
     pub src: String,
     pub dst: String,
+    /// `-p` (and not `-q`).
+    pub progress: bool,
+    /// `-m`: workers, each with one request in flight.
+    pub workers: usize,
+    /// Not `-W`: allocate target clusters in guest order.
+    pub in_order: bool,
 }
 
-fn is_zero(b: &[u8]) -> bool {
+/// Parses `-m` like qemu-img (decimal, or hex/octal with a prefix, 1 to 16).
+pub fn parse_workers(s: &str) -> Result<usize, Error> {
+    let bad = || {
+        Error::msg(format!(
+            "Invalid number of coroutines. Allowed number of coroutines is between 1 and {MAX_WORKERS}"
+        ))
+    };
+    let t = s.trim();
+    let v = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        i64::from_str_radix(h, 16)
+    } else if t.len() > 1 && t.starts_with('0') {
+        i64::from_str_radix(&t[1..], 8)
+    } else {
+        t.parse::<i64>()
+    }
+    .map_err(|_| bad())?;
+    if !(1..=MAX_WORKERS as i64).contains(&v) {
+        return Err(bad());
+    }
+    Ok(v as usize)
+}
+
+/// Whether `b` is all zero.
+pub fn is_zero(b: &[u8]) -> bool {
     let (pre, mid, post) = {
         // SAFETY: reinterpreting initialised bytes as u64 is valid for any bit pattern.
         unsafe { b.align_to::<u64>() }
@@ -35,9 +89,113 @@ fn is_zero(b: &[u8]) -> bool {
     pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
 }
 
+/// Source host offset, source data file, its descriptor and the target's descriptor.
+type Direct<'a> = (u64, &'a Arc<dyn Storage>, RawFd, RawFd);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Data; `host` is its offset in the source's top-layer data file when known.
+    Data { host: Option<u64> },
+    /// Reads as zero.
+    Zero,
+    /// Not allocated in the source's top layer: left to the target's backing file (`-B`).
+    Backing,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    off: u64,
+    len: u64,
+    kind: Kind,
+}
+
+/// Hands out chunks in guest order.
+struct Cursor {
+    pos: Mutex<u64>,
+}
+
+/// Keeps writes in guest order: a worker waits until every chunk before its own is written.
+struct Ticket {
+    enabled: bool,
+    next: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Ticket {
+    /// Waits for the turn of the chunk at `off`; false when the copy was aborted.
+    fn wait(&self, off: u64, abort: &AtomicBool) -> bool {
+        if !self.enabled {
+            return !abort.load(Ordering::Acquire);
+        }
+        let mut n = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        while *n != off {
+            if abort.load(Ordering::Acquire) {
+                return false;
+            }
+            n = self.cv.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+        !abort.load(Ordering::Acquire)
+    }
+
+    /// Passes the turn to the chunk starting at `to`.
+    fn advance(&self, to: u64) {
+        if self.enabled {
+            *self.next.lock().unwrap_or_else(|e| e.into_inner()) = to;
+            self.cv.notify_all();
+        }
+    }
+
+    /// Wakes every waiter after an abort.
+    fn wake(&self) {
+        let _g = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        self.cv.notify_all();
+    }
+}
+
+/// Everything the workers share.
+struct Job<'a> {
+    src: &'a Image,
+    dst: &'a Image,
+    size: u64,
+    /// The source's top-layer data file, when data can be probed and copied from it directly.
+    src_data: Option<(Arc<dyn Storage>, RawFd)>,
+    /// The target's data file descriptor, for copy offload.
+    dst_fd: Option<RawFd>,
+    /// Copy offload still works (cleared on the first "not supported" answer).
+    offload: AtomicBool,
+    /// Zero detection granularity.
+    gran: u64,
+    /// Zeros need not be written (the target is new, reads as zero and has no backing file).
+    skip_zero: bool,
+    target_has_backing: bool,
+    compress: bool,
+    cursor: Cursor,
+    ticket: Ticket,
+    abort: AtomicBool,
+    err: Mutex<Option<Error>>,
+    /// Bytes of data to copy (for progress) and bytes taken so far.
+    total_data: u64,
+    done_data: AtomicU64,
+}
+
 pub fn convert(a: &ConvertArgs) -> Result<i32, Error> {
-    let src_cache = Cache::parse(a.src_cache.as_deref().unwrap_or("writeback"))?;
+    let progress = Progress::new(a.progress);
+    let r = convert_inner(a, &progress);
+    if r.is_ok() {
+        progress.set(100.0);
+    }
+    progress.end();
+    r
+}
+
+fn convert_inner(a: &ConvertArgs, progress: &Progress) -> Result<i32, Error> {
+    let sc = a.src_cache.as_deref().unwrap_or("writeback");
+    let src_cache =
+        Cache::parse(sc).map_err(|_| Error::msg(format!("Invalid source cache option: {sc}")))?;
     let dst_cache = Cache::parse(a.cache.as_deref().unwrap_or("unsafe"))?;
+    if a.no_create && !a.options.is_empty() {
+        return Err(Error::msg("-o has no effect when skipping image creation"));
+    }
     let src = Image::open(Path::new(&a.src), a.fmt.as_deref(), false, src_cache)?;
     let size = src.size();
     let mut o = parse_options(&a.options)?;
@@ -45,6 +203,15 @@ pub fn convert(a: &ConvertArgs) -> Result<i32, Error> {
     if a.backing.is_some() {
         o.qcow2.backing_file = a.backing.clone();
     }
+    if a.backing_fmt.is_some() {
+        o.qcow2.backing_format = a.backing_fmt.clone();
+    }
+    if o.qcow2.backing_file.is_some() && o.qcow2.backing_format.is_none() && !a.no_create {
+        return Err(Error::msg(
+            "Use of backing file requires explicit backing format",
+        ));
+    }
+    let target_has_backing = o.qcow2.backing_file.is_some();
     if !a.no_create {
         match a.out_fmt.as_str() {
             "qcow2" => {
@@ -65,109 +232,76 @@ pub fn convert(a: &ConvertArgs) -> Result<i32, Error> {
         Some(&a.out_fmt),
         true,
         dst_cache,
-        a.backing.is_none(),
+        !target_has_backing,
     )?;
-    let fresh = !a.no_create && o.prealloc == Preallocation::Off;
+    if a.no_create && dst.size() < size {
+        return Err(Error::msg("output file is smaller than input file"));
+    }
+    if a.compress && matches!(dst, Image::Raw(_)) {
+        return Err(Error::msg("Compression not supported for this file format"));
+    }
     let gran: u64 = match &dst {
         Image::Qcow2(q) => q.cluster_size(),
         Image::Raw(_) => 4096,
     };
-    let chunk = if a.compress {
-        gran.max(64 << 10).div_ceil(gran) * gran
-    } else {
-        CHUNK.max(gran)
-    };
-    let next = AtomicU64::new(0);
-    let err: Mutex<Option<Error>> = Mutex::new(None);
-    let backing_copy = a.backing.is_some();
-    let fail = |e: Error| {
-        let mut g = err.lock().unwrap_or_else(|p| p.into_inner());
-        if g.is_none() {
-            *g = Some(e);
-        }
-    };
-    if a.compress {
-        // Compression is CPU-bound: workers take chunks in turn.
-        std::thread::scope(|sc| {
-            for _ in 0..2 {
-                sc.spawn(|| {
-                    let mut buf = vec![0u8; chunk as usize];
-                    loop {
-                        let off = next.fetch_add(chunk, Ordering::Relaxed);
-                        if off >= size || err.lock().map(|e| e.is_some()).unwrap_or(true) {
-                            return;
-                        }
-                        let len = chunk.min(size - off);
-                        if let Err(e) = convert_chunk(
-                            &src,
-                            &dst,
-                            off,
-                            len,
-                            &mut buf,
-                            gran,
-                            fresh,
-                            true,
-                            backing_copy,
-                        ) {
-                            fail(e);
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-    } else {
-        // Copies are memcpy-bound: one thread reads while another writes.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(4);
-        let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        let (src, dst, fail) = (&src, &dst, &fail);
-        std::thread::scope(|sc| {
-            sc.spawn(move || {
-                let mut off = 0u64;
-                while off < size {
-                    let len = chunk.min(size - off);
-                    let r = (|| -> Result<(), Error> {
-                        let mut pos = off;
-                        while pos < off + len {
-                            let st = src.block_status(pos, off + len - pos)?;
-                            let n = st.len.max(1).min(off + len - pos);
-                            let skip = (st.zero && !st.data) || (backing_copy && !st.allocated);
-                            if skip {
-                                if !fresh && !backing_copy {
-                                    dst.write_zeroes(pos, n)?;
-                                }
-                            } else {
-                                let mut b = back_rx.try_recv().unwrap_or_default();
-                                b.resize(n as usize, 0);
-                                src.read_at(&mut b, pos)?;
-                                if tx.send((pos, b)).is_err() {
-                                    return Ok(());
-                                }
-                            }
-                            pos += n;
-                        }
-                        Ok(())
-                    })();
-                    if let Err(e) = r {
-                        fail(e);
-                        return;
-                    }
-                    off += len;
-                }
-                drop(tx);
-            });
-            sc.spawn(move || {
-                for (pos, b) in rx.iter() {
-                    if let Err(e) = write_nonzero(dst, &b, pos, gran, fresh, false) {
-                        fail(e);
-                        return;
-                    }
-                    let _ = back_tx.send(b);
-                }
-            });
-        });
+    // Copy offload needs both data files in the page cache and a qcow2 target with clusters
+    // large enough that probing them is cheaper than reading everything.
+    let page_cache = |st: &Arc<dyn Storage>| st.alignment() == 1 && st.raw_fd().is_some();
+    let src_data = match &src {
+        Image::Qcow2(q) => Some(q.data_storage().clone()),
+        Image::Raw(r) => Some(r.storage().clone()),
     }
-    if let Some(e) = err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    .filter(page_cache)
+    .and_then(|st| st.raw_fd().map(|fd| (st, fd)));
+    let dst_fd = match &dst {
+        Image::Qcow2(q) if !a.compress && gran >= MIN_OFFLOAD_CLUSTER => {
+            Some(q.data_storage().clone())
+                .filter(page_cache)
+                .and_then(|s| s.raw_fd())
+        }
+        _ => None,
+    };
+    let fresh = !a.no_create && o.prealloc == Preallocation::Off;
+    let mut job = Job {
+        src: &src,
+        dst: &dst,
+        size,
+        src_data,
+        dst_fd,
+        offload: AtomicBool::new(true),
+        gran,
+        skip_zero: fresh && !target_has_backing,
+        target_has_backing,
+        compress: a.compress,
+        cursor: Cursor { pos: Mutex::new(0) },
+        ticket: Ticket {
+            enabled: a.in_order,
+            next: Mutex::new(0),
+            cv: Condvar::new(),
+        },
+        abort: AtomicBool::new(false),
+        err: Mutex::new(None),
+        total_data: 0,
+        done_data: AtomicU64::new(0),
+    };
+    if a.progress {
+        // Like qemu-img: progress counts the data to copy, found in a first pass.
+        let mut pos = 0u64;
+        let mut total = 0u64;
+        while let Some(c) = job.chunk_at(pos)? {
+            if matches!(c.kind, Kind::Data { .. }) {
+                total += c.len;
+            }
+            pos = c.off + c.len;
+        }
+        job.total_data = total;
+    }
+    std::thread::scope(|sc| {
+        for _ in 0..a.workers.max(1) {
+            sc.spawn(|| job.worker(progress));
+        }
+    });
+    if let Some(e) = job.err.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
     dst.flush()?;
@@ -177,279 +311,356 @@ pub fn convert(a: &ConvertArgs) -> Result<i32, Error> {
     Ok(0)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn convert_chunk(
-    src: &Image,
-    dst: &Image,
-    off: u64,
-    len: u64,
-    buf: &mut [u8],
-    gran: u64,
-    fresh: bool,
-    compress: bool,
-    keep_unallocated: bool,
-) -> Result<(), Error> {
-    if compress {
-        // Whole clusters: compressing partial ones would store them uncompressed.
-        let st = src.block_status(off, len)?;
-        if st.len >= len && st.zero && !st.data && fresh {
+impl Job<'_> {
+    /// The chunk starting at `pos`: one block status, at most [`CHUNK`] bytes (one cluster
+    /// when compressing, since compressed clusters are written whole).
+    fn chunk_at(&self, pos: u64) -> Result<Option<Chunk>, Error> {
+        if pos >= self.size {
+            return Ok(None);
+        }
+        let want = if self.compress {
+            (pos / self.gran + 1) * self.gran - pos
+        } else {
+            CHUNK
+        }
+        .min(self.size - pos);
+        let st = self.src.block_status(pos, want)?;
+        let n = st.len.clamp(1, want);
+        let top_unallocated = st.depth > 0 || !st.allocated;
+        let (len, kind) = if self.compress && n < want {
+            // Mixed status inside one cluster: copy the whole cluster.
+            (want, Kind::Data { host: None })
+        } else if self.target_has_backing && top_unallocated {
+            (n, Kind::Backing)
+        } else if st.zero && !st.data {
+            (n, Kind::Zero)
+        } else {
+            let host = if st.depth == 0 { st.offset } else { None };
+            (n, Kind::Data { host })
+        };
+        Ok(Some(Chunk {
+            off: pos,
+            len,
+            kind,
+        }))
+    }
+
+    fn next_chunk(&self) -> Result<Option<Chunk>, Error> {
+        let mut pos = self.cursor.pos.lock().unwrap_or_else(|e| e.into_inner());
+        let c = self.chunk_at(*pos)?;
+        if let Some(c) = &c {
+            *pos = c.off + c.len;
+        }
+        Ok(c)
+    }
+
+    fn fail(&self, e: Error) {
+        let mut g = self.err.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(e);
+        }
+        self.abort.store(true, Ordering::Release);
+        self.ticket.wake();
+    }
+
+    fn worker(&self, progress: &Progress) {
+        let mut buf = Vec::new();
+        while !self.abort.load(Ordering::Acquire) {
+            let c = match self.next_chunk() {
+                Ok(Some(c)) => c,
+                Ok(None) => return,
+                Err(e) => return self.fail(e),
+            };
+            if matches!(c.kind, Kind::Data { .. }) && self.total_data > 0 {
+                let done = self.done_data.fetch_add(c.len, Ordering::Relaxed) + c.len;
+                progress.set((100.0 * done as f64 / self.total_data as f64) as f32);
+            }
+            if let Err(e) = self.copy_chunk(&c, &mut buf) {
+                return self.fail(e);
+            }
+        }
+    }
+
+    fn copy_chunk(&self, c: &Chunk, buf: &mut Vec<u8>) -> Result<(), Error> {
+        let host = match c.kind {
+            Kind::Backing => {
+                if self.ticket.wait(c.off, &self.abort) {
+                    self.ticket.advance(c.off + c.len);
+                }
+                return Ok(());
+            }
+            Kind::Zero => {
+                if !self.ticket.wait(c.off, &self.abort) {
+                    return Ok(());
+                }
+                let r = if self.skip_zero {
+                    Ok(())
+                } else {
+                    self.dst.write_zeroes(c.off, c.len)
+                };
+                self.ticket.advance(c.off + c.len);
+                return r;
+            }
+            Kind::Data { host } => host,
+        };
+        if self.compress {
+            return self.copy_compressed(c, buf);
+        }
+        let direct = match (host, &self.src_data, self.dst_fd) {
+            (Some(h), Some((st, fd)), Some(dfd)) if self.offload.load(Ordering::Relaxed) => {
+                Some((h, st, *fd, dfd))
+            }
+            _ => None,
+        };
+        let runs = match direct {
+            Some((h, st, _, _)) => probe_runs(&**st, h, c.off, c.len, self.gran, buf)?,
+            None => {
+                buf.resize(c.len as usize, 0);
+                self.src.read_at(&mut buf[..c.len as usize], c.off)?;
+                zero_runs(&buf[..c.len as usize], c.off, self.gran)
+            }
+        };
+        // Writes go in guest order unless -W, one at a time like qemu-img's: parallel writers
+        // to one file only contend for its inode lock, while reads of later chunks overlap.
+        if !self.ticket.wait(c.off, &self.abort) {
             return Ok(());
         }
-        let b = &mut buf[..len as usize];
-        src.read_at(b, off)?;
-        return write_nonzero(dst, b, off, gran, fresh, compress);
+        let r = self.write_runs(c, &runs, direct, buf);
+        self.ticket.advance(c.off + c.len);
+        r
     }
-    // Skip what reads as zero in the source without reading it.
-    let mut pos = off;
-    while pos < off + len {
-        let st = src.block_status(pos, off + len - pos)?;
-        let n = st.len.max(1).min(off + len - pos);
-        let skip = (st.zero && !st.data) || (keep_unallocated && !st.allocated);
-        if skip {
-            if !fresh && !keep_unallocated {
-                dst.write_zeroes(pos, n)?;
-            }
-        } else {
-            let b = &mut buf[..n as usize];
-            src.read_at(b, pos)?;
-            write_nonzero(dst, b, pos, gran, fresh, compress)?;
-        }
-        pos += n;
-    }
-    Ok(())
-}
 
-fn write_nonzero(
-    dst: &Image,
-    b: &[u8],
-    off: u64,
-    gran: u64,
-    fresh: bool,
-    compress: bool,
-) -> Result<(), Error> {
-    if compress {
-        let Image::Qcow2(q) = dst else {
+    fn write_runs(
+        &self,
+        c: &Chunk,
+        runs: &[(u64, u64, bool)],
+        direct: Option<Direct<'_>>,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), Error> {
+        let Image::Qcow2(q) = self.dst else {
+            for &(s, e, zero) in runs {
+                if !zero {
+                    let b = (s - c.off) as usize..(e - c.off) as usize;
+                    self.dst.write_at(&buf[b], s)?;
+                } else if !self.skip_zero {
+                    self.dst.write_zeroes(s, e - s)?;
+                }
+            }
+            return Ok(());
+        };
+        for &(s, e, zero) in runs {
+            if zero {
+                if !self.skip_zero {
+                    q.write_zeroes(s, e - s, true)?;
+                }
+                continue;
+            }
+            let mut pos = s;
+            while pos < e {
+                let plan = q.prepare_write(pos, e - pos)?;
+                pos += plan.len;
+                match direct {
+                    Some((h, st, sfd, dfd)) if plan.cow.is_empty() => {
+                        let src_off = h + (plan.offset - c.off);
+                        let n = self.copy_offload(sfd, src_off, dfd, plan.host_offset, plan.len)?;
+                        if n < plan.len {
+                            // Not supported here, or the source file ends early (reads as
+                            // zero): the rest goes through a buffer.
+                            let rest = (plan.len - n) as usize;
+                            buf.resize(rest, 0);
+                            st.read_at(&mut buf[..rest], src_off + n)?;
+                            q.data_storage()
+                                .write_at(&buf[..rest], plan.host_offset + n)?;
+                        }
+                    }
+                    Some((h, st, _, _)) => {
+                        // Copy-on-write around the data: go through a buffer.
+                        let n = plan.len as usize;
+                        buf.resize(n, 0);
+                        st.read_at(&mut buf[..n], h + (plan.offset - c.off))?;
+                        q.execute_plan(&plan, &buf[..n])?;
+                    }
+                    None => {
+                        let o = (plan.offset - c.off) as usize;
+                        q.execute_plan(&plan, &buf[o..o + plan.len as usize])?;
+                    }
+                }
+                q.commit_write(plan)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies with `copy_file_range`; returns the bytes copied, less than `len` when the
+    /// rest must go through a buffer.
+    fn copy_offload(
+        &self,
+        sfd: RawFd,
+        src_off: u64,
+        dfd: RawFd,
+        dst_off: u64,
+        len: u64,
+    ) -> Result<u64, Error> {
+        let mut done = 0u64;
+        while done < len {
+            let mut i = (src_off + done) as libc::loff_t;
+            let mut o = (dst_off + done) as libc::loff_t;
+            // SAFETY: both descriptors belong to images open for the whole copy; the offset
+            // pointers are locals that live across the call.
+            let r = unsafe {
+                libc::copy_file_range(sfd, &mut i, dfd, &mut o, (len - done) as usize, 0)
+            };
+            if r > 0 {
+                done += r as u64;
+                continue;
+            }
+            if r == 0 {
+                return Ok(done);
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(
+                    libc::EXDEV
+                    | libc::EINVAL
+                    | libc::EOPNOTSUPP
+                    | libc::ENOSYS
+                    | libc::EBADF
+                    | libc::ETXTBSY
+                    | libc::EPERM,
+                ) => {
+                    log::debug!("copy_file_range not usable, copying through a buffer: {e}");
+                    self.offload.store(false, Ordering::Relaxed);
+                    return Ok(done);
+                }
+                _ => return Err(e.into()),
+            }
+        }
+        Ok(done)
+    }
+
+    fn copy_compressed(&self, c: &Chunk, buf: &mut Vec<u8>) -> Result<(), Error> {
+        let Image::Qcow2(q) = self.dst else {
             return Err(Error::msg("Compression not supported for this file format"));
         };
-        let cs = q.cluster_size();
-        let mut o = 0usize;
-        while o < b.len() {
-            let g = off + o as u64;
-            let end = ((g / cs + 1) * cs).min(off + b.len() as u64);
-            let piece = &b[o..(end - off) as usize];
-            if !is_zero(piece) || !fresh {
-                if g % cs == 0 && (piece.len() as u64 == cs || end == q.size()) {
-                    q.write_compressed(piece, g)?;
-                } else {
-                    q.write_at(piece, g)?;
-                }
-            }
-            o = (end - off) as usize;
+        let n = c.len as usize;
+        buf.resize(n, 0);
+        self.src.read_at(&mut buf[..n], c.off)?;
+        let b = &buf[..n];
+        let zero = is_zero(b);
+        let whole = c.off % self.gran == 0 && (c.len == self.gran || c.off + c.len == q.size());
+        // Compress outside the turn: it needs no image state.
+        let comp = if zero || !whole {
+            None
+        } else {
+            q.compress_cluster(b, c.off)?
+        };
+        if !self.ticket.wait(c.off, &self.abort) {
+            return Ok(());
         }
-        return Ok(());
+        let r = if zero && self.skip_zero {
+            Ok(())
+        } else if zero {
+            q.write_zeroes(c.off, c.len, true)
+        } else if let Some(comp) = comp {
+            q.write_compressed_cluster(&comp, c.off)
+        } else {
+            q.write_at(b, c.off)
+        };
+        self.ticket.advance(c.off + c.len);
+        Ok(r?)
     }
-    // Write runs of granules that are not all zero.
-    let mut o = 0usize;
-    let n = b.len();
-    while o < n {
-        let g = off + o as u64;
-        let gend = (((g / gran) + 1) * gran - off).min(n as u64) as usize;
-        let zero = is_zero(&b[o..gend]);
-        let mut e = gend;
-        while e < n {
-            let ge = (((off + e as u64) / gran + 1) * gran - off).min(n as u64) as usize;
-            if is_zero(&b[e..ge]) != zero {
-                break;
-            }
-            e = ge;
-        }
-        if !zero {
-            dst.write_at(&b[o..e], g)?;
-        } else if !fresh {
-            dst.write_zeroes(g, (e - o) as u64)?;
-        }
-        o = e;
-    }
-    Ok(())
 }
 
-pub fn compare(
-    fmt1: Option<&str>,
-    fmt2: Option<&str>,
-    strict: bool,
-    quiet: bool,
-    a: &str,
-    b: &str,
-) -> Result<i32, Error> {
-    let (ia, ib) = match (
-        Image::open(Path::new(a), fmt1, false, Cache::Writeback),
-        Image::open(Path::new(b), fmt2, false, Cache::Writeback),
-    ) {
-        (Ok(x), Ok(y)) => (x, y),
-        (Err(e), _) | (_, Err(e)) => {
-            eprintln!("vmm-img: {e}");
-            return Ok(2);
-        }
-    };
-    let say = |s: String| {
-        if !quiet {
-            println!("{s}");
-        }
-    };
-    let (sa, sb) = (ia.size(), ib.size());
-    if strict && sa != sb {
-        say("Strict mode: Image size mismatch!".into());
-        return Ok(1);
+/// Runs of `gran`-aligned pieces of `b` (at guest `off`) that are all zero or not:
+/// (start, end, zero).
+fn zero_runs(b: &[u8], off: u64, gran: u64) -> Vec<(u64, u64, bool)> {
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    let end = off + b.len() as u64;
+    let mut g = off;
+    while g < end {
+        let ge = ((g / gran + 1) * gran).min(end);
+        let zero = is_zero(&b[(g - off) as usize..(ge - off) as usize]);
+        push_run(&mut runs, g, ge, zero);
+        g = ge;
     }
-    let common = sa.min(sb);
-    let chunk = 1u64 << 20;
-    let mut ba = vec![0u8; chunk as usize];
-    let mut bb = vec![0u8; chunk as usize];
-    let mut off = 0u64;
-    while off < common {
-        let n = chunk.min(common - off) as usize;
-        let za = ia.block_status(off, n as u64)?;
-        let zb = ib.block_status(off, n as u64)?;
-        if za.zero && !za.data && zb.zero && !zb.data {
-            off += za.len.min(zb.len).max(512);
-            continue;
-        }
-        ia.read_at(&mut ba[..n], off)?;
-        ib.read_at(&mut bb[..n], off)?;
-        if ba[..n] != bb[..n] {
-            let first = ba[..n]
-                .iter()
-                .zip(&bb[..n])
-                .position(|(x, y)| x != y)
-                .unwrap_or(0);
-            say(format!(
-                "Content mismatch at offset {}!",
-                off + (first as u64 / 512 * 512)
-            ));
-            return Ok(1);
-        }
-        off += n as u64;
-    }
-    let (longer, end) = if sa > sb { (&ia, sa) } else { (&ib, sb) };
-    let mut off = common;
-    while off < end {
-        let n = chunk.min(end - off) as usize;
-        longer.read_at(&mut ba[..n], off)?;
-        if let Some(p) = ba[..n].iter().position(|&x| x != 0) {
-            say(format!(
-                "Content mismatch at offset {}!",
-                off + (p as u64 / 512 * 512)
-            ));
-            return Ok(1);
-        }
-        off += n as u64;
-    }
-    say("Images are identical.".into());
-    Ok(0)
+    runs
 }
 
-pub fn rebase(
-    fmt: Option<&str>,
-    backing: &str,
-    backing_fmt: Option<&str>,
-    unsafe_: bool,
-    filename: &str,
-) -> Result<i32, Error> {
-    let path = Path::new(filename);
-    let img = Image::open_opts(path, fmt, true, Cache::Writeback, unsafe_)?;
-    let q = img.qcow2("Rebase")?.clone();
-    let new_name = (!backing.is_empty()).then_some(backing);
-    let new_img: Option<Image> = match new_name {
-        Some(n) if !unsafe_ => {
-            let p = qcow2::backing::resolve_relative(n, Some(path));
-            Some(Image::open(&p, backing_fmt, false, Cache::Writeback)?)
-        }
-        _ => None,
-    };
-    let fmt_name = backing_fmt
-        .map(str::to_string)
-        .or_else(|| new_img.as_ref().map(|i| i.format().to_string()));
-    if !unsafe_ {
-        let size = q.size();
-        let cs = q.cluster_size().max(64 << 10);
-        let mut old = vec![0u8; cs as usize];
-        let mut new = vec![0u8; cs as usize];
-        let mut off = 0u64;
-        while off < size {
-            let n = cs.min(size - off);
-            let st = q.map(off, n)?;
-            let m = st.len;
-            if st.kind == qcow2::MappingKind::Unallocated {
-                let o = &mut old[..m as usize];
-                q.read_at(o, off)?;
-                let nb = &mut new[..m as usize];
-                match &new_img {
-                    Some(ni) => qcow2::backing::read_clamped(&*ni.reader(), nb, off)?,
-                    None => nb.fill(0),
-                }
-                if o != nb {
-                    q.write_at(o, off)?;
-                }
-            }
-            off += m;
-        }
+/// Like [`zero_runs`] for data read from `st` at `host` without reading it all: the first
+/// bytes of a piece that is not zero show it holds data; only pieces starting with zeros are
+/// read whole.
+fn probe_runs(
+    st: &dyn Storage,
+    host: u64,
+    off: u64,
+    len: u64,
+    gran: u64,
+    buf: &mut Vec<u8>,
+) -> Result<Vec<(u64, u64, bool)>, Error> {
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    let end = off + len;
+    let mut probe = [0u8; PROBE];
+    let mut g = off;
+    while g < end {
+        let ge = ((g / gran + 1) * gran).min(end);
+        let n = (ge - g) as usize;
+        let p = n.min(PROBE);
+        st.read_at(&mut probe[..p], host + (g - off))?;
+        let zero = if !is_zero(&probe[..p]) {
+            false
+        } else if n == p {
+            true
+        } else {
+            buf.resize(n, 0);
+            st.read_at(&mut buf[..n], host + (g - off))?;
+            is_zero(&buf[..n])
+        };
+        push_run(&mut runs, g, ge, zero);
+        g = ge;
     }
-    q.set_backing(new_name, fmt_name.as_deref(), new_img.map(|i| i.reader()))?;
-    q.close()?;
-    Ok(0)
+    Ok(runs)
 }
 
-pub fn commit(
-    fmt: Option<&str>,
-    base: Option<&str>,
-    keep: bool,
-    quiet: bool,
-    filename: &str,
-) -> Result<i32, Error> {
-    let path = Path::new(filename);
-    let img = Image::open(path, fmt, true, Cache::Writeback)?;
-    let q = img.qcow2("Commit")?.clone();
-    let h = q.header();
-    let bname = h
-        .backing_file
-        .clone()
-        .ok_or_else(|| Error::msg("Image does not have a backing file"))?;
-    let bpath = qcow2::backing::resolve_relative(&bname, Some(path));
-    if let Some(b) = base {
-        let want = Path::new(b).canonicalize()?;
-        if want != bpath.canonicalize()? {
-            return Err(Error::msg(
-                "only committing into the immediate backing file is supported",
-            ));
-        }
+fn push_run(runs: &mut Vec<(u64, u64, bool)>, s: u64, e: u64, zero: bool) {
+    match runs.last_mut() {
+        Some(last) if last.2 == zero && last.1 == s => last.1 = e,
+        _ => runs.push((s, e, zero)),
     }
-    let target = Image::open(&bpath, h.backing_format.as_deref(), true, Cache::Writeback)?;
-    let size = q.size().min(target.size());
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut off = 0u64;
-    while off < size {
-        let m = q.map(off, CHUNK.min(size - off))?;
-        if m.kind != qcow2::MappingKind::Unallocated {
-            let b = &mut buf[..m.len as usize];
-            q.read_at(b, off)?;
-            if is_zero(b) {
-                target.write_zeroes(off, m.len)?;
-            } else {
-                target.write_at(b, off)?;
-            }
-        }
-        off += m.len;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_and_workers() {
+        let mut b = vec![0u8; 40 << 10];
+        b[5000] = 1;
+        b[(20 << 10) + 3] = 2;
+        // Granules of 4k starting at guest 2048: [2048,4096) zero, [4096,8192) data, ...
+        let r = zero_runs(&b, 2048, 4096);
+        assert_eq!(
+            r,
+            vec![
+                (2048, 4096, true),
+                (4096, 8192, false),
+                (8192, 20480, true),
+                (20480, 24576, false),
+                (24576, 43008, true)
+            ]
+        );
+        // Probing the same bytes through a storage finds the same runs.
+        let st = qcow2::MemStorage::from_vec(b.clone());
+        let mut tmp = Vec::new();
+        assert_eq!(
+            probe_runs(&st, 0, 2048, b.len() as u64, 4096, &mut tmp).unwrap(),
+            r
+        );
+        assert_eq!(parse_workers("8").unwrap(), 8);
+        assert_eq!(parse_workers("0x10").unwrap(), 16);
+        assert!(parse_workers("0").is_err());
+        assert!(parse_workers("17").is_err());
+        assert!(parse_workers("x").is_err());
     }
-    target.flush()?;
-    if let Image::Qcow2(t) = &target {
-        t.close()?;
-    }
-    if !keep {
-        q.make_empty()?;
-    }
-    q.close()?;
-    if !quiet {
-        println!("Image committed.");
-    }
-    Ok(0)
 }

@@ -1,10 +1,12 @@
 //! vmm-img: a disk image tool with qemu-img's syntax and output, built on the qcow2 crate.
 
 mod bench;
+mod chain;
 mod cmds;
 mod convert;
 mod img;
 mod output;
+mod progress;
 
 use clap::{Parser, Subcommand};
 
@@ -118,9 +120,11 @@ enum Cmd {
         #[arg(short = 'W')]
         out_of_order: bool,
         #[arg(short = 'm')]
-        coroutines: Option<usize>,
+        coroutines: Option<String>,
         #[arg(short = 'B')]
         backing: Option<String>,
+        #[arg(short = 'F')]
+        backing_fmt: Option<String>,
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         src: String,
@@ -297,14 +301,15 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             out_fmt,
             compress,
             options,
-            progress: _,
-            quiet: _,
+            progress,
+            quiet,
             no_create,
             cache,
             src_cache,
-            out_of_order: _,
-            coroutines: _,
+            out_of_order,
+            coroutines,
             backing,
+            backing_fmt,
             force_share: _,
             src,
             dst,
@@ -317,8 +322,15 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             cache,
             src_cache,
             backing,
+            backing_fmt,
             src,
             dst,
+            progress: progress && !quiet,
+            workers: match coroutines {
+                Some(m) => convert::parse_workers(&m)?,
+                None => convert::DEFAULT_WORKERS,
+            },
+            in_order: !out_of_order,
         }),
         Cmd::Compare {
             fmt1,
@@ -329,7 +341,7 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             force_share: _,
             a,
             b,
-        } => convert::compare(fmt1.as_deref(), fmt2.as_deref(), strict, quiet, &a, &b),
+        } => chain::compare(fmt1.as_deref(), fmt2.as_deref(), strict, quiet, &a, &b),
         Cmd::Snapshot {
             list,
             create,
@@ -390,7 +402,7 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             quiet: _,
             progress: _,
             filename,
-        } => convert::rebase(
+        } => chain::rebase(
             fmt.as_deref(),
             &backing,
             backing_fmt.as_deref(),
@@ -405,7 +417,7 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             progress: _,
             cache: _,
             filename,
-        } => convert::commit(fmt.as_deref(), base.as_deref(), keep, quiet, &filename),
+        } => chain::commit(fmt.as_deref(), base.as_deref(), keep, quiet, &filename),
         Cmd::Bench(a) => bench::bench(&a),
     }
 }
