@@ -116,3 +116,56 @@ fn blockdev_command_line_and_qmp_build_the_same_graph() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("filename"), "{err}");
 }
+
+#[test]
+fn a_virtio_blk_device_takes_its_drive_and_locks_out_a_second_writer() {
+    if !common::kvm_usable("a_virtio_blk_device_takes_its_drive_and_locks_out_a_second_writer") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "8M"]);
+    let bd = format!(
+        "driver=qcow2,node-name=disk0,file.driver=file,file.filename={}",
+        img.display()
+    );
+    let vmm = Vmm::start_with(&[
+        "-m",
+        "32M",
+        "--blockdev",
+        &bd,
+        "--device",
+        "virtio-blk,drive=disk0,id=vd0",
+    ]);
+    let mut c = vmm.negotiated();
+    let block = c.exec(r#"{"execute": "query-block"}"#)["return"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let vd0 = block
+        .iter()
+        .find(|b| b["qdev"] == "vd0" || b["device"] == "vd0")
+        .cloned();
+    assert!(vd0.is_some(), "query-block shows the device: {block:?}");
+    // The device holds the write permission: deleting its node is refused.
+    let del = c.exec(r#"{"execute": "blockdev-del", "arguments": {"node-name": "disk0"}}"#);
+    assert_eq!(del["error"]["class"], "GenericError", "{del}");
+    // A device without a guest, or of another model, is one clear line.
+    for (args, needle) in [
+        (
+            vec!["--no-guest", "--device", "virtio-blk,drive=x"],
+            "needs a guest",
+        ),
+        (
+            vec!["--device", "e1000,drive=x"],
+            "not a valid device model name",
+        ),
+        (vec!["--device", "virtio-blk,drive=nope"], "nope"),
+    ] {
+        let out = Command::new(common::VMM).args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}

@@ -71,6 +71,11 @@ pub struct Cli {
     #[arg(long = "blockdev", value_name = "SPEC")]
     pub blockdev: Vec<String>,
 
+    /// A device: virtio-blk,drive=NODE,id=ID[,num-queues=N][,read-only=on]
+    /// (QEMU's virtio-blk-pci and virtio-blk-device spellings are accepted).
+    #[arg(long = "device", value_name = "SPEC")]
+    pub device: Vec<DeviceSpec>,
+
     /// The VM's UUID (reported by query-uuid).
     #[arg(long = "uuid", value_name = "UUID", value_parser = parse_uuid)]
     pub uuid: Option<String>,
@@ -133,6 +138,57 @@ fn parse_uuid(s: &str) -> Result<String, String> {
         Err(format!(
             "'{s}' is not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"
         ))
+    }
+}
+
+/// A `--device` of the only model the VMM has: virtio-blk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// The block node or BlockBackend it uses.
+    pub drive: String,
+    /// The device id.
+    pub id: String,
+    /// Request queues.
+    pub queues: u16,
+    /// Whether the guest sees the disk read-only.
+    pub read_only: bool,
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let model = parts.next().unwrap_or_default();
+        if !matches!(model, "virtio-blk" | "virtio-blk-pci" | "virtio-blk-device") {
+            return Err(format!("'{model}' is not a valid device model name"));
+        }
+        let (mut drive, mut id, mut queues, mut read_only) = (None, None, 1u16, false);
+        for opt in parts {
+            let (k, v) = opt
+                .split_once('=')
+                .ok_or_else(|| format!("'{opt}' is not key=value"))?;
+            match k {
+                "drive" => drive = Some(v.to_owned()),
+                "id" => id = Some(v.to_owned()),
+                "num-queues" => {
+                    queues = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=16).contains(n))
+                        .ok_or_else(|| format!("num-queues must be 1 to 16, not '{v}'"))?
+                }
+                "read-only" => read_only = matches!(v, "on" | "true" | "yes"),
+                _ => return Err(format!("Property '{model}.{k}' not found")),
+            }
+        }
+        let drive = drive.ok_or("virtio-blk needs drive=NODE")?;
+        Ok(DeviceSpec {
+            id: id.unwrap_or_else(|| drive.clone()),
+            drive,
+            queues,
+            read_only,
+        })
     }
 }
 

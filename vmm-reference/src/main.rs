@@ -3,6 +3,7 @@
 //! With `--no-guest` it serves the monitors alone, like qemu-storage-daemon.
 
 mod cli;
+mod devices;
 mod fds;
 mod hmp;
 mod machine;
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use crate::cli::{Cli, SerialSpec};
 use crate::machine::bus::InputReady;
 use crate::machine::linux::LinuxBoot;
-use crate::machine::{BootSource, Machine, MachineConfig};
+use crate::machine::{BlockDeviceSpec, BootSource, Machine, MachineConfig};
 use crate::monitor::Monitors;
 use crate::vm::Vmm;
 
@@ -66,6 +67,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
+    if cli.no_guest && !cli.device.is_empty() {
+        return Err("--device needs a guest: it can't be combined with --no-guest".into());
+    }
     if cli.qmp.is_empty() {
         log::warn!("no --qmp monitor given: nothing can talk to this process");
     }
@@ -124,7 +128,12 @@ fn run(cli: Cli) -> Result<(), String> {
             .map_err(|e| format!("--blockdev {spec}: {e}"))?;
     }
     if !cli.no_guest {
-        vmm.machine = Some(start_machine(&cli, &mut vmm.chardevs, waker)?);
+        vmm.machine = Some(start_machine(
+            &cli,
+            &mut vmm.chardevs,
+            &mut vmm.block,
+            waker,
+        )?);
     }
     let mut events = Events::with_capacity(256);
     log::info!("serving QMP on {:?}", cli.qmp);
@@ -172,6 +181,7 @@ fn run(cli: Cli) -> Result<(), String> {
 fn start_machine(
     cli: &Cli,
     chardevs: &mut ChardevRegistry,
+    block: &mut block_graph::BlockGraph,
     waker: Arc<mio::Waker>,
 ) -> Result<Machine, String> {
     let serial_chardev = match &cli.serial {
@@ -211,7 +221,36 @@ fn start_machine(
         }),
         None => BootSource::Flat(machine::DEFAULT_GUEST),
     };
-    let machine = Machine::new(&config, boot, out, input, waker).map_err(|e| e.to_string())?;
+    let mut disks = Vec::new();
+    for dev in &cli.device {
+        let node = block
+            .lookup_either(&dev.drive)
+            .map_err(|e| format!("--device drive={}: {e}", dev.drive))?;
+        let backend = block
+            .create_backend(&dev.id, Some(&node), Default::default())
+            .map_err(|e| format!("--device id={}: {e}", dev.id))?;
+        block
+            .attach_device(
+                &backend,
+                block_graph::DeviceAttach {
+                    id: dev.id.clone(),
+                    read_only: dev.read_only,
+                    share_rw: false,
+                    resizable: true,
+                    removable: false,
+                    has_tray: false,
+                },
+            )
+            .map_err(|e| format!("--device id={}: {e}", dev.id))?;
+        disks.push(BlockDeviceSpec {
+            backend,
+            read_only: dev.read_only,
+            id: dev.id.clone(),
+            queues: dev.queues,
+        });
+    }
+    let machine =
+        Machine::new(&config, boot, out, input, disks, waker).map_err(|e| e.to_string())?;
     if let Some(id) = serial_chardev {
         chardevs
             .attach(&id, Box::new(machine.serial_frontend()))

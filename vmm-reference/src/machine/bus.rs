@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chardev_ringbuf::FrontendHandle;
+
+use crate::devices::virtio_mmio::{SharedMmioDevice, WINDOW};
 use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -70,16 +72,23 @@ impl chardev_ringbuf::Frontend for SerialFrontend {
 /// What the vCPU threads see of the machine.
 pub struct IoBus {
     serial: Arc<Mutex<SerialPort>>,
+    /// Devices on the MMIO bus: base address and device.
+    mmio: Vec<(u64, SharedMmioDevice)>,
     reset: AtomicBool,
     shutdown: AtomicBool,
     waker: Arc<mio::Waker>,
 }
 
 impl IoBus {
-    /// A bus with COM1 and a waker of the main loop.
-    pub fn new(serial: Arc<Mutex<SerialPort>>, waker: Arc<mio::Waker>) -> Self {
+    /// A bus with COM1, the MMIO devices and a waker of the main loop.
+    pub fn new(
+        serial: Arc<Mutex<SerialPort>>,
+        mmio: Vec<(u64, SharedMmioDevice)>,
+        waker: Arc<mio::Waker>,
+    ) -> Self {
         IoBus {
             serial,
+            mmio,
             reset: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             waker,
@@ -112,6 +121,28 @@ impl IoBus {
             }
             (I8042_COMMAND | I8042_DATA, 1) => data[0] = 0,
             _ => data.fill(0xff),
+        }
+    }
+
+    fn mmio_device(&self, addr: u64) -> Option<(u64, &SharedMmioDevice)> {
+        self.mmio
+            .iter()
+            .find(|(base, _)| (*base..*base + WINDOW).contains(&addr))
+            .map(|(base, d)| (addr - base, d))
+    }
+
+    /// A guest read of MMIO space; unclaimed addresses read as all ones.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        match self.mmio_device(addr) {
+            Some((off, d)) => d.lock().unwrap_or_else(|e| e.into_inner()).read(off, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// A guest write to MMIO space.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some((off, d)) = self.mmio_device(addr) {
+            d.lock().unwrap_or_else(|e| e.into_inner()).write(off, data);
         }
     }
 

@@ -16,6 +16,8 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::virtio_blk::BlkEngine;
+use crate::devices::virtio_mmio::{VirtioMmioBlk, WINDOW};
 use bus::{EventFdTrigger, InputReady, IoBus, SerialPort, COM1_IRQ};
 pub use vcpu::VcpuInfo;
 use vcpu::Vcpus;
@@ -36,6 +38,23 @@ pub enum BootSource {
     /// A Linux kernel with the 64-bit boot protocol.
     Linux(linux::LinuxBoot),
 }
+
+/// A virtio-blk disk to put on the MMIO bus.
+pub struct BlockDeviceSpec {
+    /// The BlockBackend the device does its I/O on (attached by the caller).
+    pub backend: Arc<block_graph::BlockBackend>,
+    /// Whether the guest sees a read-only disk.
+    pub read_only: bool,
+    /// The device id (also the GET_ID serial).
+    pub id: String,
+    /// Request queues.
+    pub queues: u16,
+}
+
+/// Where the first virtio-mmio device's registers are.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// The interrupt line of the first virtio-mmio device (then one per device).
+pub const VIRTIO_MMIO_IRQ: u32 = 5;
 
 /// How to build the machine.
 #[derive(Debug, Clone)]
@@ -91,6 +110,7 @@ impl Machine {
         boot_source: BootSource,
         serial_out: Box<dyn Write + Send>,
         input: InputReady,
+        disks: Vec<BlockDeviceSpec>,
         waker: Arc<mio::Waker>,
     ) -> Result<Machine, MachineError> {
         if !(MIN_MEMORY..=MAX_MEMORY).contains(&cfg.memory) {
@@ -146,7 +166,19 @@ impl Machine {
             input,
             serial_out,
         )));
-        let bus = Arc::new(IoBus::new(serial.clone(), waker));
+        let mut mmio = Vec::new();
+        for (i, disk) in disks.into_iter().enumerate() {
+            let irq = EventFd::new(libc::EFD_NONBLOCK)?;
+            vm.register_irqfd(&irq, VIRTIO_MMIO_IRQ + i as u32)
+                .map_err(|e| MachineError::KvmCall("KVM_IRQFD", e))?;
+            let engine = BlkEngine::new(disk.backend, disk.read_only, &disk.id);
+            let dev = VirtioMmioBlk::new(engine, memory.clone(), irq, disk.queues);
+            mmio.push((
+                VIRTIO_MMIO_BASE + i as u64 * WINDOW,
+                Arc::new(Mutex::new(dev)),
+            ));
+        }
+        let bus = Arc::new(IoBus::new(serial.clone(), mmio, waker));
 
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

@@ -257,8 +257,8 @@ fn vcpu_loop(
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
             Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
-            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
             Ok(VcpuExit::Hlt) => std::thread::sleep(Duration::from_millis(1)),
             Ok(VcpuExit::Shutdown) => {
                 // A triple fault: QEMU resets the machine.

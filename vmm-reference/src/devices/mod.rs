@@ -1,0 +1,4 @@
+//! Emulated devices.
+
+pub mod virtio_blk;
+pub mod virtio_mmio;
