@@ -15,6 +15,8 @@ const IDT_ADDR: u64 = 0x520;
 const PML4_ADDR: u64 = 0x9000;
 const PDPT_ADDR: u64 = 0xa000;
 const PD_ADDR: u64 = 0xb000;
+/// Maps the fourth GiB, where the virtio-mmio devices are.
+const PD_HIGH_ADDR: u64 = 0xc000;
 
 const CR0_PE: u64 = 1;
 const CR0_PG: u64 = 1 << 31;
@@ -50,8 +52,8 @@ fn segment(entry: u64, index: u8) -> kvm_segment {
     }
 }
 
-/// Writes the GDT and the page tables identity-mapping the first GiB with
-/// 2 MiB pages.
+/// Writes the GDT and the page tables identity-mapping the first GiB (RAM)
+/// and the fourth (the virtio-mmio devices) with 2 MiB pages.
 pub fn write_tables(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemoryError> {
     let gdt = [
         gdt_entry(0, 0, 0),            // null
@@ -65,9 +67,15 @@ pub fn write_tables(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemoryE
     mem.write_obj(0u64, GuestAddress(IDT_ADDR))?;
     mem.write_obj(PDPT_ADDR | 0x03, GuestAddress(PML4_ADDR))?;
     mem.write_obj(PD_ADDR | 0x03, GuestAddress(PDPT_ADDR))?;
+    mem.write_obj(PD_HIGH_ADDR | 0x03, GuestAddress(PDPT_ADDR + 3 * 8))?;
     for i in 0..512u64 {
         // Present, writable, 2 MiB page.
         mem.write_obj((i << 21) | 0x83, GuestAddress(PD_ADDR + i * 8))?;
+        // Present, writable, cache-disabled, 2 MiB page.
+        mem.write_obj(
+            ((3 << 30) + (i << 21)) | 0x93,
+            GuestAddress(PD_HIGH_ADDR + i * 8),
+        )?;
     }
     Ok(())
 }
