@@ -1,16 +1,18 @@
-//! `bench`: qemu-img bench's workload, driven through io_uring.
+//! `bench`: qemu-img bench's workload.
 //!
 //! Requests are mapped by the qcow2 layer ([`qcow2::Qcow2::map`] /
 //! [`qcow2::Qcow2::prepare_write`]) and the data I/O goes straight to the image's file through
-//! one io_uring, `depth` requests in flight, no thread hop per request. Requests the format
-//! cannot turn into one host range (zero or unallocated reads, copy-on-write) run inline.
+//! an I/O engine ([`crate::aio`]: `-i threads|native|io_uring`; by default positional syscalls
+//! in place for the page cache and io_uring for `O_DIRECT`), `depth` requests in flight.
+//! Requests the format cannot turn into one host range (zero or unallocated reads,
+//! copy-on-write) run in place.
 
 use std::path::Path;
 use std::time::Instant;
 
-use io_uring::{opcode, types, IoUring};
 use qcow2::{AlignedBuf, IoGuard, MappingKind, WritePlan};
 
+use crate::aio::{AioMode, Engine, Request};
 use crate::img::{parse_size, Cache, Image};
 use crate::Error;
 
@@ -29,10 +31,11 @@ pub struct BenchArgs {
     /// Flush after this many requests.
     #[arg(long = "flush-interval")]
     flush_interval: Option<u64>,
-    /// AIO mode (accepted for compatibility; io_uring is always used).
+    /// AIO mode: threads, native or io_uring (default: syscalls in place for the page cache,
+    /// io_uring for O_DIRECT).
     #[arg(short = 'i')]
     aio: Option<String>,
-    /// Native AIO (accepted for compatibility).
+    /// Native AIO (short for -i native; needs -t none).
     #[arg(short = 'n')]
     native: bool,
     /// Do not drain before flushes.
@@ -89,7 +92,19 @@ pub fn bench(a: &BenchArgs) -> Result<i32, Error> {
             "--flush-interval is only available in write tests",
         ));
     }
-    let _ = (a.native, a.force_share, &a.aio);
+    let mut mode = AioMode::Auto;
+    if a.native {
+        mode = AioMode::Native;
+    }
+    if let Some(m) = &a.aio {
+        mode = AioMode::parse(m)?;
+    }
+    if mode == AioMode::Native && !cache.direct() {
+        return Err(Error::msg(format!(
+            "Could not open '{}': aio=native was specified, but it requires cache.direct=on, which was not specified.",
+            a.filename
+        )));
+    }
     let img = Image::open(Path::new(&a.filename), a.fmt.as_deref(), a.write, cache)?;
     let size = img.size();
     if bufsize == 0 || bufsize > size {
@@ -114,7 +129,7 @@ pub fn bench(a: &BenchArgs) -> Result<i32, Error> {
         Image::Raw(r) => r.storage().raw_fd(),
     }
     .ok_or_else(|| Error::msg("image has no file descriptor"))?;
-    let mut ring: IoUring = IoUring::new((a.depth as u32).next_power_of_two())?;
+    let mut engine = Engine::new(mode, fd, a.depth, cache.direct())?;
     let mut slots: Vec<Slot<'_>> = (0..a.depth)
         .map(|_| {
             let mut buf = AlignedBuf::new(bufsize as usize, 4096);
@@ -136,11 +151,9 @@ pub fn bench(a: &BenchArgs) -> Result<i32, Error> {
     let mut inflight = 0usize;
     let mut since_flush = 0u64;
     let mut retry: Option<u64> = None;
-    let inline = !cache.direct();
     let start = Instant::now();
     while completed < a.count {
         // Fill the queue.
-        let mut queued = 0;
         while submitted < a.count && inflight < a.depth {
             let idx = slots.iter().position(|s| !s.busy).expect("a free slot");
             let off = match retry.take() {
@@ -202,80 +215,41 @@ pub fn bench(a: &BenchArgs) -> Result<i32, Error> {
             };
             submitted += 1;
             let Some(host) = host else {
+                // Done in place (zero or unallocated reads, copy-on-write).
                 completed += 1;
                 since_flush += 1;
                 continue;
             };
-            if inline {
-                // Page-cache I/O: a positional syscall right here is cheaper than any queue
-                // (io_uring punts buffered tmpfs/page-cache I/O to kernel workers).
-                let st = match &img {
-                    Image::Qcow2(q) => q.data_storage().clone(),
-                    Image::Raw(r) => r.storage().clone(),
-                };
-                if a.write {
-                    st.write_at(&slot.buf, host)?;
-                } else {
-                    st.read_at(&mut slot.buf, host)?;
+            slot.busy = true;
+            inflight += 1;
+            let r = Request {
+                slot: idx,
+                write: a.write,
+                buf: slot.buf.as_mut_ptr(),
+                len: bufsize as usize,
+                offset: host,
+            };
+            // SAFETY: the buffer belongs to a slot marked busy; it is neither dropped nor
+            // touched until its completion has been reaped below, and the descriptor stays
+            // open (the image outlives the loop).
+            unsafe { engine.submit(r)? };
+            if engine.is_sync() {
+                // Page-cache I/O done in place: complete it now, so the plan is committed
+                // before the next request looks at the same cluster.
+                for (ud, res) in engine.wait()? {
+                    complete(&mut slots, ud, res, bufsize, qimg)?;
+                    inflight -= 1;
+                    completed += 1;
+                    since_flush += 1;
                 }
-                slot.guard = None;
-                if let (Some(p), Some(q)) = (slot.plan.take(), qimg) {
-                    q.commit_write(p)?;
-                }
+            }
+        }
+        if inflight > 0 {
+            for (ud, res) in engine.wait()? {
+                complete(&mut slots, ud, res, bufsize, qimg)?;
+                inflight -= 1;
                 completed += 1;
                 since_flush += 1;
-                continue;
-            }
-            let e = if a.write {
-                opcode::Write::new(types::Fd(fd), slot.buf.as_ptr(), bufsize as u32)
-                    .offset(host)
-                    .build()
-            } else {
-                opcode::Read::new(types::Fd(fd), slot.buf.as_mut_ptr(), bufsize as u32)
-                    .offset(host)
-                    .build()
-            }
-            .user_data(idx as u64);
-            slot.busy = true;
-            // SAFETY: the buffer belongs to a slot marked busy; it is neither dropped nor
-            // reused until its completion has been reaped below, and the fd stays open
-            // (the image outlives the loop).
-            unsafe {
-                ring.submission()
-                    .push(&e)
-                    .map_err(|_| Error::msg("submission queue full"))?;
-            }
-            inflight += 1;
-            queued += 1;
-        }
-        if inflight == 0 {
-            continue;
-        }
-        let _ = queued;
-        ring.submit_and_wait(1)?;
-        let cqes: Vec<(u64, i32)> = ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (ud, res) in cqes {
-            let slot = &mut slots[ud as usize];
-            slot.busy = false;
-            inflight -= 1;
-            completed += 1;
-            since_flush += 1;
-            slot.guard = None;
-            if res < 0 || res as u64 != bufsize {
-                return Err(Error::msg(format!(
-                    "Failed request: {}",
-                    if res < 0 {
-                        std::io::Error::from_raw_os_error(-res).to_string()
-                    } else {
-                        "short transfer".into()
-                    }
-                )));
-            }
-            if let (Some(p), Some(q)) = (slot.plan.take(), qimg) {
-                q.commit_write(p)?;
             }
         }
         if let Some(fi) = a.flush_interval {
@@ -289,9 +263,40 @@ pub fn bench(a: &BenchArgs) -> Result<i32, Error> {
     if !a.quiet {
         println!("Run completed in {:.3} seconds.", elapsed.as_secs_f64());
     }
+    drop(engine);
     drop(slots);
     if let Image::Qcow2(q) = &img {
         q.close()?;
     }
     Ok(0)
+}
+
+/// Finishes the request of slot `ud`: checks the result, releases the mapping, publishes
+/// the allocation.
+fn complete(
+    slots: &mut [Slot<'_>],
+    ud: usize,
+    res: i64,
+    bufsize: u64,
+    qimg: Option<&qcow2::Qcow2>,
+) -> Result<(), Error> {
+    let slot = slots
+        .get_mut(ud)
+        .ok_or_else(|| Error::msg("completion for an unknown request"))?;
+    slot.busy = false;
+    slot.guard = None;
+    if res < 0 || res as u64 != bufsize {
+        return Err(Error::msg(format!(
+            "Failed request: {}",
+            if res < 0 {
+                std::io::Error::from_raw_os_error(-res as i32).to_string()
+            } else {
+                "short transfer".into()
+            }
+        )));
+    }
+    if let (Some(p), Some(q)) = (slot.plan.take(), qimg) {
+        q.commit_write(p)?;
+    }
+    Ok(())
 }

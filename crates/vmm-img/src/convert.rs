@@ -179,7 +179,8 @@ struct Job<'a> {
 }
 
 pub fn convert(a: &ConvertArgs) -> Result<i32, Error> {
-    let progress = Progress::new(a.progress);
+    let progress = Progress::new(a.progress, 1.0);
+    progress.start();
     let r = convert_inner(a, &progress);
     if r.is_ok() {
         progress.set(100.0);

@@ -1,5 +1,6 @@
 //! vmm-img: a disk image tool with qemu-img's syntax and output, built on the qcow2 crate.
 
+mod aio;
 mod bench;
 mod chain;
 mod cmds;
@@ -142,6 +143,8 @@ enum Cmd {
         quiet: bool,
         #[arg(short = 'p')]
         progress: bool,
+        #[arg(short = 'T')]
+        cache: Option<String>,
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
         a: String,
@@ -219,6 +222,10 @@ enum Cmd {
         quiet: bool,
         #[arg(short = 'p')]
         progress: bool,
+        #[arg(short = 't')]
+        cache: Option<String>,
+        #[arg(short = 'T')]
+        src_cache: Option<String>,
         filename: String,
     },
     /// Commit the changes of an image into its backing file.
@@ -337,11 +344,21 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             fmt2,
             strict,
             quiet,
-            progress: _,
+            progress,
+            cache,
             force_share: _,
             a,
             b,
-        } => chain::compare(fmt1.as_deref(), fmt2.as_deref(), strict, quiet, &a, &b),
+        } => chain::compare(&chain::CompareArgs {
+            fmt1: fmt1.as_deref(),
+            fmt2: fmt2.as_deref(),
+            cache: cache.as_deref(),
+            strict,
+            quiet,
+            progress,
+            a: &a,
+            b: &b,
+        }),
         Cmd::Snapshot {
             list,
             create,
@@ -399,25 +416,39 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             backing,
             backing_fmt,
             unsafe_,
-            quiet: _,
-            progress: _,
+            quiet,
+            progress,
+            cache,
+            src_cache,
             filename,
-        } => chain::rebase(
-            fmt.as_deref(),
-            &backing,
-            backing_fmt.as_deref(),
+        } => chain::rebase(&chain::RebaseArgs {
+            fmt: fmt.as_deref(),
+            backing: &backing,
+            backing_fmt: backing_fmt.as_deref(),
             unsafe_,
-            &filename,
-        ),
+            cache: cache.as_deref(),
+            src_cache: src_cache.as_deref(),
+            quiet,
+            progress,
+            filename: &filename,
+        }),
         Cmd::Commit {
             fmt,
             base,
             keep,
             quiet,
-            progress: _,
-            cache: _,
+            progress,
+            cache,
             filename,
-        } => chain::commit(fmt.as_deref(), base.as_deref(), keep, quiet, &filename),
+        } => chain::commit(&chain::CommitArgs {
+            fmt: fmt.as_deref(),
+            base: base.as_deref(),
+            keep,
+            quiet,
+            progress,
+            cache: cache.as_deref(),
+            filename: &filename,
+        }),
         Cmd::Bench(a) => bench::bench(&a),
     }
 }

@@ -17,33 +17,51 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// A meter; when `enabled` is false nothing is printed. Prints the initial `0.00`.
-    pub fn new(enabled: bool) -> Self {
-        let p = Progress {
+    /// A meter printing after every `min_skip` percent of progress (qemu's
+    /// `qemu_progress_init`); when `enabled` is false nothing is printed.
+    pub fn new(enabled: bool, min_skip: f32) -> Self {
+        Progress {
             enabled,
-            min_skip: 1.0,
+            min_skip,
             state: Mutex::new(State {
                 current: 0.0,
                 last_print: 0.0,
             }),
-        };
-        p.set(0.0);
-        p
+        }
     }
 
-    /// Sets the absolute progress in percent and prints it when it moved by more than the
-    /// minimum step, reached 100 or is 0 (qemu's `qemu_progress_print(percent, 0)`).
+    /// Prints the initial `0.00` (qemu's `qemu_progress_print(0, 100)`).
+    pub fn start(&self) {
+        self.add(0.0, 100.0);
+    }
+
+    /// Sets the absolute progress in percent (qemu's `qemu_progress_print(percent, 0)`).
     pub fn set(&self, percent: f32) {
-        if !self.enabled || percent.is_nan() {
+        self.update(|_| percent);
+    }
+
+    /// Adds `delta` percent of `max` percent (qemu's `qemu_progress_print(delta, max)`).
+    pub fn add(&self, delta: f32, max: f32) {
+        self.update(|cur| cur + delta / 100.0 * max);
+    }
+
+    /// Moves the progress and prints it when it moved by more than the minimum step since the
+    /// last print, or reached 100 or 0.
+    fn update(&self, f: impl FnOnce(f32) -> f32) {
+        if !self.enabled {
             return;
         }
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let current = percent.min(100.0);
+        let current = f(s.current);
+        if current.is_nan() {
+            return;
+        }
+        let current = current.min(100.0);
         s.current = current;
         if current > s.last_print + self.min_skip || current == 100.0 || current == 0.0 {
             s.last_print = current;
             let mut out = std::io::stdout().lock();
-            // A closed stdout must not fail the copy.
+            // A closed stdout must not fail the command.
             let _ = write!(out, "    ({current:3.2}/100%)\r");
             let _ = out.flush();
         }

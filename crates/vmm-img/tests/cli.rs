@@ -207,6 +207,28 @@ fn bench_runs_like_qemu_img_bench() {
         &["bench", "-c", "2000", "-d", "32", "-t", "none", "b.qcow2"],
         d,
     ));
+    // Every engine of -i writes the pattern; native AIO needs O_DIRECT, as in qemu-img.
+    for aio in [
+        &["-i", "threads"][..],
+        &["-i", "io_uring"][..],
+        &["-i", "threads", "-t", "none"][..],
+    ] {
+        let mut args = vec!["bench", "-w", "-c", "500", "-d", "16", "--pattern=5"];
+        args.extend_from_slice(aio);
+        args.push("b.qcow2");
+        ok(vmm(&args, d));
+    }
+    for (args, msg) in [
+        (&["bench", "-n", "b.qcow2"][..], "vmm-img: Could not open 'b.qcow2': aio=native was specified, but it requires cache.direct=on, which was not specified."),
+        (&["bench", "-i", "foo", "b.qcow2"][..], "vmm-img: Invalid aio option: foo"),
+    ] {
+        let (code, _, err) = vmm(args, d);
+        assert_eq!(code, 1);
+        assert_eq!(err.trim(), msg);
+        let (qcode, _, qerr) = run("qemu-img", args, d);
+        assert_eq!(qcode, 1);
+        assert_eq!(qerr.trim().replace("qemu-img", "vmm-img"), msg);
+    }
     // Every written block carries the pattern.
     qemu(&["create", "-q", "-f", "raw", "ref.raw", "16M"], d);
     let out = run(
