@@ -346,11 +346,17 @@ impl Job<'_> {
         }))
     }
 
-    fn next_chunk(&self) -> Result<Option<Chunk>, Error> {
+    /// Takes the next chunk and reports it in the progress (under the cursor lock, so the
+    /// lines come in chunk order, as qemu-img prints them).
+    fn next_chunk(&self, progress: &Progress) -> Result<Option<Chunk>, Error> {
         let mut pos = self.cursor.pos.lock().unwrap_or_else(|e| e.into_inner());
         let c = self.chunk_at(*pos)?;
         if let Some(c) = &c {
             *pos = c.off + c.len;
+            if matches!(c.kind, Kind::Data { .. }) && self.total_data > 0 {
+                let done = self.done_data.fetch_add(c.len, Ordering::Relaxed) + c.len;
+                progress.set((100.0 * done as f64 / self.total_data as f64) as f32);
+            }
         }
         Ok(c)
     }
@@ -367,15 +373,11 @@ impl Job<'_> {
     fn worker(&self, progress: &Progress) {
         let mut buf = Vec::new();
         while !self.abort.load(Ordering::Acquire) {
-            let c = match self.next_chunk() {
+            let c = match self.next_chunk(progress) {
                 Ok(Some(c)) => c,
                 Ok(None) => return,
                 Err(e) => return self.fail(e),
             };
-            if matches!(c.kind, Kind::Data { .. }) && self.total_data > 0 {
-                let done = self.done_data.fetch_add(c.len, Ordering::Relaxed) + c.len;
-                progress.set((100.0 * done as f64 / self.total_data as f64) as f32);
-            }
             if let Err(e) = self.copy_chunk(&c, &mut buf) {
                 return self.fail(e);
             }
