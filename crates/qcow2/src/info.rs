@@ -286,7 +286,38 @@ impl Qcow2 {
         self.file.flush()?;
         lock(&self.header).size = new_size;
         self.size.store(new_size, Ordering::Release);
+        // Writes the tables and applies the frees (no request is in flight).
         self.flush()?;
+        self.truncate_tail(new_size)
+    }
+
+    /// Cuts the file after the last cluster in use, as QEMU does after shrinking (refcount
+    /// blocks that count nothing are dropped first), and an external data file to the new
+    /// virtual size. Runs with the gate held exclusively.
+    fn truncate_tail(&self, new_size: u64) -> Result<()> {
+        let cs = self.geo.cs();
+        let mut r = lock(&self.refs);
+        r.drop_unused_blocks()?;
+        r.flush_blocks()?;
+        self.file.flush()?;
+        r.unsynced = false;
+        let flen = self.file.len()?;
+        let last = r.last_used_cluster(flen.div_ceil(cs))?.ok_or_else(|| {
+            Error::CorruptionDetected("There are no references in the refcount table.".into())
+        })?;
+        let end = (last + 1) * cs;
+        if end < flen {
+            if let Err(e) = self.file.set_len(end) {
+                log::warn!("Failed to truncate the tail of the image: {e}");
+            } else {
+                r.truncated(end);
+            }
+        }
+        drop(r);
+        if self.external_data {
+            self.data.set_len(new_size)?;
+        }
+        self.file.flush()?;
         Ok(())
     }
 }

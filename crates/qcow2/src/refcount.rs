@@ -569,6 +569,90 @@ impl Refcounts {
         Ok(wrote)
     }
 
+    /// Drops refcount blocks that count nothing but (possibly) themselves, as QEMU does when
+    /// shrinking an image (`qcow2_shrink_reftable`): the table is rewritten without them and
+    /// their own refcounts are cleared. One pass, like QEMU's.
+    pub fn drop_unused_blocks(&mut self) -> Result<()> {
+        let rb = self.rb_bits();
+        let cb = self.cluster_bits;
+        let order = self.order;
+        let mut dropped = Vec::new();
+        for i in 0..self.table.len() {
+            let off = self.block_offset(i)?;
+            if off == 0 {
+                continue;
+            }
+            let own = (off >> cb) >> rb == i as u64;
+            let own_idx = ((off >> cb) & ((1 << rb) - 1)) as usize;
+            let b = self.load_block(off)?;
+            let unused = if own {
+                let saved = get_entry(&b.data, order, own_idx);
+                set_entry(&mut b.data, order, own_idx, 0);
+                let z = b.data.iter().all(|&x| x == 0);
+                set_entry(&mut b.data, order, own_idx, saved);
+                z
+            } else {
+                b.data.iter().all(|&x| x == 0)
+            };
+            if unused {
+                dropped.push(i);
+            }
+        }
+        if dropped.is_empty() {
+            return Ok(());
+        }
+        let mut raw = Vec::with_capacity(self.table.len() * 8);
+        for (i, e) in self.table.iter().enumerate() {
+            let v = if dropped.contains(&i) { 0 } else { *e };
+            raw.extend_from_slice(&v.to_be_bytes());
+        }
+        self.file.write_at(&raw, self.table_offset)?;
+        self.file.flush()?;
+        for &i in &dropped {
+            let off = self.block_offset(i)?;
+            let idx = off >> cb;
+            let covering = (idx >> rb) as usize;
+            if covering != i && !dropped.contains(&covering) {
+                if self.get(idx)? != 1 {
+                    return Err(Error::CorruptionDetected(format!(
+                        "Invalid refcount of refcount block at {off:#x}"
+                    )));
+                }
+                self.set_existing(idx, 0)?;
+            }
+            self.free_hint = self.free_hint.min(idx);
+            self.cache.remove(&off);
+            self.table[i] = 0;
+        }
+        log::debug!("dropped {} unused refcount blocks", dropped.len());
+        Ok(())
+    }
+
+    /// Index of the last cluster below `end` (a cluster index) with a non-zero refcount.
+    pub fn last_used_cluster(&mut self, end: u64) -> Result<Option<u64>> {
+        let mut i = end;
+        while i > 0 {
+            i -= 1;
+            let rt = (i >> self.rb_bits()) as usize;
+            if rt >= self.table.len() || self.block_offset(rt)? == 0 {
+                // No block: nothing in its range is used; skip the range.
+                i = (rt as u64) << self.rb_bits();
+                continue;
+            }
+            if self.get(i)? > 0 {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Records that the file was truncated to `len` bytes: everything past it reads as zero.
+    pub fn truncated(&mut self, len: u64) {
+        self.fresh_from = self.fresh_from.min(len.div_ceil(self.cs()));
+        self.reserved_until = len;
+        self.compressed_pos = 0;
+    }
+
     /// Reloads the table from disk (after repair).
     pub fn reload(&mut self, table_offset: u64, table_clusters: u32) -> Result<()> {
         let fresh = Self::load(

@@ -177,13 +177,93 @@ fn resize_grow_and_shrink() {
         assert!(got == pattern(2, 1 << 20)[..512 << 10]);
         img.close().unwrap();
     }
-    assert_clean(&path, true);
+    assert_clean(&path, false);
     let img = rw(&path);
     let r = img.check(Fix::LEAKS).unwrap();
     assert_eq!(r.corruptions, 0);
     assert_eq!(r.leaks, 0);
     drop(img);
     assert_clean(&path, false);
+}
+
+/// Shrinking cuts the file after the last cluster in use (dropping refcount blocks that count
+/// nothing), and an external data file at the new size: the same file sizes as qemu-img's.
+#[test]
+fn shrink_truncates_the_file_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (i, opts) in [
+        "cluster_size=64k",
+        "cluster_size=512,refcount_bits=16",
+        "cluster_size=4k,refcount_bits=64,lazy_refcounts=on",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let a = p(d, &format!("a{i}.qcow2"));
+        let b = p(d, &format!("b{i}.qcow2"));
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", opts, s(&a), "16M"],
+        );
+        run(
+            "qemu-io",
+            &[
+                "-c",
+                "write -P 1 0 1M",
+                "-c",
+                "write -P 2 6M 2M",
+                "-c",
+                "write -P 3 15M 1M",
+                s(&a),
+            ],
+        );
+        std::fs::copy(&a, &b).unwrap();
+        run("qemu-img", &["resize", "-q", "--shrink", s(&a), "7M"]);
+        let img = rw(&b);
+        img.resize(7 << 20, Preallocation::Off).unwrap();
+        img.close().unwrap();
+        drop(img);
+        assert_clean(&b, false);
+        assert_same(&a, "qcow2", &b, "qcow2");
+        let (la, lb) = (
+            std::fs::metadata(&a).unwrap().len(),
+            std::fs::metadata(&b).unwrap().len(),
+        );
+        assert_eq!(lb, la, "{opts}: file length after shrinking");
+        let end = |p: &Path| {
+            run("qemu-img", &["check", s(p)])
+                .lines()
+                .find(|l| l.starts_with("Image end offset"))
+                .map(str::to_string)
+        };
+        assert_eq!(end(&b), end(&a), "{opts}");
+    }
+    // External data file: cut at the new virtual size.
+    let e = p(d, "e.qcow2");
+    let data = p(d, "e.raw");
+    let data_opt = format!("data_file={}", s(&data));
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", &data_opt, s(&e), "16M"],
+    );
+    run("qemu-io", &["-c", "write -P 4 0 16M", s(&e)]);
+    let img = Qcow2::open_path(
+        &e,
+        OpenOptions {
+            writable: true,
+            opener: Arc::new(qcow2::FollowFiles::default()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    img.resize(3 << 20, Preallocation::Off).unwrap();
+    drop(img);
+    assert_eq!(std::fs::metadata(&data).unwrap().len(), 3 << 20);
+    assert_clean(&e, false);
 }
 
 #[test]
