@@ -133,6 +133,8 @@ pub struct BlockBackend {
     read_only_hint: AtomicBool,
     resize_cb: Mutex<Option<ResizeCallback>>,
     throttle: RwLock<Option<Arc<ThrottleGroup>>>,
+    throttled: AtomicBool,
+    tray: AtomicBool,
 }
 
 /// Called with the new length when the medium is resized (`block_resize`): devices tell
@@ -179,6 +181,8 @@ impl BlockBackend {
             read_only_hint: AtomicBool::new(false),
             resize_cb: Mutex::new(None),
             throttle: RwLock::new(None),
+            throttled: AtomicBool::new(false),
+            tray: AtomicBool::new(false),
         })
     }
 
@@ -242,7 +246,7 @@ impl BlockBackend {
 
     /// Whether the attached device has a tray.
     pub fn has_tray(&self) -> bool {
-        mlock(&self.dev).as_ref().is_some_and(|d| d.has_tray)
+        self.tray.load(Ordering::Acquire)
     }
 
     /// Whether the tray is open.
@@ -299,10 +303,14 @@ impl BlockBackend {
     }
 
     pub(crate) fn set_throttle_group(&self, g: Option<Arc<ThrottleGroup>>) {
+        self.throttled.store(g.is_some(), Ordering::Relaxed);
         *wlock(&self.throttle) = g;
     }
 
     fn throttle(&self, write: bool, bytes: u64) {
+        if !self.throttled.load(Ordering::Relaxed) {
+            return;
+        }
         let g = rlock(&self.throttle).clone();
         if let Some(g) = g {
             g.intercept(write, bytes, || self.info.gate.is_quiesced());
@@ -413,9 +421,19 @@ impl BlockBackend {
         action
     }
 
-    fn check(&self, ty: AcctType, offset: u64, len: u64, write: bool) -> Result<Arc<Edge>> {
-        let e = rlock(&self.root).clone();
-        let Some(e) = e.filter(|_| !self.is_tray_open()) else {
+    /// Runs `f` on the root edge after the checks QEMU's BlockBackend makes (medium present
+    /// and reachable, range inside the medium, write permission), holding the root for the
+    /// request (it only changes while the backend is drained).
+    fn with_root<R>(
+        &self,
+        ty: AcctType,
+        offset: u64,
+        len: u64,
+        write: bool,
+        f: impl FnOnce(&Edge) -> Result<R>,
+    ) -> Result<R> {
+        let g = rlock(&self.root);
+        let Some(e) = g.as_ref().filter(|_| !self.is_tray_open()) else {
             self.stats.invalid(ty);
             return Err(BlockError::errno(libc::ENOMEDIUM));
         };
@@ -427,19 +445,20 @@ impl BlockBackend {
             self.stats.invalid(ty);
             return Err(BlockError::errno(libc::EACCES));
         }
-        Ok(e)
+        f(e)
     }
 
     /// Reads `iov` at `offset`.
     pub fn read(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
         let len = iov_len_mut(iov) as u64;
         let _g = self.info.gate.enter();
-        let e = self.check(AcctType::Read, offset, len, false)?;
-        let c = self.stats.start(AcctType::Read, len);
-        self.throttle(false, len);
-        let r = e.read(offset, iov);
-        self.stats.done(c, r.is_ok());
-        r
+        self.with_root(AcctType::Read, offset, len, false, |e| {
+            let c = self.stats.start(AcctType::Read, len);
+            self.throttle(false, len);
+            let r = e.read(offset, iov);
+            self.stats.done(c, r.is_ok());
+            r
+        })
     }
 
     /// Reads into one buffer.
@@ -451,16 +470,16 @@ impl BlockBackend {
     pub fn write(&self, offset: u64, iov: &[IoSlice<'_>], mut flags: WriteFlags) -> Result<()> {
         let len = iov_len(iov) as u64;
         let _g = self.info.gate.enter();
-        let e = self.check(AcctType::Write, offset, len, true)?;
-        let node = e.node();
-        if !node.options().cache_writeback {
-            flags.fua = true;
-        }
-        let c = self.stats.start(AcctType::Write, len);
-        self.throttle(true, len);
-        let r = e.write(offset, iov, flags);
-        self.stats.done(c, r.is_ok());
-        r
+        self.with_root(AcctType::Write, offset, len, true, |e| {
+            if !e.with_node(|n| n.options().cache_writeback) {
+                flags.fua = true;
+            }
+            let c = self.stats.start(AcctType::Write, len);
+            self.throttle(true, len);
+            let r = e.write(offset, iov, flags);
+            self.stats.done(c, r.is_ok());
+            r
+        })
     }
 
     /// Writes one buffer.
@@ -471,19 +490,21 @@ impl BlockBackend {
     /// Makes a range read as zero (accounted as a write).
     pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         let _g = self.info.gate.enter();
-        let e = self.check(AcctType::Write, offset, len, true)?;
-        let c = self.stats.start(AcctType::Write, len);
-        self.throttle(true, len);
-        let r = e.write_zeroes(offset, len, flags);
-        self.stats.done(c, r.is_ok());
-        r
+        self.with_root(AcctType::Write, offset, len, true, |e| {
+            let c = self.stats.start(AcctType::Write, len);
+            self.throttle(true, len);
+            let r = e.write_zeroes(offset, len, flags);
+            self.stats.done(c, r.is_ok());
+            r
+        })
     }
 
     /// Discards a range (not accounted: the statistics have no discard counters).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let _g = self.info.gate.enter();
-        let e = self.check(AcctType::Write, offset, len, true)?;
-        e.discard(offset, len)
+        self.with_root(AcctType::Write, offset, len, true, |e| {
+            e.discard(offset, len)
+        })
     }
 
     /// Flushes the medium.
@@ -613,6 +634,7 @@ impl BlockGraph {
         }
         let old_perm = be.perm();
         let old_dev = mlock(&be.dev).replace(dev.clone());
+        be.tray.store(dev.has_tray, Ordering::Release);
         *mlock(&be.perm) = (perm, shared);
         if let Some(e) = rlock(&be.root).as_ref() {
             e.set_perm(perm, shared);
@@ -622,6 +644,10 @@ impl BlockGraph {
         }
         if let Err(err) = self.refresh_perms() {
             *mlock(&be.perm) = old_perm;
+            be.tray.store(
+                old_dev.as_ref().is_some_and(|d| d.has_tray),
+                Ordering::Release,
+            );
             *mlock(&be.dev) = old_dev;
             if let Some(e) = rlock(&be.root).as_ref() {
                 e.set_perm(old_perm.0, old_perm.1);
@@ -639,6 +665,7 @@ impl BlockGraph {
     /// Detaches the guest device: the backend keeps its medium but no permissions.
     pub fn detach_device(&mut self, be: &Arc<BlockBackend>) {
         *mlock(&be.dev) = None;
+        be.tray.store(false, Ordering::Release);
         *mlock(&be.perm) = (Perm::NONE, Perm::ALL);
         if let Some(e) = rlock(&be.root).as_ref() {
             e.set_perm(Perm::NONE, Perm::ALL);

@@ -152,6 +152,11 @@ impl Edge {
         rlock(&self.child).clone()
     }
 
+    /// Runs `f` on the node behind the edge without taking a reference.
+    pub fn with_node<R>(&self, f: impl FnOnce(&Node) -> R) -> R {
+        f(&rlock(&self.child))
+    }
+
     /// The permissions held.
     pub fn perm(&self) -> Perm {
         Perm::from_bits(self.perm.load(Ordering::Relaxed))
@@ -251,6 +256,9 @@ impl Edge {
 
     /// Raises a debug event at the child (for `blkdebug` below).
     pub fn debug_event(&self, ev: qapi_types::BlkdebugEvent) {
+        if crate::drivers::blkdebug::LIVE.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         rlock(&self.child).driver().debug_event(&ev);
     }
 

@@ -104,14 +104,14 @@ struct InFlight<'a>(&'a AtomicUsize);
 
 impl<'a> InFlight<'a> {
     fn new(c: &'a AtomicUsize) -> Self {
-        c.fetch_add(1, Ordering::SeqCst);
+        c.fetch_add(1, Ordering::Relaxed);
         InFlight(c)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -231,7 +231,7 @@ impl Node {
 
     /// Requests in flight in this node.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
+        self.in_flight.load(Ordering::Acquire)
     }
 
     /// The end of the highest write so far (`wr_highest_offset`).
@@ -360,6 +360,12 @@ impl Node {
         }
     }
 
+    fn debug_event(&self, ev: BlkdebugEvent) {
+        if crate::drivers::blkdebug::LIVE.load(Ordering::Relaxed) != 0 {
+            self.driver.debug_event(&ev);
+        }
+    }
+
     fn check_request(offset: u64, len: u64) -> Result<()> {
         if offset.checked_add(len).is_none_or(|e| e > MAX_REQUEST_END) {
             return Err(BlockError::errno(libc::EIO));
@@ -428,9 +434,9 @@ impl Node {
             );
         }
         self.check_threshold(offset, len);
-        self.driver.debug_event(&BlkdebugEvent::Pwritev);
+        self.debug_event(BlkdebugEvent::Pwritev);
         let r = self.driver.write(offset, iov, flags);
-        self.driver.debug_event(&BlkdebugEvent::PwritevDone);
+        self.debug_event(BlkdebugEvent::PwritevDone);
         self.mark_dirty(offset, len);
         r?;
         self.finish_write(offset, len, offset + len > self.length());
@@ -442,7 +448,7 @@ impl Node {
             flags.may_unmap = false;
         }
         self.check_threshold(offset, len);
-        self.driver.debug_event(&BlkdebugEvent::PwritevZero);
+        self.debug_event(BlkdebugEvent::PwritevZero);
         let r = self.driver.write_zeroes(offset, len, flags);
         self.mark_dirty(offset, len);
         r?;
@@ -485,6 +491,9 @@ impl Node {
         let _f = InFlight::new(&self.in_flight);
         if self.is_read_only() || (self.opts.cache_no_flush && self.driver.is_protocol()) {
             return Ok(());
+        }
+        if crate::drivers::blkdebug::LIVE.load(Ordering::Relaxed) == 0 {
+            return self.driver.flush();
         }
         if let Some(f) = self.primary_child() {
             f.debug_event(BlkdebugEvent::FlushToOs);

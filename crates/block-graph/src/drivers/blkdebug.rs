@@ -47,6 +47,9 @@ struct State {
     active: Vec<usize>,
 }
 
+/// Live blkdebug nodes: while there are none, parents skip raising debug events.
+pub(crate) static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// The blkdebug driver's state.
 pub struct BlkdebugDriver {
     image: Arc<Edge>,
@@ -108,6 +111,7 @@ pub(crate) fn open(
     if let Some(v) = &o.set_state {
         given.push(("set-state", qapi_types::QapiType::to_qmp(v)));
     }
+    LIVE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     Ok(Box::new(BlkdebugDriver {
         image,
         state: Mutex::new(State {
@@ -117,6 +121,12 @@ pub(crate) fn open(
         }),
         given,
     }))
+}
+
+impl Drop for BlkdebugDriver {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl BlkdebugDriver {

@@ -165,22 +165,30 @@ impl FileDriver {
             && bases.into_iter().all(|(p, l)| p % a == 0 && l % a == 0)
     }
 
+    fn preadv_once(&self, offset: u64, iov: &[IoSliceMut<'_>]) -> isize {
+        // SAFETY: IoSliceMut is ABI-compatible with struct iovec; the slices borrow
+        // writable memory we own for the duration of the call.
+        unsafe {
+            libc::preadv(
+                self.file.as_raw_fd(),
+                iov.as_ptr() as *const libc::iovec,
+                iov.len().min(1024) as i32,
+                offset as libc::off_t,
+            )
+        }
+    }
+
     fn preadv_full(&self, mut offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
         let total = iov_len_mut(iov);
         let mut done = 0usize;
         while done < total {
-            let sub = crate::iov::slice_iov_mut(iov, done, total - done);
-            // SAFETY: IoSliceMut is ABI-compatible with struct iovec; the slices borrow
-            // writable memory we own for the duration of the call.
-            let r = unsafe {
-                libc::preadv(
-                    self.file.as_raw_fd(),
-                    sub.as_ptr() as *const libc::iovec,
-                    sub.len().min(1024) as i32,
-                    offset as libc::off_t,
-                )
+            // The whole vector in one call (the common case), the rest after a short read.
+            let r = if done == 0 {
+                self.preadv_once(offset, iov)
+            } else {
+                let sub = crate::iov::slice_iov_mut(iov, done, total - done);
+                self.preadv_once(offset, &sub)
             };
-            drop(sub);
             if r < 0 {
                 let e = errno();
                 if e == libc::EINTR {
@@ -200,32 +208,40 @@ impl FileDriver {
         Ok(())
     }
 
+    fn pwritev_once(&self, offset: u64, iov: &[IoSlice<'_>], dsync: bool) -> isize {
+        let cnt = iov.len().min(1024) as i32;
+        // SAFETY: IoSlice is ABI-compatible with struct iovec; the slices borrow memory
+        // that stays valid for the call.
+        unsafe {
+            if dsync {
+                libc::pwritev2(
+                    self.file.as_raw_fd(),
+                    iov.as_ptr() as *const libc::iovec,
+                    cnt,
+                    offset as libc::off_t,
+                    libc::RWF_DSYNC,
+                )
+            } else {
+                libc::pwritev(
+                    self.file.as_raw_fd(),
+                    iov.as_ptr() as *const libc::iovec,
+                    cnt,
+                    offset as libc::off_t,
+                )
+            }
+        }
+    }
+
     fn pwritev_full(&self, mut offset: u64, iov: &[IoSlice<'_>], fua: bool) -> Result<()> {
         let total = iov_len(iov);
         let mut done = 0usize;
         let mut dsync = fua && self.dsync_ok.load(Ordering::Relaxed);
         while done < total {
-            let sub = crate::iov::slice_iov(iov, done, total - done);
-            let cnt = sub.len().min(1024) as i32;
-            // SAFETY: IoSlice is ABI-compatible with struct iovec; the slices borrow memory
-            // that stays valid for the call.
-            let r = unsafe {
-                if dsync {
-                    libc::pwritev2(
-                        self.file.as_raw_fd(),
-                        sub.as_ptr() as *const libc::iovec,
-                        cnt,
-                        offset as libc::off_t,
-                        libc::RWF_DSYNC,
-                    )
-                } else {
-                    libc::pwritev(
-                        self.file.as_raw_fd(),
-                        sub.as_ptr() as *const libc::iovec,
-                        cnt,
-                        offset as libc::off_t,
-                    )
-                }
+            let r = if done == 0 {
+                self.pwritev_once(offset, iov, dsync)
+            } else {
+                let sub = crate::iov::slice_iov(iov, done, total - done);
+                self.pwritev_once(offset, &sub, dsync)
             };
             if r < 0 {
                 let e = errno();

@@ -325,6 +325,33 @@ impl Qcow2Driver {
         }
     }
 
+    /// The data I/O of one mapping.
+    fn read_mapping(&self, m: &::qcow2::Mapping, sub: &mut [IoSliceMut<'_>]) -> Result<()> {
+        match m.kind {
+            MappingKind::Data { host_offset } => {
+                self.file.debug_event(BlkdebugEvent::ReadAio);
+                self.data.read(host_offset, sub)
+            }
+            MappingKind::Zero { .. } => {
+                zero_iov(sub);
+                Ok(())
+            }
+            MappingKind::Unallocated => self.read_backing(m.offset, sub),
+            MappingKind::Compressed {
+                host_offset,
+                compressed_len,
+            } => {
+                let c = self
+                    .img
+                    .read_compressed(host_offset, compressed_len)
+                    .map_err(BlockError::from)?;
+                let o = (m.offset % self.cluster_size) as usize;
+                copy_to_iov(sub, 0, &c[o..o + m.len as usize]);
+                Ok(())
+            }
+        }
+    }
+
     fn execute(&self, plan: &WritePlan<'_>, data: &[IoSlice<'_>]) -> Result<()> {
         if plan.cow.is_empty() {
             return self
@@ -377,28 +404,14 @@ impl BlockDriver for Qcow2Driver {
                 .img
                 .map(offset + done, total - done)
                 .map_err(BlockError::from)?;
-            let n = m.len;
-            let mut sub = slice_iov_mut(iov, done as usize, n as usize);
-            match m.kind {
-                MappingKind::Data { host_offset } => {
-                    self.file.debug_event(BlkdebugEvent::ReadAio);
-                    self.data.read(host_offset, &mut sub)?
-                }
-                MappingKind::Zero { .. } => zero_iov(&mut sub),
-                MappingKind::Unallocated => self.read_backing(m.offset, &mut sub)?,
-                MappingKind::Compressed {
-                    host_offset,
-                    compressed_len,
-                } => {
-                    let c = self
-                        .img
-                        .read_compressed(host_offset, compressed_len)
-                        .map_err(BlockError::from)?;
-                    let o = (m.offset % self.cluster_size) as usize;
-                    copy_to_iov(&mut sub, 0, &c[o..o + n as usize]);
-                }
+            if done == 0 && m.len == total {
+                // One mapping covers the request: no sub-vector.
+                self.read_mapping(&m, iov)?;
+            } else {
+                let mut sub = slice_iov_mut(iov, done as usize, m.len as usize);
+                self.read_mapping(&m, &mut sub)?;
             }
-            done += n;
+            done += m.len;
         }
         Ok(())
     }
@@ -412,9 +425,13 @@ impl BlockDriver for Qcow2Driver {
                 .prepare_write(offset + done, total - done)
                 .map_err(BlockError::from)?;
             let n = plan.len;
-            let sub = slice_iov(iov, done as usize, n as usize);
             self.file.debug_event(BlkdebugEvent::WriteAio);
-            self.execute(&plan, &sub)?;
+            if done == 0 && n == total {
+                self.execute(&plan, iov)?;
+            } else {
+                let sub = slice_iov(iov, done as usize, n as usize);
+                self.execute(&plan, &sub)?;
+            }
             self.img.commit_write(plan).map_err(BlockError::from)?;
             done += n;
         }
