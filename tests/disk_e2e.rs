@@ -120,3 +120,57 @@ fn the_guest_writes_and_checks_its_disk_and_the_image_stays_clean() {
         );
     }
 }
+
+#[test]
+fn qemu_python_client_drives_the_guest_scenario() {
+    if !kvm_usable("qemu_python_client_drives_the_guest_scenario") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let imgs = img.to_str().unwrap().to_owned();
+    assert!(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", &imgs, "1M"])
+        .status()
+        .unwrap()
+        .success());
+    let bd = format!("driver=qcow2,node-name=disk0,file.driver=file,file.filename={imgs}");
+    let mut vmm = Vmm::start_with(&[
+        "-m",
+        "32M",
+        "--blockdev",
+        &bd,
+        "--device",
+        "virtio-blk,drive=disk0,id=vd0",
+        "--chardev",
+        "ringbuf,id=con,size=65536",
+        "--serial",
+        "chardev:con",
+    ]);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/python/guest_scenario.py"
+    );
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(&vmm.sock)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu.qmp scenario failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    assert!(vmm.wait_exit(Duration::from_secs(30)).success());
+    let check = Command::new("qemu-img")
+        .args(["check", &imgs])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
