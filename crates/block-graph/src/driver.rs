@@ -185,6 +185,17 @@ pub trait BlockDriver: Send + Sync {
         default_child_perm(role, perm, shared, writable)
     }
 
+    /// Checks that the node's users may have `perm` and share only `shared` as far as the
+    /// outside world is concerned (the `file` driver checks the locks other processes
+    /// hold). Called while the graph checks a change; nothing may change yet.
+    fn check_perm(&self, _perm: Perm, _shared: Perm) -> Result<()> {
+        Ok(())
+    }
+
+    /// Makes `perm`/`shared` the node's permissions (the `file` driver takes the matching
+    /// locks). Called once a change is final.
+    fn set_perm(&self, _perm: Perm, _shared: Perm) {}
+
     /// The host file name for protocol drivers (`/path/img`, `null-co://`). Formats and
     /// filters return `None` and show their primary child's name.
     fn filename(&self) -> Option<String> {

@@ -486,6 +486,9 @@ impl BlockGraph {
                     "Block node is read-only".into(),
                 ));
             }
+            if (perm, shared) != n.cumulative_perm() {
+                n.driver().check_perm(perm, shared)?;
+            }
             cumulative.push((n.clone(), (perm, shared)));
             for c in n.children() {
                 let (p, mut s) = n
@@ -498,6 +501,9 @@ impl BlockGraph {
             }
         }
         for (n, c) in &cumulative {
+            if *c != n.cumulative_perm() {
+                n.driver().set_perm(c.0, c.1);
+            }
             *mlock(&n.cumulative) = *c;
             for e in n.children() {
                 if let Some((p, s)) = proposed.get(&Arc::as_ptr(&e)) {

@@ -283,7 +283,7 @@ fn backing_chains_fall_through_and_report_depth() {
     assert!(buf[..100].iter().all(|&x| x == 0x11));
     assert!(buf[100..110].iter().all(|&x| x == 0x44));
     assert!(buf[110..4096].iter().all(|&x| x == 0x11));
-    drop(be);
+    drop((be, n, b));
     g.close_all();
     drop(g);
     assert_clean(&top);
@@ -300,8 +300,10 @@ fn backing_chains_fall_through_and_report_depth() {
         .new_root(&n, Perm::CONSISTENT_READ, Perm::ALL, "test")
         .unwrap();
     let mut c = [9u8; 16];
+    u.read_buf(3 << 20, &mut c).unwrap();
+    assert_eq!(c, [0u8; 16], "base's data is not seen");
     u.read_buf(200, &mut c).unwrap();
-    assert_eq!(c, [0u8; 16]);
+    assert_eq!(c, [0x11; 16], "the copied-on-write cluster is top's own");
     // A missing backing file is QEMU's error.
     let lost = dir.path().join("lost.qcow2");
     qemu_img(&[
@@ -685,4 +687,54 @@ fn removable_media_and_trays() {
             .to_string(),
         "Need exactly one of 'device' and 'id'"
     );
+}
+
+#[test]
+fn file_locks_keep_qemu_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("l.qcow2");
+    let path = img.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", path, "1M"]);
+    {
+        let mut g = BlockGraph::new();
+        add_qcow2(&mut g, "q", &img);
+        let out = std::process::Command::new("qemu-img")
+            .args(["info", path])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Failed to get shared \"write\" lock"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        qemu_img(&["info", "-U", path]);
+    }
+    qemu_img(&["check", path]);
+    // The other way round: qemu-storage-daemon holds the image.
+    let mut qsd = Qsd::start();
+    qsd.execute(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "q", "file": {"driver": "file", "filename": path}}),
+    )
+    .unwrap();
+    let mut g = BlockGraph::new();
+    let e = g
+        .blockdev_add(&opts(json!({"driver": "qcow2", "node-name": "q",
+            "file": {"driver": "file", "filename": path}})))
+        .unwrap_err();
+    assert_eq!(e.to_string(), "Failed to get \"write\" lock");
+    let e = g
+        .blockdev_add(&opts(
+            json!({"driver": "qcow2", "node-name": "q", "read-only": true,
+            "file": {"driver": "file", "filename": path}}),
+        ))
+        .unwrap_err();
+    assert_eq!(e.to_string(), "Failed to get shared \"write\" lock");
+    g.blockdev_add(&opts(
+        json!({"driver": "qcow2", "node-name": "q", "read-only": true,
+        "force-share": true, "file": {"driver": "file", "filename": path}}),
+    ))
+    .unwrap();
+    assert!(g.find_node("q").unwrap().is_read_only());
 }

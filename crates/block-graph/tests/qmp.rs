@@ -112,11 +112,13 @@ fn query_shapes_match_qemu_storage_daemon() {
     ]);
     qemu_img(&["create", "-q", "-f", "raw", p(&raw), "1M"]);
     let cmds = [
-        json!({"driver": "raw", "node-name": "r1", "file": {"driver": "file", "filename": p(&raw)}}),
-        json!({"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": p(&top)}}),
+        json!({"driver": "raw", "node-name": "r1", "file": {"driver": "file", "filename": p(&raw), "locking": "off"}}),
+        json!({"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": p(&top), "locking": "off"}}),
         json!({"driver": "null-co", "node-name": "n1", "size": 65536}),
-        json!({"driver": "file", "node-name": "f2", "filename": p(&raw), "read-only": true, "cache": {"direct": false, "no-flush": true}}),
+        json!({"driver": "file", "node-name": "f2", "filename": p(&raw), "read-only": true, "locking": "off", "cache": {"direct": false, "no-flush": true}}),
     ];
+    // Both processes open the same images read-write: neither takes file locks here (the
+    // locks themselves are tested in `file_locks_keep_qemu_out`).
     let mut qsd = Qsd::start();
     let mut m = Monitor::new();
     for c in &cmds {
@@ -209,7 +211,7 @@ fn query_shapes_match_qemu_storage_daemon() {
     // The backing node of a snapshot is busy.
     let ov = dir.path().join("ov.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", p(&ov), "4M"]);
-    let add = json!({"driver": "qcow2", "node-name": "ov", "backing": null, "file": {"driver": "file", "filename": p(&ov)}});
+    let add = json!({"driver": "qcow2", "node-name": "ov", "backing": null, "file": {"driver": "file", "filename": p(&ov), "locking": "off"}});
     qsd.execute("blockdev-add", add.clone()).unwrap();
     m.ok("blockdev-add", add);
     qsd.execute("blockdev-snapshot", json!({"node": "top", "overlay": "ov"}))
@@ -468,6 +470,7 @@ fn bitmaps_through_qmp_and_persisted_in_qcow2() {
         "block-dirty-bitmap-remove",
         json!({"node": "q", "name": "p"}),
     );
+    drop((q, b));
     m.vmm.block.close_all();
     let info: Value = serde_json::from_str(&qemu_img(&["info", "--output=json", p(&img)])).unwrap();
     assert!(

@@ -16,6 +16,7 @@ use crate::driver::{BlockDriver, DriverStatus, StatusKind, WriteFlags, ZeroFlags
 use crate::error::{BlockError, Result};
 use crate::iov::{copy_from_iov, copy_to_iov, iov_len, iov_len_mut};
 use crate::node::mlock;
+use crate::perm::Perm;
 
 /// How the file driver is configured.
 #[derive(Debug, Clone)]
@@ -26,7 +27,15 @@ pub struct FileOptions {
     pub read_only: bool,
     /// `O_DIRECT`.
     pub direct: bool,
+    /// Take QEMU's permission locks (`locking=on|auto`).
+    pub locking: bool,
 }
+
+/// QEMU's lock bytes: 100 + i while holding permission bit i, 200 + i while not sharing it.
+const LOCK_PERM_BASE: i64 = 100;
+const LOCK_SHARED_BASE: i64 = 200;
+/// The permission bits QEMU 7.2 locks (consistent read, write, write unchanged, resize).
+const LOCK_BITS: u32 = 4;
 
 /// Byte ranges being written, so that a read-modify-write of an unaligned `O_DIRECT` write
 /// never overlaps another write of the same blocks.
@@ -80,6 +89,9 @@ pub struct FileDriver {
     dsync_ok: AtomicBool,
     /// Last data extent found with SEEK_DATA/SEEK_HOLE.
     extent: Mutex<(u64, u64)>,
+    locking: bool,
+    /// Bits locked at (LOCK_PERM_BASE, LOCK_SHARED_BASE).
+    locked: Mutex<(u32, u32)>,
 }
 
 fn errno() -> i32 {
@@ -118,11 +130,40 @@ impl FileDriver {
             rmw: RangeLocks::default(),
             dsync_ok: AtomicBool::new(true),
             extent: Mutex::new((0, 0)),
+            locking: o.locking,
+            locked: Mutex::new((0, 0)),
         };
         if o.direct {
             d.align = d.probe_alignment();
         }
         Ok(d)
+    }
+
+    /// An OFD lock operation on one byte: `F_OFD_GETLK` (test for a write lock, returns
+    /// whether another open file holds one) or `F_OFD_SETLK` with a read lock or unlock.
+    fn ofd(
+        &self,
+        cmd: libc::c_int,
+        ty: libc::c_short,
+        byte: i64,
+    ) -> std::result::Result<bool, i32> {
+        // SAFETY: flock is plain data; zeroed is a valid starting value.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = ty;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = byte;
+        fl.l_len = 1;
+        loop {
+            // SAFETY: fcntl on our own descriptor with a pointer to a local flock.
+            let r = unsafe { libc::fcntl(self.file.as_raw_fd(), cmd, &mut fl as *mut libc::flock) };
+            if r == 0 {
+                return Ok(cmd == libc::F_OFD_GETLK && fl.l_type != libc::F_UNLCK as libc::c_short);
+            }
+            let e = errno();
+            if e != libc::EINTR {
+                return Err(e);
+            }
+        }
     }
 
     /// Finds the smallest request size `O_DIRECT` accepts (512 or 4096).
@@ -492,6 +533,91 @@ impl BlockDriver for FileDriver {
         Some(self.filename.clone())
     }
 
+    fn check_perm(&self, perm: Perm, shared: Perm) -> Result<()> {
+        if !self.locking {
+            return Ok(());
+        }
+        let fail = |e: i32, what: String| {
+            if e == 0 {
+                BlockError::generic(what)
+            } else {
+                BlockError::generic(format!("{what}: {}", crate::error::strerror(e)))
+            }
+        };
+        for i in 0..LOCK_BITS {
+            let p = Perm::from_bits(1 << i);
+            if perm.contains(p) {
+                match self.ofd(
+                    libc::F_OFD_GETLK,
+                    libc::F_WRLCK as libc::c_short,
+                    LOCK_SHARED_BASE + i as i64,
+                ) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        return Err(fail(0, format!("Failed to get \"{}\" lock", p.names())))
+                    }
+                    Err(e) => return Err(fail(e, format!("Failed to get \"{}\" lock", p.names()))),
+                }
+            }
+        }
+        for i in 0..LOCK_BITS {
+            let p = Perm::from_bits(1 << i);
+            if !shared.contains(p) {
+                match self.ofd(
+                    libc::F_OFD_GETLK,
+                    libc::F_WRLCK as libc::c_short,
+                    LOCK_PERM_BASE + i as i64,
+                ) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        return Err(fail(
+                            0,
+                            format!("Failed to get shared \"{}\" lock", p.names()),
+                        ))
+                    }
+                    Err(e) => {
+                        return Err(fail(
+                            e,
+                            format!("Failed to get shared \"{}\" lock", p.names()),
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_perm(&self, perm: Perm, shared: Perm) {
+        if !self.locking {
+            return;
+        }
+        let want = (perm.bits() & 0xf, !shared.bits() & 0xf);
+        let mut guard = mlock(&self.locked);
+        let locked = &mut *guard;
+        for (base, have, need) in [
+            (LOCK_PERM_BASE, &mut locked.0, want.0),
+            (LOCK_SHARED_BASE, &mut locked.1, want.1),
+        ] {
+            for i in 0..LOCK_BITS {
+                let bit = 1u32 << i;
+                let ty = match (need & bit != 0, *have & bit != 0) {
+                    (true, false) => libc::F_RDLCK,
+                    (false, true) => libc::F_UNLCK,
+                    _ => continue,
+                };
+                match self.ofd(libc::F_OFD_SETLK, ty as libc::c_short, base + i as i64) {
+                    Ok(_) => *have ^= bit,
+                    Err(e) => log::warn!(
+                        "{}: locking byte {} failed: {}",
+                        self.filename,
+                        base + i as i64,
+                        crate::error::strerror(e)
+                    ),
+                }
+            }
+        }
+    }
+
     fn image_info(&self) -> crate::driver::DriverImageInfo {
         crate::driver::DriverImageInfo {
             dirty_flag: Some(false),
@@ -514,6 +640,7 @@ mod tests {
             filename: path.to_string_lossy().into(),
             read_only: false,
             direct,
+            locking: true,
         })
         .unwrap()
     }
@@ -570,6 +697,7 @@ mod tests {
             filename: "/nonexistent/x".into(),
             read_only: true,
             direct: false,
+            locking: true,
         })
         .err()
         .unwrap();
@@ -588,6 +716,7 @@ mod tests {
             filename: p.to_string_lossy().into(),
             read_only: false,
             direct: true,
+            locking: false,
         }) {
             Ok(f) => f,
             // tmpfs has no O_DIRECT.

@@ -146,13 +146,20 @@ pub(crate) fn open_driver(
 ) -> Result<Box<dyn BlockDriver>> {
     match &opts.driver {
         BlockdevOptionsBranch::File(f) | BlockdevOptionsBranch::HostDevice(f) => {
-            if let Some(qapi_types::OnOffAuto::On) = f.locking {
-                log::debug!("locking=on: file locks are not taken by this block layer");
-            }
+            let locking = match &f.locking {
+                None | Some(qapi_types::OnOffAuto::Auto) | Some(qapi_types::OnOffAuto::On) => true,
+                Some(qapi_types::OnOffAuto::Off) => false,
+                Some(qapi_types::OnOffAuto::Unrecognized(v)) => {
+                    return Err(BlockError::generic(format!(
+                        "Parameter 'locking' does not accept value '{v}'"
+                    )))
+                }
+            };
             let d = file::FileDriver::open(&file::FileOptions {
                 filename: f.filename.clone(),
                 read_only: ctx.options().read_only,
                 direct: ctx.options().cache_direct,
+                locking,
             })?;
             Ok(Box::new(d))
         }
