@@ -635,13 +635,19 @@ impl BlockGraph {
         first
     }
 
-    /// Closes everything: BlockBackends lose their media and nodes are closed (persistent
-    /// bitmaps stored, caches written).
+    /// Closes everything: BlockBackends lose their media and every node is closed
+    /// (persistent bitmaps stored, caches written, the image left clean) and made read-only,
+    /// even if something outside the graph still holds it.
     pub fn close_all(&mut self) {
         for b in std::mem::take(&mut self.backends) {
             b.detach_root();
         }
         self.monitor_owned.clear();
+        // Nodes someone else still holds are closed too (parents before their children,
+        // which they write through), and refuse writes from now on.
+        for n in topo_order(&self.nodes()) {
+            n.close();
+        }
         self.prune();
     }
 }

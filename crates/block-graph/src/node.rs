@@ -631,6 +631,7 @@ impl Node {
         if let Err(e) = self.driver.close() {
             log::error!("node '{}': close failed: {e}", self.name);
         }
+        self.ro.store(true, Ordering::Release);
     }
 }
 

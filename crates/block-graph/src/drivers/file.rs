@@ -587,6 +587,12 @@ impl BlockDriver for FileDriver {
         Ok(())
     }
 
+    fn close(&self) -> Result<()> {
+        // Closed nodes use nothing: let other processes in.
+        self.set_perm(Perm::NONE, Perm::ALL);
+        Ok(())
+    }
+
     fn set_perm(&self, perm: Perm, shared: Perm) {
         if !self.locking {
             return;
