@@ -174,3 +174,57 @@ fn qemu_python_client_drives_the_guest_scenario() {
         String::from_utf8_lossy(&check.stdout)
     );
 }
+
+#[test]
+fn without_ioeventfd_the_vcpu_thread_serves_the_queue() {
+    if !kvm_usable("without_ioeventfd_the_vcpu_thread_serves_the_queue") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let imgs = img.to_str().unwrap().to_owned();
+    assert!(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", &imgs, "1M"])
+        .status()
+        .unwrap()
+        .success());
+    let bd = format!("driver=qcow2,node-name=disk0,file.driver=file,file.filename={imgs}");
+    let mut vmm = Vmm::start_with(&[
+        "-m",
+        "32M",
+        "--blockdev",
+        &bd,
+        "--device",
+        "virtio-blk,drive=disk0,id=vd0,ioeventfd=off",
+        "--chardev",
+        "ringbuf,id=con,size=65536",
+        "--serial",
+        "chardev:con",
+    ]);
+    let mut c = vmm.negotiated();
+    let start = Instant::now();
+    let mut out = String::new();
+    while !out.contains("pass 2 done") {
+        out.push_str(&console(&mut c));
+        assert!(
+            !out.contains("MISMATCH") && !out.contains("I/O error"),
+            "{out}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no two passes in 120 s:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.exec(r#"{"execute": "quit"}"#);
+    assert!(vmm.wait_exit(Duration::from_secs(30)).success());
+    let check = Command::new("qemu-img")
+        .args(["check", &imgs])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}

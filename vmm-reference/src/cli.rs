@@ -152,6 +152,8 @@ pub struct DeviceSpec {
     pub queues: u16,
     /// Whether the guest sees the disk read-only.
     pub read_only: bool,
+    /// Queue notifications through ioeventfds (default on, as in QEMU).
+    pub ioeventfd: bool,
 }
 
 impl FromStr for DeviceSpec {
@@ -163,7 +165,8 @@ impl FromStr for DeviceSpec {
         if !matches!(model, "virtio-blk" | "virtio-blk-pci" | "virtio-blk-device") {
             return Err(format!("'{model}' is not a valid device model name"));
         }
-        let (mut drive, mut id, mut queues, mut read_only) = (None, None, 1u16, false);
+        let (mut drive, mut id, mut queues, mut read_only, mut ioeventfd) =
+            (None, None, 1u16, false, true);
         for opt in parts {
             let (k, v) = opt
                 .split_once('=')
@@ -179,6 +182,7 @@ impl FromStr for DeviceSpec {
                         .ok_or_else(|| format!("num-queues must be 1 to 16, not '{v}'"))?
                 }
                 "read-only" => read_only = matches!(v, "on" | "true" | "yes"),
+                "ioeventfd" => ioeventfd = matches!(v, "on" | "true" | "yes"),
                 _ => return Err(format!("Property '{model}.{k}' not found")),
             }
         }
@@ -188,6 +192,7 @@ impl FromStr for DeviceSpec {
             drive,
             queues,
             read_only,
+            ioeventfd,
         })
     }
 }
@@ -358,6 +363,39 @@ mod tests {
         );
         for bad in [&["-m", "12X"][..], &["-smp", "0"], &["--serial", "tcp:x"]] {
             assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parses_devices() {
+        let dev = parse(&[
+            "-device",
+            "virtio-blk-pci,drive=disk0,id=vd0,num-queues=2,ioeventfd=off",
+        ])
+        .unwrap();
+        assert_eq!(
+            dev.device,
+            [DeviceSpec {
+                drive: "disk0".into(),
+                id: "vd0".into(),
+                queues: 2,
+                read_only: false,
+                ioeventfd: false,
+            }]
+        );
+        let dev = parse(&["--device", "virtio-blk,drive=d"]).unwrap();
+        assert_eq!(
+            (dev.device[0].id.as_str(), dev.device[0].ioeventfd),
+            ("d", true)
+        );
+        for bad in [
+            "e1000,drive=x",
+            "virtio-blk,id=x",
+            "virtio-blk,drive=x,bogus=1",
+            "virtio-blk,drive=x,num-queues=0",
+            "virtio-blk,drive",
+        ] {
+            assert!(parse(&["--device", bad]).is_err(), "{bad}");
         }
     }
 

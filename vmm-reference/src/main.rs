@@ -19,6 +19,7 @@ use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use crate::cli::{Cli, SerialSpec};
@@ -32,7 +33,9 @@ const SIGNAL_TOKEN: Token = Token(0);
 /// Wakes the loop for the machine's requests (reset, shutdown).
 const MACHINE_TOKEN: Token = Token((1 << 20) - 1);
 /// Tokens of the character devices.
-const CHARDEV_TOKENS: std::ops::Range<usize> = 1..((1 << 20) - 1);
+const CHARDEV_TOKENS: std::ops::Range<usize> = 1..NOTIFIER_TOKENS;
+/// First token of the virtqueue notifiers (one per queue with an ioeventfd).
+const NOTIFIER_TOKENS: usize = 1 << 19;
 /// First token of the QMP monitors (listeners and clients follow).
 const MONITOR_TOKENS: Token = Token(1 << 20);
 
@@ -128,12 +131,17 @@ fn run(cli: Cli) -> Result<(), String> {
             .map_err(|e| format!("--blockdev {spec}: {e}"))?;
     }
     if !cli.no_guest {
-        vmm.machine = Some(start_machine(
-            &cli,
-            &mut vmm.chardevs,
-            &mut vmm.block,
-            waker,
-        )?);
+        let machine = start_machine(&cli, &mut vmm.chardevs, &mut vmm.block, waker)?;
+        for (i, n) in machine.notifiers().iter().enumerate() {
+            poll.registry()
+                .register(
+                    &mut mio::unix::SourceFd(&n.fd.as_raw_fd()),
+                    Token(NOTIFIER_TOKENS + i),
+                    Interest::READABLE,
+                )
+                .map_err(|e| format!("cannot watch a virtqueue notifier: {e}"))?;
+        }
+        vmm.machine = Some(machine);
     }
     let mut events = Events::with_capacity(256);
     log::info!("serving QMP on {:?}", cli.qmp);
@@ -153,6 +161,17 @@ fn run(cli: Cli) -> Result<(), String> {
                 }
             } else if monitors.owns(ev.token()) {
                 monitors.handle_event(poll.registry(), ev, &mut vmm);
+            } else if (NOTIFIER_TOKENS..MACHINE_TOKEN.0).contains(&ev.token().0) {
+                let index = ev.token().0 - NOTIFIER_TOKENS;
+                if let Some(n) = vmm.machine.as_ref().and_then(|m| m.notifiers().get(index)) {
+                    // Clear the eventfd first: a notification after this read
+                    // wakes the loop again, so no request is left behind.
+                    let _ = n.fd.read();
+                    n.device
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .notify(n.queue);
+                }
             } else if vmm.chardevs.owns(ev.token()) {
                 vmm.chardevs.handle_event(ev);
             } else if ev.token() == MACHINE_TOKEN && machine_requests(&mut vmm) {
@@ -253,6 +272,7 @@ fn start_machine(
             read_only: dev.read_only,
             id: dev.id.clone(),
             queues: dev.queues,
+            ioeventfd: dev.ioeventfd,
         });
     }
     let machine =

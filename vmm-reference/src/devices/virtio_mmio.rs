@@ -13,6 +13,8 @@ use super::virtio_blk::{BlkEngine, QueueError, SECTOR};
 
 /// Size of one device's register window.
 pub const WINDOW: u64 = 0x1000;
+/// Offset of the QueueNotify register in the window.
+pub const NOTIFY_OFFSET: u64 = 0x050;
 /// Entries per virtqueue the device allows.
 pub const QUEUE_MAX: u16 = 256;
 
@@ -199,9 +201,10 @@ impl VirtioMmioBlk {
         }
     }
 
-    /// QueueNotify: processes the queue's requests here, on the thread that
-    /// wrote the register, and interrupts the driver when it asks for it.
-    fn notify(&mut self, index: u32) {
+    /// QueueNotify: processes the queue's requests on the calling thread
+    /// (the vCPU that wrote the register, or the main loop woken by the
+    /// queue's ioeventfd) and interrupts the driver when it asks for it.
+    pub fn notify(&mut self, index: u32) {
         if self.status & STATUS_NEEDS_RESET != 0 {
             return;
         }

@@ -12,12 +12,12 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::virtio_blk::BlkEngine;
-use crate::devices::virtio_mmio::{VirtioMmioBlk, WINDOW};
+use crate::devices::virtio_mmio::{SharedMmioDevice, VirtioMmioBlk, NOTIFY_OFFSET, WINDOW};
 use bus::{EventFdTrigger, InputReady, IoBus, SerialPort, COM1_IRQ};
 pub use vcpu::VcpuInfo;
 use vcpu::Vcpus;
@@ -49,6 +49,21 @@ pub struct BlockDeviceSpec {
     pub id: String,
     /// Request queues.
     pub queues: u16,
+    /// Queue notifications through ioeventfds (QEMU's `ioeventfd` property):
+    /// the guest's notify does not exit to the VMM and the main loop
+    /// processes the queue; off, the vCPU thread processes it on the exit.
+    pub ioeventfd: bool,
+}
+
+/// A queue notification the main loop waits on: the eventfd KVM signals
+/// when the guest writes the queue's index to QueueNotify.
+pub struct QueueNotifier {
+    /// The eventfd.
+    pub fd: EventFd,
+    /// The device.
+    pub device: SharedMmioDevice,
+    /// The queue index.
+    pub queue: u32,
 }
 
 /// Where the first virtio-mmio device's registers are.
@@ -96,6 +111,7 @@ pub struct Machine {
     bus: Arc<IoBus>,
     serial: Arc<Mutex<SerialPort>>,
     boot: BootSource,
+    notifiers: Vec<QueueNotifier>,
     /// Entry point and `rsi` of the loaded program, read by the vCPUs at (re)boot.
     entry: Arc<Mutex<(u64, u64)>>,
 }
@@ -167,16 +183,32 @@ impl Machine {
             serial_out,
         )));
         let mut mmio = Vec::new();
+        let mut notifiers = Vec::new();
         for (i, disk) in disks.into_iter().enumerate() {
             let irq = EventFd::new(libc::EFD_NONBLOCK)?;
             vm.register_irqfd(&irq, VIRTIO_MMIO_IRQ + i as u32)
                 .map_err(|e| MachineError::KvmCall("KVM_IRQFD", e))?;
             let engine = BlkEngine::new(disk.backend, disk.read_only, &disk.id);
-            let dev = VirtioMmioBlk::new(engine, memory.clone(), irq, disk.queues);
-            mmio.push((
-                VIRTIO_MMIO_BASE + i as u64 * WINDOW,
-                Arc::new(Mutex::new(dev)),
-            ));
+            let dev: SharedMmioDevice = Arc::new(Mutex::new(VirtioMmioBlk::new(
+                engine,
+                memory.clone(),
+                irq,
+                disk.queues,
+            )));
+            let base = VIRTIO_MMIO_BASE + i as u64 * WINDOW;
+            if disk.ioeventfd {
+                for queue in 0..u32::from(disk.queues.max(1)) {
+                    let fd = EventFd::new(libc::EFD_NONBLOCK)?;
+                    vm.register_ioevent(&fd, &IoEventAddress::Mmio(base + NOTIFY_OFFSET), queue)
+                        .map_err(|e| MachineError::KvmCall("KVM_IOEVENTFD", e))?;
+                    notifiers.push(QueueNotifier {
+                        fd,
+                        device: dev.clone(),
+                        queue,
+                    });
+                }
+            }
+            mmio.push((base, dev));
         }
         let bus = Arc::new(IoBus::new(serial.clone(), mmio, waker));
 
@@ -220,6 +252,7 @@ impl Machine {
             bus,
             serial,
             boot: boot_source,
+            notifiers,
             entry,
         })
     }
@@ -256,6 +289,11 @@ impl Machine {
     /// COM1 as a frontend for its chardev.
     pub fn serial_frontend(&self) -> bus::SerialFrontend {
         bus::SerialFrontend(self.serial.clone())
+    }
+
+    /// The queue notifications the main loop must watch (devices with ioeventfd).
+    pub fn notifiers(&self) -> &[QueueNotifier] {
+        &self.notifiers
     }
 
     /// Delivers an NMI to every vCPU (`inject-nmi`).
