@@ -511,9 +511,9 @@ impl BlockBackend {
     pub fn flush(&self) -> Result<()> {
         let _g = self.info.gate.enter();
         let e = rlock(&self.root).clone();
-        let Some(e) = e else {
-            // Nothing to flush without a medium.
-            return Ok(());
+        let Some(e) = e.filter(|_| !self.is_tray_open()) else {
+            self.stats.invalid(AcctType::Flush);
+            return Err(BlockError::errno(libc::ENOMEDIUM));
         };
         let c = self.stats.start(AcctType::Flush, 0);
         let r = e.flush();

@@ -22,10 +22,10 @@
 //!    `ENOTSUP`.
 //! 2. Write an open function `fn(&mut OpenCtx<'_>, &BlockdevOptions) -> Result<Box<dyn
 //!    BlockDriver>>`. Take your driver's branch out of the options, open your children with
-//!    [`OpenCtx::open_child`] (they may be inline definitions or references to existing
+//!    [`crate::drivers::OpenCtx::open_child`] (they may be inline definitions or references to existing
 //!    nodes), and check every option: an invalid one is an error in QEMU's words, never a
 //!    silent default.
-//! 3. Register it in [`crate::drivers::open_driver`] under the `BlockdevDriver` value.
+//! 3. Register it in `open_driver` (`src/drivers/mod.rs`) under the `BlockdevDriver` value.
 //!
 //! See `CONTRIBUTING.md` of this crate for a complete example.
 

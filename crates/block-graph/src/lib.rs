@@ -66,6 +66,21 @@ pub use node::{Edge, Node, NodeOptions, RangeStatus, RootInfo};
 pub use perm::{ChildRole, Perm};
 pub use qmp::register;
 
+#[cfg(test)]
+mod tests {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+
+    #[test]
+    fn types_cross_threads() {
+        // I/O runs on any thread; the graph may live on the monitor's thread.
+        send_sync::<crate::BlockBackend>();
+        send_sync::<crate::Node>();
+        send_sync::<crate::Edge>();
+        send::<crate::BlockGraph>();
+    }
+}
+
 /// The README's example, compiled and run as a doctest.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

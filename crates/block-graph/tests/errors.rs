@@ -201,3 +201,59 @@ fn blkdebug_under_qcow2_fails_guest_data_reads() {
         .unwrap_err();
     assert_eq!(e.to_string(), "Cannot meet constraints with align 3");
 }
+
+#[test]
+fn qcow2_corruption_raises_block_image_corrupted() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("c.qcow2");
+    let path = img.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", path, "1M"]);
+    qemu_io(&img, "qcow2", &["write -P 1 0 64k"]);
+    // Make the first L2 entry point at an unaligned host offset.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, 40).unwrap();
+    let l1 = u64::from_be_bytes(b);
+    f.read_exact_at(&mut b, l1).unwrap();
+    let l2 = u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00;
+    f.read_exact_at(&mut b, l2).unwrap();
+    let e = u64::from_be_bytes(b) | 0x200;
+    f.write_all_at(&e.to_be_bytes(), l2).unwrap();
+    drop(f);
+    let mut g = BlockGraph::new();
+    let n = g
+        .blockdev_add(&opts(
+            json!({"driver": "qcow2", "id": "disk0", "node-name": "q",
+            "file": {"driver": "file", "filename": path}}),
+        ))
+        .unwrap();
+    let be = g.find_backend("disk0").unwrap();
+    g.attach_device(&be, disk("vd")).unwrap();
+    let mut buf = [0u8; 512];
+    let err = be.read_buf(0, &mut buf).unwrap_err();
+    assert_eq!(err.errno_value(), libc::EIO);
+    let ev: Vec<_> = g
+        .take_events()
+        .into_iter()
+        .filter(|e| e.event == "BLOCK_IMAGE_CORRUPTED")
+        .collect();
+    assert_eq!(ev.len(), 1);
+    let d = ev[0].data.as_ref().unwrap();
+    assert_eq!(d["device"], "disk0");
+    assert_eq!(d["node-name"], "q");
+    assert_eq!(d["fatal"], true);
+    assert!(d["msg"].as_str().unwrap().contains("unaligned"), "{d}");
+    // The image is now read-only and marked corrupt.
+    assert!(be
+        .write_buf(65536, &[1; 512], WriteFlags::default())
+        .is_err());
+    drop((n, be));
+    g.close_all();
+    let info: Value = serde_json::from_str(&qemu_img(&["info", "--output=json", path])).unwrap();
+    assert_eq!(info["format-specific"]["data"]["corrupt"], true);
+}
