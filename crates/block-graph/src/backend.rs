@@ -639,10 +639,12 @@ impl BlockGraph {
         if let Some(e) = rlock(&be.root).as_ref() {
             e.set_perm(perm, shared);
         }
+        let old_desc = be.info.desc();
         if be.name.is_empty() {
             be.info.set_desc(format!("block device '{}'", dev.id));
         }
         if let Err(err) = self.refresh_perms() {
+            be.info.set_desc(old_desc);
             *mlock(&be.perm) = old_perm;
             be.tray.store(
                 old_dev.as_ref().is_some_and(|d| d.has_tray),

@@ -733,3 +733,51 @@ fn remaining_commands_and_their_errors() {
     assert_clean(&ov);
     assert_clean(&img);
 }
+
+#[test]
+fn devices_on_nodes_without_a_backend_name() {
+    // What `-blockdev ...,node-name=n0 -device virtio-blk,drive=n0,id=vd0` sets up.
+    let mut m = Monitor::new();
+    let o = block_graph::parse_blockdev_arg("null-co,node-name=n0,size=1048576").unwrap();
+    let n = m.vmm.block.blockdev_add(&o).unwrap();
+    let be = m
+        .vmm
+        .block
+        .new_root(
+            &n,
+            block_graph::Perm::NONE,
+            block_graph::Perm::ALL,
+            "an unnamed block device",
+        )
+        .unwrap();
+    m.vmm.block.attach_device(&be, disk("vd0")).unwrap();
+    let qb = m.ok("query-block", json!({}));
+    assert_eq!(qb.as_array().unwrap().len(), 1);
+    assert_eq!(qb[0]["device"], "");
+    assert_eq!(qb[0]["qdev"], "vd0");
+    assert_eq!(qb[0]["inserted"]["node-name"], "n0");
+    let st = m.ok("query-blockstats", json!({}));
+    assert_eq!(st[0]["device"], "");
+    // The device is named in permission errors.
+    let be2 = m
+        .vmm
+        .block
+        .new_root(
+            &n,
+            block_graph::Perm::NONE,
+            block_graph::Perm::ALL,
+            "an unnamed block device",
+        )
+        .unwrap();
+    let e = m.vmm.block.attach_device(&be2, disk("vd1")).unwrap_err();
+    assert!(e.to_string().contains("block device 'vd0'"), "{e}");
+    // Media commands address it by its device id.
+    assert_eq!(
+        m.err("eject", json!({"id": "vd0"})),
+        "Device 'vd0' is not removable"
+    );
+    assert_eq!(
+        m.err("blockdev-del", json!({"node-name": "n0"})),
+        "Node n0 is in use"
+    );
+}
