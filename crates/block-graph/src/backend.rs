@@ -430,32 +430,34 @@ impl BlockBackend {
         offset: u64,
         len: u64,
         write: bool,
-        f: impl FnOnce(&Edge) -> Result<R>,
+        f: impl FnOnce(&Edge, &Node) -> Result<R>,
     ) -> Result<R> {
         let g = rlock(&self.root);
         let Some(e) = g.as_ref().filter(|_| !self.is_tray_open()) else {
             self.stats.invalid(ty);
             return Err(BlockError::errno(libc::ENOMEDIUM));
         };
-        if offset.checked_add(len).is_none_or(|end| end > e.length()) {
-            self.stats.invalid(ty);
-            return Err(BlockError::errno(libc::EIO));
-        }
         if write && !e.perm().contains(Perm::WRITE) {
             self.stats.invalid(ty);
             return Err(BlockError::errno(libc::EACCES));
         }
-        f(e)
+        e.with_node(|n| {
+            if offset.checked_add(len).is_none_or(|end| end > n.length()) {
+                self.stats.invalid(ty);
+                return Err(BlockError::errno(libc::EIO));
+            }
+            f(e, n)
+        })
     }
 
     /// Reads `iov` at `offset`.
     pub fn read(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
         let len = iov_len_mut(iov) as u64;
         let _g = self.info.gate.enter();
-        self.with_root(AcctType::Read, offset, len, false, |e| {
+        self.with_root(AcctType::Read, offset, len, false, |_, n| {
             let c = self.stats.start(AcctType::Read, len);
             self.throttle(false, len);
-            let r = e.read(offset, iov);
+            let r = n.read(offset, iov);
             self.stats.done(c, r.is_ok());
             r
         })
@@ -470,13 +472,13 @@ impl BlockBackend {
     pub fn write(&self, offset: u64, iov: &[IoSlice<'_>], mut flags: WriteFlags) -> Result<()> {
         let len = iov_len(iov) as u64;
         let _g = self.info.gate.enter();
-        self.with_root(AcctType::Write, offset, len, true, |e| {
-            if !e.with_node(|n| n.options().cache_writeback) {
+        self.with_root(AcctType::Write, offset, len, true, |e, n| {
+            if !n.options().cache_writeback {
                 flags.fua = true;
             }
             let c = self.stats.start(AcctType::Write, len);
             self.throttle(true, len);
-            let r = e.write(offset, iov, flags);
+            let r = e.write_on(n, offset, iov, flags);
             self.stats.done(c, r.is_ok());
             r
         })
@@ -490,10 +492,10 @@ impl BlockBackend {
     /// Makes a range read as zero (accounted as a write).
     pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         let _g = self.info.gate.enter();
-        self.with_root(AcctType::Write, offset, len, true, |e| {
+        self.with_root(AcctType::Write, offset, len, true, |e, n| {
             let c = self.stats.start(AcctType::Write, len);
             self.throttle(true, len);
-            let r = e.write_zeroes(offset, len, flags);
+            let r = e.write_zeroes_on(n, offset, len, flags);
             self.stats.done(c, r.is_ok());
             r
         })
@@ -502,8 +504,8 @@ impl BlockBackend {
     /// Discards a range (not accounted: the statistics have no discard counters).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let _g = self.info.gate.enter();
-        self.with_root(AcctType::Write, offset, len, true, |e| {
-            e.discard(offset, len)
+        self.with_root(AcctType::Write, offset, len, true, |_, n| {
+            n.discard(offset, len)
         })
     }
 

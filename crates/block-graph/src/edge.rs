@@ -229,7 +229,18 @@ impl Edge {
     /// Writes to the child (needs the write permission; past the end, the resize one).
     pub fn write(&self, offset: u64, iov: &[IoSlice<'_>], flags: WriteFlags) -> Result<()> {
         let n = rlock(&self.child);
-        self.check_write(&n, offset, iov_len(iov) as u64)?;
+        self.write_on(&n, offset, iov, flags)
+    }
+
+    /// [`Edge::write`] to `n`, the node the caller already holds through this edge.
+    pub(crate) fn write_on(
+        &self,
+        n: &Node,
+        offset: u64,
+        iov: &[IoSlice<'_>],
+        flags: WriteFlags,
+    ) -> Result<()> {
+        self.check_write(n, offset, iov_len(iov) as u64)?;
         n.write(offset, iov, flags)
     }
 
@@ -241,7 +252,18 @@ impl Edge {
     /// Makes a range of the child read as zero.
     pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         let n = rlock(&self.child);
-        self.check_write(&n, offset, len)?;
+        self.write_zeroes_on(&n, offset, len, flags)
+    }
+
+    /// [`Edge::write_zeroes`] to `n`, the node the caller already holds through this edge.
+    pub(crate) fn write_zeroes_on(
+        &self,
+        n: &Node,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> Result<()> {
+        self.check_write(n, offset, len)?;
         n.write_zeroes(offset, len, flags)
     }
 
