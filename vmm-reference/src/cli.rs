@@ -71,7 +71,7 @@ pub struct Cli {
     #[arg(long = "blockdev", value_name = "SPEC")]
     pub blockdev: Vec<String>,
 
-    /// A device: virtio-blk,drive=NODE,id=ID[,num-queues=N][,read-only=on]
+    /// A device: `virtio-blk,drive=NODE,id=ID[,num-queues=N][,read-only=on][,ioeventfd=off]`
     /// (QEMU's virtio-blk-pci and virtio-blk-device spellings are accepted).
     #[arg(long = "device", value_name = "SPEC")]
     pub device: Vec<DeviceSpec>,
