@@ -16,6 +16,66 @@ fn console(c: &mut Raw) -> String {
     r["return"].as_str().unwrap_or_default().to_owned()
 }
 
+/// A guest with a fresh qcow2 disk of `size` as virtio-blk `vd0` (device
+/// options `dev_opts` appended), its console on ringbuf `con`.
+fn guest_with_disk(size: &str, dev_opts: &str) -> (tempfile::TempDir, String, Vmm) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2").to_str().unwrap().to_owned();
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", &img, size])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let bd = format!("driver=qcow2,node-name=disk0,file.driver=file,file.filename={img}");
+    let dev = format!("virtio-blk,drive=disk0,id=vd0{dev_opts}");
+    let vmm = Vmm::start_with(&[
+        "-m",
+        "32M",
+        "--blockdev",
+        &bd,
+        "--device",
+        &dev,
+        "--chardev",
+        "ringbuf,id=con,size=65536",
+        "--serial",
+        "chardev:con",
+    ]);
+    (dir, img, vmm)
+}
+
+/// Reads the console until `text` appears (failing on a mismatch or an I/O
+/// error the guest reports); returns everything read.
+fn console_until(c: &mut Raw, text: &str) -> String {
+    let start = Instant::now();
+    let mut out = String::new();
+    while !out.contains(text) {
+        out.push_str(&console(c));
+        assert!(
+            !out.contains("MISMATCH") && !out.contains("I/O error"),
+            "{out}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{text:?} not in 120 s:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    out
+}
+
+/// `qemu-img check` finds the image clean.
+fn assert_clean(img: &str) {
+    let check = Command::new("qemu-img")
+        .args(["check", img])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "qemu-img check: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
 /// Whether the 4 KiB chunk at `chunk` holds the byte `pattern`, read by qemu-io.
 fn chunk_has(img: &str, chunk: u64, pattern: u64) -> bool {
     let cmd = format!("read -P {} {} 4k", pattern & 0xff, chunk * 4096);
@@ -35,42 +95,9 @@ fn the_guest_writes_and_checks_its_disk_and_the_image_stays_clean() {
     if !kvm_usable("the_guest_writes_and_checks_its_disk_and_the_image_stays_clean") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.qcow2");
-    let imgs = img.to_str().unwrap().to_owned();
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", &imgs, "2M"])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let bd = format!("driver=qcow2,node-name=disk0,file.driver=file,file.filename={imgs}");
-    let mut vmm = Vmm::start_with(&[
-        "-m",
-        "32M",
-        "--blockdev",
-        &bd,
-        "--device",
-        "virtio-blk,drive=disk0,id=vd0",
-        "--chardev",
-        "ringbuf,id=con,size=65536",
-        "--serial",
-        "chardev:con",
-    ]);
+    let (_dir, img, mut vmm) = guest_with_disk("2M", "");
     let mut c = vmm.negotiated();
-    let start = Instant::now();
-    let mut out = String::new();
-    while !out.contains("pass 1 done") {
-        out.push_str(&console(&mut c));
-        assert!(
-            !out.contains("MISMATCH") && !out.contains("I/O error"),
-            "{out}"
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no full pass in 120 s:\n{out}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut out = console_until(&mut c, "pass 1 done");
     assert!(out.contains("virtio-blk disk of 2048 KiB"), "{out}");
 
     // Stop parks the guest mid-I/O: no more progress while stopped.
@@ -86,8 +113,8 @@ fn the_guest_writes_and_checks_its_disk_and_the_image_stays_clean() {
         .unwrap()
         .iter()
         .find(|s| s["qdev"] == "vd0" || s["device"] == "vd0")
-        .cloned();
-    let vd0 = vd0.unwrap_or_else(|| panic!("no stats for vd0: {stats}"));
+        .cloned()
+        .unwrap_or_else(|| panic!("no stats for vd0: {stats}"));
     assert!(
         vd0["stats"]["wr_operations"].as_u64().unwrap() >= 512,
         "{vd0}"
@@ -99,22 +126,13 @@ fn the_guest_writes_and_checks_its_disk_and_the_image_stays_clean() {
 
     assert_eq!(c.exec(r#"{"execute": "quit"}"#), json!({"return": {}}));
     assert!(vmm.wait_exit(Duration::from_secs(30)).success());
-
-    let check = Command::new("qemu-img")
-        .args(["check", &imgs])
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "qemu-img check: {}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    assert_clean(&img);
     // The last completed pass P wrote every chunk k with (k + P); pass P + 1
     // may have rewritten a prefix with (k + P + 1).
     let done = out.matches(" done, checksum").count() as u64;
     for chunk in [0, 255, 511] {
         assert!(
-            chunk_has(&imgs, chunk, chunk + done) || chunk_has(&imgs, chunk, chunk + done + 1),
+            chunk_has(&img, chunk, chunk + done) || chunk_has(&img, chunk, chunk + done + 1),
             "chunk {chunk} holds neither pass {done} nor {} pattern",
             done + 1
         );
@@ -126,27 +144,7 @@ fn qemu_python_client_drives_the_guest_scenario() {
     if !kvm_usable("qemu_python_client_drives_the_guest_scenario") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.qcow2");
-    let imgs = img.to_str().unwrap().to_owned();
-    assert!(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", &imgs, "1M"])
-        .status()
-        .unwrap()
-        .success());
-    let bd = format!("driver=qcow2,node-name=disk0,file.driver=file,file.filename={imgs}");
-    let mut vmm = Vmm::start_with(&[
-        "-m",
-        "32M",
-        "--blockdev",
-        &bd,
-        "--device",
-        "virtio-blk,drive=disk0,id=vd0",
-        "--chardev",
-        "ringbuf,id=con,size=65536",
-        "--serial",
-        "chardev:con",
-    ]);
+    let (_dir, img, mut vmm) = guest_with_disk("1M", "");
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/python/guest_scenario.py"
@@ -164,15 +162,7 @@ fn qemu_python_client_drives_the_guest_scenario() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
     assert!(vmm.wait_exit(Duration::from_secs(30)).success());
-    let check = Command::new("qemu-img")
-        .args(["check", &imgs])
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    assert_clean(&img);
 }
 
 #[test]
@@ -180,51 +170,10 @@ fn without_ioeventfd_the_vcpu_thread_serves_the_queue() {
     if !kvm_usable("without_ioeventfd_the_vcpu_thread_serves_the_queue") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.qcow2");
-    let imgs = img.to_str().unwrap().to_owned();
-    assert!(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", &imgs, "1M"])
-        .status()
-        .unwrap()
-        .success());
-    let bd = format!("driver=qcow2,node-name=disk0,file.driver=file,file.filename={imgs}");
-    let mut vmm = Vmm::start_with(&[
-        "-m",
-        "32M",
-        "--blockdev",
-        &bd,
-        "--device",
-        "virtio-blk,drive=disk0,id=vd0,ioeventfd=off",
-        "--chardev",
-        "ringbuf,id=con,size=65536",
-        "--serial",
-        "chardev:con",
-    ]);
+    let (_dir, img, mut vmm) = guest_with_disk("1M", ",ioeventfd=off");
     let mut c = vmm.negotiated();
-    let start = Instant::now();
-    let mut out = String::new();
-    while !out.contains("pass 2 done") {
-        out.push_str(&console(&mut c));
-        assert!(
-            !out.contains("MISMATCH") && !out.contains("I/O error"),
-            "{out}"
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no two passes in 120 s:\n{out}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    console_until(&mut c, "pass 2 done");
     c.exec(r#"{"execute": "quit"}"#);
     assert!(vmm.wait_exit(Duration::from_secs(30)).success());
-    let check = Command::new("qemu-img")
-        .args(["check", &imgs])
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    assert_clean(&img);
 }
