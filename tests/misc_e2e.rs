@@ -200,6 +200,35 @@ fn guest_hmp_pmemsave_nmi_and_pidfile() {
     ))
     .contains("outside guest memory"));
 
+    // memsave reads guest-virtual memory through vCPU 0's page tables.
+    let vdump = dir.path().join("vmem.bin");
+    let r = c
+        .execute_raw(
+            "memsave",
+            json!({"val": 0x10_0000, "size": 0x2000, "filename": vdump.to_str().unwrap()}),
+        )
+        .unwrap();
+    assert_eq!(r, json!({}));
+    assert_eq!(
+        std::fs::read(&vdump).unwrap(),
+        mem,
+        "identity-mapped: the same bytes as pmemsave"
+    );
+    assert_eq!(
+        err_desc(c.execute_raw(
+            "memsave",
+            json!({"val": 0x8000_0000_0000_i64, "size": 16, "filename": vdump.to_str().unwrap()})
+        )),
+        "Invalid addr 0x0000800000000000/size 16 specified"
+    );
+    assert_eq!(
+        err_desc(c.execute_raw(
+            "memsave",
+            json!({"val": 0, "size": 16, "filename": vdump.to_str().unwrap(), "cpu-index": 7})
+        )),
+        "Parameter 'cpu-index' expects a CPU number"
+    );
+
     // The embedded guest has no NMI handler: the NMI triple-faults it and
     // the machine resets, as QEMU does with such a guest.
     c.execute_raw("cont", json!({})).unwrap();

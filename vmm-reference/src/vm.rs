@@ -185,6 +185,33 @@ fn register_guest_commands(d: &mut Dispatcher<Vmm>) {
         }
         Ok(())
     });
+    d.register::<cmd::Memsave>(|vmm, a| {
+        let Some(m) = &vmm.machine else {
+            return Ok(());
+        };
+        let cpu = a.cpu_index.or(a.cpu).unwrap_or(0);
+        if cpu < 0 || cpu as usize >= m.vcpu_info().len() {
+            return Err(QmpError::generic(
+                "Parameter 'cpu-index' expects a CPU number",
+            ));
+        }
+        let file = std::fs::File::create(&a.filename).map_err(|e| {
+            QmpError::generic(format!(
+                "Could not open '{}': {}",
+                a.filename,
+                crate::os_error(&e)
+            ))
+        })?;
+        // The page tables are read from parked vCPUs; a running VM is
+        // paused for the moment it takes.
+        let running = vmm.run_state == RunState::Running;
+        m.pause();
+        let r = m.save_virtual(cpu as usize, a.val, a.size, file);
+        if running {
+            m.resume();
+        }
+        r.map_err(|e| QmpError::generic(e.to_string()))
+    });
     d.register::<cmd::Pmemsave>(|vmm, a| {
         let Some(m) = &vmm.machine else {
             return Ok(());

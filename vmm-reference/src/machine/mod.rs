@@ -301,6 +301,72 @@ impl Machine {
         self.vcpus.request_nmi();
     }
 
+    /// Translates a guest-virtual address of vCPU `cpu` (parked) by walking
+    /// its page tables in guest memory: 4-level paging with 4 KiB, 2 MiB and
+    /// 1 GiB pages, or the identity when paging is off.
+    pub fn translate(&self, cpu: usize, gva: u64) -> Option<u64> {
+        let info = self.vcpus.info().get(cpu)?;
+        let [cr0, cr3, cr4, efer] =
+            [0, 1, 2, 3].map(|i| info.paging[i].load(std::sync::atomic::Ordering::Relaxed));
+        if cr0 & (1 << 31) == 0 {
+            return Some(gva);
+        }
+        if cr4 & (1 << 5) == 0 || efer & (1 << 10) == 0 {
+            return None; // 32-bit paging modes are not walked here.
+        }
+        let mut table = cr3 & 0x000f_ffff_ffff_f000;
+        for (level, shift) in [39u32, 30, 21, 12].into_iter().enumerate() {
+            let index = (gva >> shift) & 0x1ff;
+            let entry: u64 = self.memory.read_obj(GuestAddress(table + index * 8)).ok()?;
+            if entry & 1 == 0 {
+                return None;
+            }
+            let frame = entry & 0x000f_ffff_ffff_f000;
+            // A large page at the PDPT (1 GiB) or PD (2 MiB) level.
+            if (level == 1 || level == 2) && entry & 0x80 != 0 {
+                let mask = (1u64 << shift) - 1;
+                return Some((frame & !mask) | (gva & mask));
+            }
+            if level == 3 {
+                return Some(frame | (gva & 0xfff));
+            }
+            table = frame;
+        }
+        None
+    }
+
+    /// Writes `size` bytes of guest-virtual memory of vCPU `cpu` from `addr`
+    /// (`memsave`); the vCPUs must be parked.
+    pub fn save_virtual(
+        &self,
+        cpu: usize,
+        addr: i64,
+        size: i64,
+        mut out: impl Write,
+    ) -> Result<(), MachineError> {
+        let invalid =
+            || MachineError::Config(format!("Invalid addr 0x{addr:016x}/size {size} specified"));
+        if addr < 0 || size < 0 || (size as u64) > self.memory.last_addr().0 + 1 {
+            return Err(invalid());
+        }
+        let (mut at, end) = (
+            addr as u64,
+            (addr as u64).checked_add(size as u64).ok_or_else(invalid)?,
+        );
+        let mut buf = [0u8; 4096];
+        while at < end {
+            let n = (4096 - (at & 0xfff)).min(end - at) as usize;
+            let gpa = self.translate(cpu, at).ok_or_else(invalid)?;
+            self.memory
+                .read_slice(&mut buf[..n], GuestAddress(gpa))
+                .map_err(|_| invalid())?;
+            out.write_all(&buf[..n])?;
+            at += n as u64;
+        }
+        out.flush()?;
+        Ok(())
+    }
+
     /// Writes `size` bytes of guest physical memory from `addr` (`pmemsave`).
     pub fn save_physical(
         &self,

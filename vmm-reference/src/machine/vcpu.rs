@@ -45,6 +45,9 @@ pub struct VcpuInfo {
     pub thread_id: AtomicI64,
     /// The guest's instruction pointer when the vCPU last parked.
     pub pc: AtomicU64,
+    /// CR0, CR3, CR4 and EFER when the vCPU last parked (for translating
+    /// guest-virtual addresses, as memsave needs).
+    pub paging: [AtomicU64; 4],
 }
 
 struct Shared {
@@ -228,6 +231,15 @@ fn vcpu_loop(
             if g.want == Want::Pause {
                 if let Ok(regs) = vcpu.get_regs() {
                     info.pc.store(regs.rip, Ordering::Relaxed);
+                }
+                if let Ok(sregs) = vcpu.get_sregs() {
+                    for (slot, v) in info
+                        .paging
+                        .iter()
+                        .zip([sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer])
+                    {
+                        slot.store(v, Ordering::Relaxed);
+                    }
                 }
                 g.parked += 1;
                 shared.cv.notify_all();
