@@ -501,6 +501,7 @@ fn fix_copied(img: &Qcow2, refs: &[u64]) -> Result<()> {
         };
         if ne != e {
             t.l1[i] = ne;
+            t.l1_changed();
             img.file
                 .write_at(&ne.to_be_bytes(), l1_off + i as u64 * 8)?;
         }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::header::*;
 use crate::image::{lock, OpenOptions, Qcow2};
+use crate::l2::L2Words;
 use crate::l2::{BITMAP_ALL_ALLOC, OFLAG_COPIED};
 use crate::refcount::set_entry;
 use crate::storage::{FileStorage, Storage};
@@ -325,12 +326,12 @@ impl Qcow2 {
             let tab = t.l2.get(l2_off, &mut dep)?;
             for i in 0..n {
                 let idx = ((c + i) % span) as usize;
-                if tab[idx * w] != 0 {
+                if tab.at(idx * w) != 0 {
                     continue;
                 }
-                tab[idx * w] = (host + (i << cb)) | OFLAG_COPIED;
+                tab.put(idx * w, (host + (i << cb)) | OFLAG_COPIED);
                 if w == 2 {
-                    tab[idx * w + 1] = BITMAP_ALL_ALLOC;
+                    tab.put(idx * w + 1, BITMAP_ALL_ALLOC);
                 }
             }
             t.l2.mark_dirty(l2_off);

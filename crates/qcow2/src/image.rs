@@ -11,6 +11,7 @@ use crate::bitmap::BitmapEntry;
 use crate::error::{Error, Result};
 use crate::gate::{IoGate, IoGuard};
 use crate::header::*;
+use crate::l2::L2Words;
 use crate::l2::{EntryKind, Geometry, L2Cache, OFFSET_MASK, OFLAG_COPIED};
 use crate::refcount::Refcounts;
 use crate::snapshot_table::{parse_table, Snapshot};
@@ -134,6 +135,27 @@ pub(crate) struct Tables {
     pub l1: Vec<u64>,
     pub l1_offset: u64,
     pub l2: L2Cache,
+    /// The host offsets of the active L2 tables, sorted: what lock-free writers check their
+    /// data clusters against (the L2 part of the overlap check).
+    pub l2_offsets: Arc<[u64]>,
+    /// Bumped whenever a guest range may map to another L2 table object (L1 entries, tables
+    /// entering or leaving the cache), shared with the L2 cache and read lock-free.
+    pub gen: Arc<AtomicU64>,
+}
+
+impl Tables {
+    /// Call after changing the L1 table (an entry, or the whole table or its place).
+    pub fn l1_changed(&mut self) {
+        let mut offs: Vec<u64> = self
+            .l1
+            .iter()
+            .map(|e| e & OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect();
+        offs.sort_unstable();
+        self.l2_offsets = offs.into();
+        self.gen.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 struct CleanState {
@@ -157,9 +179,15 @@ pub struct Qcow2 {
     pub(crate) header: Mutex<Header>,
     pub(crate) size: AtomicU64,
     pub(crate) tables: Mutex<Tables>,
+    /// The metadata generation ([`Tables::gen`]), for lock-free readers.
+    pub(crate) gen: Arc<AtomicU64>,
+    /// Unique for the process: tells lock-free readers' cached tables of images apart.
+    pub(crate) id: u64,
+    /// Whether lock-free lookups ([`crate::hot`]) serve this image.
+    pub(crate) hot: bool,
     pub(crate) refs: Mutex<Refcounts>,
     pub(crate) gate: IoGate,
-    pub(crate) inflight: Mutex<crate::gate::OffsetSet>,
+    pub(crate) inflight: Mutex<crate::gate::Inflight>,
     pub(crate) rt_range: Arc<(AtomicU64, AtomicU64)>,
     pub(crate) inflight_cv: Condvar,
     pub(crate) writable: bool,
@@ -301,7 +329,8 @@ impl Qcow2 {
             Some(ext) => crate::bitmap::parse_directory(&*file, ext, flen, cs)?,
             None => Vec::new(),
         };
-        let l2 = L2Cache::new(file.clone(), geo, (l2_bytes / cs) as usize);
+        let gen = Arc::new(AtomicU64::new(0));
+        let l2 = L2Cache::new(file.clone(), geo, (l2_bytes / cs) as usize, gen.clone());
         let rt_range = refs.shared_table.clone();
         let lazy = h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0;
         let dirty = h.incompatible_features & INCOMPAT_DIRTY != 0;
@@ -314,11 +343,20 @@ impl Qcow2 {
             backing: RwLock::new(backing),
             geo,
             size: AtomicU64::new(size),
-            tables: Mutex::new(Tables {
-                l1,
-                l1_offset: h.l1_table_offset,
-                l2,
+            tables: Mutex::new({
+                let mut t = Tables {
+                    l1,
+                    l1_offset: h.l1_table_offset,
+                    l2,
+                    l2_offsets: Arc::new([]),
+                    gen: gen.clone(),
+                };
+                t.l1_changed();
+                t
             }),
+            gen,
+            id: crate::hot::next_image_id(),
+            hot: crate::hot::eligible(geo.extended_l2, external_data, cs),
             refs: Mutex::new(refs),
             gate: IoGate::default(),
             inflight: Mutex::new(Default::default()),
@@ -556,7 +594,7 @@ impl Qcow2 {
         let w = self.geo.words();
         let mut dep = self.l2_write_dependency();
         let tab = t.l2.get(l2_off, &mut dep)?;
-        Ok((tab[i * w], if w == 2 { tab[i * w + 1] } else { 0 }))
+        Ok((tab.at(i * w), if w == 2 { tab.at(i * w + 1) } else { 0 }))
     }
 
     /// Classifies one subcluster (or cluster) of an entry.
@@ -614,11 +652,52 @@ impl Qcow2 {
         if len == 0 {
             return Err(Error::InvalidArgument("empty range".into()));
         }
+        if let Some((n, host)) = crate::hot::data_run(self, offset, len, false) {
+            return Ok(Mapping {
+                offset,
+                len: n,
+                kind: MappingKind::Data { host_offset: host },
+            });
+        }
         let mut t = lock(&self.tables);
+        if let Some((n, host)) = self.data_run_fast(&mut t, offset, len, false) {
+            self.maybe_clean(&mut t);
+            return Ok(Mapping {
+                offset,
+                len: n,
+                kind: MappingKind::Data { host_offset: host },
+            });
+        }
         let r = self.map_locked(&mut t, offset, len);
         self.maybe_clean(&mut t);
         drop(t);
         self.c(r)
+    }
+
+    /// The locked fast path of lookups: the run of plain data clusters (standard L2 entries,
+    /// table cached) that `[offset, offset + len)` starts with, as (bytes, host offset);
+    /// `None` for anything else (unallocated, zero, compressed, subclusters, external data
+    /// file, a table to load, an entry to report as corrupt), which the general path handles.
+    /// With `writable`, only clusters that may be written in place (refcount 1) count. The
+    /// table is remembered for this thread's lock-free lookups ([`crate::hot`]).
+    #[inline]
+    pub(crate) fn data_run_fast(
+        &self,
+        t: &mut Tables,
+        offset: u64,
+        len: u64,
+        writable: bool,
+    ) -> Option<(u64, u64)> {
+        if self.geo.extended_l2 || self.external_data {
+            return None;
+        }
+        let cb = self.geo.cluster_bits;
+        let l2_bits = self.geo.l2_bits();
+        let l1i = offset >> (cb + l2_bits);
+        let l1e = *t.l1.get(l1i as usize)?;
+        let tab = t.l2.peek(l1e & OFFSET_MASK)?.clone();
+        crate::hot::remember(self, t, l1i, &tab);
+        crate::hot::run_in(&tab, cb, l2_bits, offset, len, writable)
     }
 
     pub(crate) fn map_locked(&self, t: &mut Tables, offset: u64, len: u64) -> Result<Mapping> {

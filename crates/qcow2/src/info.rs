@@ -6,6 +6,7 @@ use crate::create::Preallocation;
 use crate::error::{Error, Result};
 use crate::header::*;
 use crate::image::{lock, Qcow2};
+use crate::l2::L2Words;
 use crate::l2::{OFFSET_MASK, OFLAG_COPIED};
 
 /// One snapshot in [`ImageInfo`] (QEMU's SnapshotInfo).
@@ -255,28 +256,29 @@ impl Qcow2 {
             }
             let mut dep = self.l2_write_dependency();
             let tab = t.l2.get(l2, &mut dep)?.clone();
-            let mut new_tab = tab.clone();
-            for j in 0..n {
-                let c = first_c + j;
-                if c < first_free {
-                    continue;
-                }
-                let e = tab[j as usize * w];
-                frees.extend(self.entry_clusters(e)?);
-                new_tab[j as usize * w] = 0;
-                if w == 2 {
-                    new_tab[j as usize * w + 1] = 0;
-                }
-            }
             if first_c >= first_free {
                 // The whole table goes: clear the L1 entry first, then free the table.
+                for j in 0..n as usize {
+                    frees.extend(self.entry_clusters(tab.at(j * w))?);
+                }
                 t.l1[i] = 0;
+                t.l1_changed();
                 self.file
                     .write_at(&0u64.to_be_bytes(), t.l1_offset + i as u64 * 8)?;
                 frees.push(l2 >> cb);
                 t.l2.remove(l2);
             } else {
-                *t.l2.get(l2, &mut dep)? = new_tab;
+                for j in 0..n {
+                    if first_c + j < first_free {
+                        continue;
+                    }
+                    let j = j as usize;
+                    frees.extend(self.entry_clusters(tab.at(j * w))?);
+                    tab.put(j * w, 0);
+                    if w == 2 {
+                        tab.put(j * w + 1, 0);
+                    }
+                }
                 t.l2.mark_dirty(l2);
             }
         }

@@ -1,5 +1,6 @@
 //! L1 table, L2 table cache and L2 entry decoding.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -105,8 +106,45 @@ impl Geometry {
     }
 }
 
+/// One L2 table in memory: its words (entries, and bitmap words of extended entries) in the
+/// `Arc`'s own allocation. Entries are atomics: they change only under the metadata lock, but
+/// lock-free readers (see `hot.rs`) may load them at any time and see either the old or the
+/// new value of an entry.
+pub(crate) type L2Table = [AtomicU64];
+
+/// A table holding `v`.
+pub(crate) fn l2_table(v: Vec<u64>) -> Arc<L2Table> {
+    v.into_iter().map(AtomicU64::new).collect()
+}
+
+/// Access to the words of an [`L2Table`].
+pub(crate) trait L2Words {
+    /// Word `i`.
+    fn at(&self, i: usize) -> u64;
+    /// Sets word `i` (callers hold the metadata lock).
+    fn put(&self, i: usize, v: u64);
+    /// A copy of the words.
+    fn words(&self) -> Vec<u64>;
+}
+
+impl L2Words for L2Table {
+    #[inline]
+    fn at(&self, i: usize) -> u64 {
+        self[i].load(Ordering::Acquire)
+    }
+
+    #[inline]
+    fn put(&self, i: usize, v: u64) {
+        self[i].store(v, Ordering::Release)
+    }
+
+    fn words(&self) -> Vec<u64> {
+        self.iter().map(|x| x.load(Ordering::Acquire)).collect()
+    }
+}
+
 struct Table {
-    data: Vec<u64>,
+    data: Arc<L2Table>,
     dirty: bool,
     last_used: u64,
 }
@@ -118,17 +156,25 @@ pub(crate) struct L2Cache {
     tables: crate::gate::OffsetMap<Table>,
     cap: usize,
     tick: u64,
+    /// Bumped whenever a table leaves the cache or a new one enters it, so lock-free readers
+    /// holding a table know to look again.
+    gen: Arc<AtomicU64>,
 }
 
 impl L2Cache {
-    pub fn new(file: Arc<dyn Storage>, geo: Geometry, cap: usize) -> Self {
+    pub fn new(file: Arc<dyn Storage>, geo: Geometry, cap: usize, gen: Arc<AtomicU64>) -> Self {
         L2Cache {
             file,
             geo,
             tables: Default::default(),
             cap: cap.max(2),
             tick: 0,
+            gen,
         }
+    }
+
+    fn bump(&self) {
+        self.gen.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn validate_offset(&self, off: u64) -> Result<()> {
@@ -151,7 +197,7 @@ impl L2Cache {
         &mut self,
         off: u64,
         before_write: &mut dyn FnMut() -> Result<()>,
-    ) -> Result<&mut Vec<u64>> {
+    ) -> Result<&Arc<L2Table>> {
         self.tick += 1;
         let tick = self.tick;
         if !self.tables.contains_key(&off) {
@@ -166,10 +212,12 @@ impl L2Cache {
             }
             let mut raw = vec![0u8; self.geo.cs() as usize];
             self.file.read_at(&mut raw, off)?;
-            let data = raw
-                .chunks_exact(8)
-                .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
-                .collect();
+            let data = l2_table(
+                raw.chunks_exact(8)
+                    .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
+                    .collect(),
+            );
+            self.bump();
             self.tables.insert(
                 off,
                 Table {
@@ -181,7 +229,17 @@ impl L2Cache {
         }
         let t = self.tables.get_mut(&off).expect("present");
         t.last_used = tick;
-        Ok(&mut t.data)
+        Ok(&t.data)
+    }
+
+    /// The table at `off` if it is cached (no loading, no eviction): the fast path of lookups.
+    #[inline]
+    pub fn peek(&mut self, off: u64) -> Option<&Arc<L2Table>> {
+        self.tick += 1;
+        let tick = self.tick;
+        let t = self.tables.get_mut(&off)?;
+        t.last_used = tick;
+        Some(&t.data)
     }
 
     /// Inserts a table that was just written to disk (clean) or is new (dirty).
@@ -196,10 +254,11 @@ impl L2Cache {
             self.evict(before_write)?;
         }
         self.tick += 1;
+        self.bump();
         self.tables.insert(
             off,
             Table {
-                data,
+                data: l2_table(data),
                 dirty,
                 last_used: self.tick,
             },
@@ -213,10 +272,10 @@ impl L2Cache {
         }
     }
 
-    fn write_table(file: &dyn Storage, off: u64, data: &[u64]) -> Result<()> {
+    fn write_table(file: &dyn Storage, off: u64, data: &L2Table) -> Result<()> {
         let mut raw = Vec::with_capacity(data.len() * 8);
-        for e in data {
-            raw.extend_from_slice(&e.to_be_bytes());
+        for i in 0..data.len() {
+            raw.extend_from_slice(&data.at(i).to_be_bytes());
         }
         file.write_at(&raw, off)?;
         Ok(())
@@ -234,6 +293,7 @@ impl L2Cache {
                 Self::write_table(&*self.file, off, &self.tables[&off].data)?;
             }
             self.tables.remove(&off);
+            self.bump();
         }
         Ok(())
     }
@@ -264,15 +324,21 @@ impl L2Cache {
     /// Forgets a table (its cluster was freed).
     pub fn remove(&mut self, off: u64) {
         self.tables.remove(&off);
+        self.bump();
     }
 
     /// Drops every clean table not used since `since`; returns the current tick.
     pub fn clean_unused(&mut self, since: u64) -> u64 {
+        let before = self.tables.len();
         self.tables.retain(|_, t| t.dirty || t.last_used > since);
+        if self.tables.len() != before {
+            self.bump();
+        }
         self.tick
     }
 
     pub fn clear(&mut self) {
         self.tables.clear();
+        self.bump();
     }
 }

@@ -15,6 +15,7 @@ mod create;
 mod error;
 mod gate;
 pub mod header;
+mod hot;
 mod image;
 mod info;
 mod l2;

@@ -196,6 +196,7 @@ impl Qcow2 {
         self.flush_refcounts()?;
         self.write_u64_table(t.l1_offset, &l1)?;
         t.l1 = l1;
+        t.l1_changed();
         drop(t);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -253,6 +254,7 @@ impl Qcow2 {
             self.file.flush()?;
             let old_off = t.l1_offset;
             t.l1_offset = off;
+            t.l1_changed();
             {
                 let mut h = lock(&self.header);
                 h.l1_size = new_len as u32;
@@ -267,6 +269,7 @@ impl Qcow2 {
             self.file.flush()?;
         }
         t.l1 = new_l1.clone();
+        t.l1_changed();
         // The old tree loses the active table's reference.
         let mut old = old_l1;
         self.update_tree_refcounts(&mut old, -1)?;
@@ -274,6 +277,7 @@ impl Qcow2 {
         self.update_tree_refcounts(&mut cur, 0)?;
         self.write_u64_table(t.l1_offset, &cur)?;
         t.l1 = cur;
+        t.l1_changed();
         drop(t);
         if let Some(ds) = sn.disk_size {
             if ds != self.size() {
@@ -318,6 +322,8 @@ impl Qcow2 {
         if cur != t.l1 {
             self.write_u64_table(t.l1_offset, &cur)?;
             t.l1 = cur;
+            t.l1_changed();
+            t.l1_changed();
         }
         Ok(())
     }
@@ -356,6 +362,7 @@ impl Qcow2 {
         let old_len = t.l1.len() as u64;
         t.l1 = new_l1;
         t.l1_offset = off;
+        t.l1_changed();
         {
             let mut h = lock(&self.header);
             h.l1_size = entries as u32;

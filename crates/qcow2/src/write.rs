@@ -7,6 +7,7 @@ use crate::backing::read_clamped;
 use crate::error::{Error, Result};
 use crate::gate::IoGuard;
 use crate::image::{lock, MappingKind, Qcow2, Tables};
+use crate::l2::L2Words;
 use crate::l2::{EntryKind, BITMAP_ALL_ALLOC, BITMAP_ALL_ZERO, OFFSET_MASK, OFLAG_COMPRESSED};
 use crate::l2::{OFLAG_COPIED, OFLAG_ZERO};
 
@@ -67,31 +68,37 @@ impl Qcow2 {
 
     fn try_register(&self, clusters: &[u64]) -> bool {
         let mut s = lock(&self.inflight);
-        if clusters.iter().any(|c| s.contains(c)) {
+        if clusters.iter().any(|c| s.set.contains(c)) {
             return false;
         }
-        s.extend(clusters.iter().copied());
+        s.set.extend(clusters.iter().copied());
         true
     }
 
     fn register(&self, clusters: &[u64]) {
         let mut s = lock(&self.inflight);
-        while clusters.iter().any(|c| s.contains(c)) {
+        while clusters.iter().any(|c| s.set.contains(c)) {
+            s.waiters += 1;
             s = self.inflight_cv.wait(s).unwrap_or_else(|e| e.into_inner());
+            s.waiters -= 1;
         }
-        s.extend(clusters.iter().copied());
+        s.set.extend(clusters.iter().copied());
     }
 
     pub(crate) fn unregister(&self, clusters: &[u64]) {
         let mut s = lock(&self.inflight);
         for c in clusters {
-            s.remove(c);
+            s.set.remove(c);
         }
-        self.inflight_cv.notify_all();
+        // Waking costs a system call: only when someone waits.
+        if s.waiters > 0 {
+            self.inflight_cv.notify_all();
+        }
     }
 
     fn write_l1_entry(&self, t: &mut Tables, idx: usize, v: u64) -> Result<()> {
         t.l1[idx] = v;
+        t.l1_changed();
         self.file
             .write_at(&v.to_be_bytes(), t.l1_offset + idx as u64 * 8)?;
         Ok(())
@@ -115,7 +122,7 @@ impl Qcow2 {
             vec![0u64; words]
         } else {
             let mut dep = self.l2_write_dependency();
-            t.l2.get(old, &mut dep)?.clone()
+            t.l2.get(old, &mut dep)?.words()
         };
         let mut raw = Vec::with_capacity(words * 8);
         for e in &content {
@@ -265,9 +272,25 @@ impl Qcow2 {
     ) -> Result<Option<WritePlan<'a>>> {
         let cb = self.geo.cluster_bits;
         let cs = self.geo.cs();
+        if let Some((n, host)) = crate::hot::data_run(self, offset, len, true) {
+            // Written in place, found without the lock (and clear of metadata).
+            return Ok(Some(WritePlan {
+                img: self,
+                _guard: guard,
+                offset,
+                len: n,
+                host_offset: host,
+                cow: Vec::new(),
+                commits: Vec::new(),
+                registered: Vec::new(),
+            }));
+        }
         {
             let mut t = lock(&self.tables);
-            let (n, host) = self.in_place_run(&mut t, offset, len)?;
+            let (n, host) = match self.data_run_fast(&mut t, offset, len, true) {
+                Some(r) => r,
+                None => self.in_place_run(&mut t, offset, len)?,
+            };
             if n > 0 {
                 self.overlap_check(&t, host, n)?;
                 return Ok(Some(WritePlan {
@@ -558,9 +581,9 @@ impl Qcow2 {
             let i = ((c.guest >> cb) & ((1 << self.geo.l2_bits()) - 1)) as usize;
             let mut dep = self.l2_write_dependency();
             let tab = t.l2.get(l2_off, &mut dep)?;
-            tab[i * w] = c.entry;
+            tab.put(i * w, c.entry);
             if w == 2 {
-                tab[i * w + 1] = c.bitmap;
+                tab.put(i * w + 1, c.bitmap);
             }
             t.l2.mark_dirty(l2_off);
             frees.extend_from_slice(&c.free_old);
@@ -778,9 +801,9 @@ impl Qcow2 {
                 };
                 let mut dep = self.l2_write_dependency();
                 let tab = t.l2.get(l2_off, &mut dep)?;
-                tab[i * w] = ne;
+                tab.put(i * w, ne);
                 if w == 2 {
-                    tab[i * w + 1] = nbm;
+                    tab.put(i * w + 1, nbm);
                 }
                 t.l2.mark_dirty(l2_off);
             }
@@ -872,9 +895,9 @@ impl Qcow2 {
             let i = (c & ((1 << self.geo.l2_bits()) - 1)) as usize;
             let mut dep = self.l2_write_dependency();
             let tab = t.l2.get(l2_off, &mut dep)?;
-            tab[i * w] = entry;
+            tab.put(i * w, entry);
             if w == 2 {
-                tab[i * w + 1] = 0;
+                tab.put(i * w + 1, 0);
             }
             t.l2.mark_dirty(l2_off);
             drop(t);

@@ -4,7 +4,6 @@
 //! reports completions as (slot index, bytes transferred or negative errno). A slot's buffer
 //! stays valid and untouched until its completion has been reported.
 
-use std::collections::VecDeque;
 use std::os::unix::io::RawFd;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -61,8 +60,8 @@ unsafe impl Send for Request {}
 
 /// An engine on one file descriptor.
 pub enum Engine {
-    /// Synchronous syscalls at submission.
-    Inline(RawFd, VecDeque<(usize, i64)>),
+    /// Synchronous syscalls at submission ([`Engine::run_sync`]).
+    Inline(RawFd),
     /// io_uring.
     Uring(RawFd, Box<IoUring>, usize),
     /// Worker threads.
@@ -76,7 +75,7 @@ impl Engine {
     /// file is opened with `O_DIRECT`.
     pub fn new(mode: AioMode, fd: RawFd, depth: usize, direct: bool) -> Result<Self, Error> {
         Ok(match mode {
-            AioMode::Auto if !direct => Engine::Inline(fd, VecDeque::new()),
+            AioMode::Auto if !direct => Engine::Inline(fd),
             AioMode::Auto | AioMode::IoUring => Engine::Uring(
                 fd,
                 Box::new(IoUring::new((depth as u32).next_power_of_two())?),
@@ -87,9 +86,19 @@ impl Engine {
         })
     }
 
-    /// Whether requests complete during [`Engine::submit`].
-    pub fn is_sync(&self) -> bool {
-        matches!(self, Engine::Inline(..))
+    /// For the synchronous engine, performs the request right away and returns its result
+    /// (bytes or a negative errno); `None` for the others, which take it through
+    /// [`Engine::submit`].
+    ///
+    /// # Safety
+    ///
+    /// `r.buf` must point at `r.len` bytes that nothing else touches during the call.
+    #[inline]
+    pub unsafe fn run_sync(&self, r: &Request) -> Option<i64> {
+        match self {
+            Engine::Inline(fd) => Some(rw(*fd, r)),
+            _ => None,
+        }
     }
 
     /// Queues (or, inline, performs) a request.
@@ -100,9 +109,11 @@ impl Engine {
     /// writes, until the completion of `r.slot` has been returned by [`Engine::wait`].
     pub unsafe fn submit(&mut self, r: Request) -> Result<(), Error> {
         match self {
-            Engine::Inline(fd, done) => {
-                let res = rw(*fd, &r);
-                done.push_back((r.slot, res));
+            Engine::Inline(fd) => {
+                return Err(Error::msg(format!(
+                    "request of slot {} for the synchronous engine on fd {fd} was queued",
+                    r.slot
+                )))
             }
             Engine::Uring(fd, ring, queued) => {
                 let e = if r.write {
@@ -129,21 +140,23 @@ impl Engine {
         Ok(())
     }
 
-    /// Submits what is queued and waits for at least one completion.
-    pub fn wait(&mut self) -> Result<Vec<(usize, i64)>, Error> {
+    /// Submits what is queued and waits for at least one completion; completions are
+    /// appended to `out` (a buffer the caller reuses, so no request allocates).
+    pub fn wait(&mut self, out: &mut Vec<(usize, i64)>) -> Result<(), Error> {
         match self {
-            Engine::Inline(_, done) => Ok(done.drain(..).collect()),
+            Engine::Inline(_) => {}
             Engine::Uring(_, ring, queued) => {
                 ring.submit_and_wait(1)?;
                 *queued = 0;
-                Ok(ring
-                    .completion()
-                    .map(|c| (c.user_data() as usize, c.result() as i64))
-                    .collect())
+                out.extend(
+                    ring.completion()
+                        .map(|c| (c.user_data() as usize, c.result() as i64)),
+                );
             }
-            Engine::Threads(p) => p.wait(),
-            Engine::Native(a) => a.submit_and_wait(),
+            Engine::Threads(p) => p.wait(out)?,
+            Engine::Native(a) => a.submit_and_wait(out)?,
         }
+        Ok(())
     }
 }
 
@@ -226,14 +239,14 @@ impl ThreadPool {
             .ok_or_else(|| Error::msg("I/O worker threads are gone"))
     }
 
-    fn wait(&mut self) -> Result<Vec<(usize, i64)>, Error> {
+    fn wait(&mut self, out: &mut Vec<(usize, i64)>) -> Result<(), Error> {
         let first = self
             .done
             .recv()
             .map_err(|_| Error::msg("I/O worker threads are gone"))?;
-        let mut v = vec![first];
-        v.extend(self.done.try_iter());
-        Ok(v)
+        out.push(first);
+        out.extend(self.done.try_iter());
+        Ok(())
     }
 }
 
@@ -327,7 +340,7 @@ impl LinuxAio {
         self.queued.push(r.slot);
     }
 
-    fn submit_and_wait(&mut self) -> Result<Vec<(usize, i64)>, Error> {
+    fn submit_and_wait(&mut self, out: &mut Vec<(usize, i64)>) -> Result<(), Error> {
         let mut ptrs: Vec<*mut Iocb> = self
             .queued
             .iter()
@@ -374,10 +387,12 @@ impl LinuxAio {
                 }
                 return Err(e.into());
             }
-            return Ok(self.events[..n as usize]
-                .iter()
-                .map(|e| (e.data as usize, e.res))
-                .collect());
+            out.extend(
+                self.events[..n as usize]
+                    .iter()
+                    .map(|e| (e.data as usize, e.res)),
+            );
+            return Ok(());
         }
     }
 }
@@ -415,6 +430,7 @@ mod tests {
                 b
             })
             .collect();
+        let mut seen = 0;
         for (i, b) in bufs.iter_mut().enumerate() {
             let r = Request {
                 slot: i,
@@ -424,11 +440,20 @@ mod tests {
                 offset: i as u64 * 8192,
             };
             // SAFETY: the buffers live until every completion was reaped below.
-            unsafe { e.submit(r).unwrap() };
+            match unsafe { e.run_sync(&r) } {
+                Some(res) => {
+                    assert_eq!(res, 4096);
+                    seen += 1;
+                }
+                // SAFETY: as above.
+                None => unsafe { e.submit(r).unwrap() },
+            }
         }
-        let mut seen = 0;
+        let mut done = Vec::new();
         while seen < 8 {
-            for (slot, res) in e.wait().unwrap() {
+            done.clear();
+            e.wait(&mut done).unwrap();
+            for &(slot, res) in &done {
                 assert!(slot < 8);
                 assert_eq!(res, 4096, "{mode:?}");
                 seen += 1;

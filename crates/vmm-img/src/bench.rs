@@ -151,6 +151,7 @@ pub fn bench(a: &BenchArgs) -> Result<i32, Error> {
     let mut inflight = 0usize;
     let mut since_flush = 0u64;
     let mut retry: Option<u64> = None;
+    let mut done: Vec<(usize, i64)> = Vec::with_capacity(a.depth);
     let start = Instant::now();
     while completed < a.count {
         // Fill the queue.
@@ -229,23 +230,26 @@ pub fn bench(a: &BenchArgs) -> Result<i32, Error> {
                 len: bufsize as usize,
                 offset: host,
             };
-            // SAFETY: the buffer belongs to a slot marked busy; it is neither dropped nor
-            // touched until its completion has been reaped below, and the descriptor stays
-            // open (the image outlives the loop).
-            unsafe { engine.submit(r)? };
-            if engine.is_sync() {
+            // SAFETY: the buffer belongs to a slot marked busy; nothing else touches it during
+            // the call.
+            if let Some(res) = unsafe { engine.run_sync(&r) } {
                 // Page-cache I/O done in place: complete it now, so the plan is committed
                 // before the next request looks at the same cluster.
-                for (ud, res) in engine.wait()? {
-                    complete(&mut slots, ud, res, bufsize, qimg)?;
-                    inflight -= 1;
-                    completed += 1;
-                    since_flush += 1;
-                }
+                complete(&mut slots, idx, res, bufsize, qimg)?;
+                inflight -= 1;
+                completed += 1;
+                since_flush += 1;
+            } else {
+                // SAFETY: the slot stays busy, its buffer neither dropped nor touched, until
+                // its completion has been reaped below; the descriptor stays open (the image
+                // outlives the loop).
+                unsafe { engine.submit(r)? };
             }
         }
         if inflight > 0 {
-            for (ud, res) in engine.wait()? {
+            done.clear();
+            engine.wait(&mut done)?;
+            for &(ud, res) in &done {
                 complete(&mut slots, ud, res, bufsize, qimg)?;
                 inflight -= 1;
                 completed += 1;
