@@ -659,7 +659,10 @@ impl Qcow2 {
                 kind: MappingKind::Data { host_offset: host },
             });
         }
-        let mut t = lock(&self.tables);
+        // Holding the gate keeps exclusive operations (which rewrite tables on disk) out while
+        // a missing table is read without the lock.
+        let _g = self.gate.enter();
+        let mut t = self.lock_tables_for(offset);
         if let Some((n, host)) = self.data_run_fast(&mut t, offset, len, false) {
             self.maybe_clean(&mut t);
             return Ok(Mapping {
@@ -672,6 +675,40 @@ impl Qcow2 {
         self.maybe_clean(&mut t);
         drop(t);
         self.c(r)
+    }
+
+    /// Takes the metadata lock with the L2 table for guest offset `guest` in the cache when it
+    /// can: a table that is not cached is read from the file *without* the lock (so a cache
+    /// miss does not hold up other requests' lookups), then inserted if nothing entered or left
+    /// the cache and no L1 entry changed meanwhile (the metadata generation did not move, so
+    /// the table on disk was current). Anything unusual (invalid offset, read error, a moved
+    /// generation) is left to the locked path, which loads or reports it. The caller holds an
+    /// [`IoGuard`], which keeps exclusive operations out meanwhile.
+    pub(crate) fn lock_tables_for(&self, guest: u64) -> MutexGuard<'_, Tables> {
+        let t = lock(&self.tables);
+        let (_, off) = self.l2_for(&t, guest);
+        if off == 0 || t.l2.contains(off) || t.l2.validate_offset(off).is_err() {
+            return t;
+        }
+        let gen = t.gen.load(Ordering::Acquire);
+        drop(t);
+        let cs = self.geo.cs();
+        let mut raw = vec![0u8; cs as usize];
+        let read = self.file.len().is_ok_and(|l| off + cs <= l)
+            && self.file.read_at(&mut raw, off).is_ok();
+        let mut t = lock(&self.tables);
+        if read && t.gen.load(Ordering::Acquire) == gen && !t.l2.contains(off) {
+            let data = raw
+                .chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().expect("8")))
+                .collect();
+            let mut dep = self.l2_write_dependency();
+            if let Err(e) = t.l2.insert(off, data, false, &mut dep) {
+                // The locked path meets (and reports) it again.
+                log::debug!("loading the L2 table at {off:#x} ahead failed: {e}");
+            }
+        }
+        t
     }
 
     /// The locked fast path of lookups: the run of plain data clusters (standard L2 entries,

@@ -286,7 +286,7 @@ impl Qcow2 {
             }));
         }
         {
-            let mut t = lock(&self.tables);
+            let mut t = self.lock_tables_for(offset);
             let (n, host) = match self.data_run_fast(&mut t, offset, len, true) {
                 Some(r) => r,
                 None => self.in_place_run(&mut t, offset, len)?,

@@ -216,3 +216,108 @@ fn lock_free_readers_never_see_reused_clusters() {
     let r = img.check(qcow2::check::Fix::NONE).unwrap();
     assert_eq!(r.corruptions, 0);
 }
+
+/// A storage whose reads of whole clusters at chosen offsets take a while (a slow disk).
+struct SlowTables {
+    inner: qcow2::MemStorage,
+    slow: Mutex<Vec<u64>>,
+    cluster: usize,
+}
+
+impl qcow2::Storage for SlowTables {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if buf.len() == self.cluster && self.slow.lock().unwrap().contains(&offset) {
+            std::thread::sleep(std::time::Duration::from_millis(600));
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+/// A lookup that misses the L2 cache reads the table without holding the metadata lock:
+/// while one thread waits for a slow table read, another thread's lookups in cached tables
+/// (on the locked path: its own per-thread tables are cold) complete.
+#[test]
+fn cache_misses_do_not_block_hits() {
+    let cs = 4096u64;
+    let st = Arc::new(SlowTables {
+        inner: qcow2::MemStorage::new(),
+        slow: Mutex::new(Vec::new()),
+        cluster: cs as usize,
+    });
+    let file: Arc<dyn qcow2::Storage> = st.clone();
+    Qcow2::create(
+        file.clone(),
+        &CreateOptions {
+            cluster_size: cs,
+            ..CreateOptions::new(16 << 20)
+        },
+    )
+    .unwrap();
+    {
+        let img = Qcow2::open(
+            file.clone(),
+            OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // Data in the first table (0..2 MiB) and in the fourth (6..8 MiB).
+        img.write_at(&[1u8; 4096], 0).unwrap();
+        img.write_at(&[4u8; 4096], 6 << 20).unwrap();
+        img.close().unwrap();
+    }
+    let img = Arc::new(Qcow2::open(file, OpenOptions::default()).unwrap());
+    let mut b = [0u8; 4096];
+    img.read_at(&mut b, 0).unwrap();
+    assert_eq!(b[0], 1);
+    // The fourth table is not cached yet: make reading it slow.
+    let l1 = {
+        let h = img.header();
+        let mut raw = [0u8; 32];
+        img.file().read_at(&mut raw, h.l1_table_offset).unwrap();
+        u64::from_be_bytes(raw[24..32].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00
+    };
+    assert_ne!(l1, 0);
+    st.slow.lock().unwrap().push(l1);
+    let slow = {
+        let img = img.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; 4096];
+            img.read_at(&mut b, 6 << 20).unwrap();
+            b[0]
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // A fresh thread (no remembered tables) looks up the cached first table.
+    let fast = {
+        let img = img.clone();
+        std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            let mut b = [0u8; 4096];
+            for i in 0..16 {
+                img.read_at(&mut b, (i % 4) * 4096).unwrap();
+            }
+            (t.elapsed(), b[0])
+        })
+    };
+    let (took, first) = fast.join().unwrap();
+    assert_eq!(first, 0);
+    assert!(
+        took < std::time::Duration::from_millis(300),
+        "lookups in a cached table waited {took:?} for another thread's table read"
+    );
+    assert_eq!(slow.join().unwrap(), 4);
+}
