@@ -70,6 +70,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
+    // First, as QEMU does: whoever waits for the monitor socket can rely on
+    // the pid file being there.
+    let _pidfile = match &cli.pidfile {
+        Some(path) => Some(PidFile::create(path)?),
+        None => None,
+    };
     if cli.no_guest && !cli.device.is_empty() {
         return Err("--device needs a guest: it can't be combined with --no-guest".into());
     }
@@ -107,10 +113,6 @@ fn run(cli: Cli) -> Result<(), String> {
     if let Some(uuid) = &cli.uuid {
         vmm.uuid = uuid.clone();
     }
-    let _pidfile = match &cli.pidfile {
-        Some(path) => Some(PidFile::create(path)?),
-        None => None,
-    };
     let resolver = vmm.fds.resolver();
     vmm.chardevs.set_fd_resolver(resolver);
     // One waker for the loop (mio allows one per poll): the machine's
