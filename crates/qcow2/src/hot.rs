@@ -189,3 +189,58 @@ pub(crate) fn remember(img: &Qcow2, t: &Tables, l1i: u64, tab: &Arc<L2Table>) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::l2::l2_table;
+
+    #[test]
+    fn runs_of_plain_clusters() {
+        // 64 KiB clusters, 8192 entries per table; entries 0..3 contiguous from 0x50000,
+        // entry 3 elsewhere, entry 4 zero-flagged, entry 5 without COPIED, 6 compressed.
+        let cb = 16;
+        let l2_bits = 13;
+        let cs = 1u64 << cb;
+        let mut v = vec![0u64; 1 << l2_bits];
+        for (i, e) in v.iter_mut().enumerate().take(3) {
+            *e = (0x50000 + i as u64 * cs) | OFLAG_COPIED;
+        }
+        v[3] = 0x900000 | OFLAG_COPIED;
+        v[4] = 0xa00000 | OFLAG_COPIED | OFLAG_ZERO;
+        v[5] = 0xb00000;
+        v[6] = OFLAG_COMPRESSED | 0xc00000;
+        v[7] = 0xd00200 | OFLAG_COPIED; // unaligned: the general path reports it
+        let t = l2_table(v);
+        // Inside one cluster.
+        assert_eq!(
+            run_in(&t, cb, l2_bits, 4096, 4096, false),
+            Some((4096, 0x51000))
+        );
+        // Across the contiguous clusters, stopping where the host offsets jump.
+        assert_eq!(
+            run_in(&t, cb, l2_bits, 100, 10 * cs, true),
+            Some((3 * cs - 100, 0x50064))
+        );
+        assert_eq!(
+            run_in(&t, cb, l2_bits, 3 * cs, 2 * cs, false),
+            Some((cs, 0x900000))
+        );
+        assert_eq!(run_in(&t, cb, l2_bits, 4 * cs, 512, false), None);
+        // Refcount > 1 (no COPIED): readable, not writable in place.
+        assert_eq!(
+            run_in(&t, cb, l2_bits, 5 * cs, 512, false),
+            Some((512, 0xb00000))
+        );
+        assert_eq!(run_in(&t, cb, l2_bits, 5 * cs, 512, true), None);
+        assert_eq!(run_in(&t, cb, l2_bits, 6 * cs, 512, false), None);
+        assert_eq!(run_in(&t, cb, l2_bits, 7 * cs, 512, false), None);
+        // Unallocated.
+        assert_eq!(run_in(&t, cb, l2_bits, 9 * cs, 512, false), None);
+        // The last entry of the table: the run ends with the table.
+        assert_eq!(
+            run_in(&t, cb, l2_bits, (8191 << cb) + 10, 3 * cs, false),
+            None
+        );
+    }
+}
