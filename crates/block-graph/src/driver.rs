@@ -281,6 +281,14 @@ pub trait BlockDriver: Send + Sync {
         Ok(())
     }
 
+    /// Prepares for read-write use after a read-only phase (QEMU's reopen with
+    /// `read-only=off`): the `file` driver reopens its descriptor for writing, formats accept
+    /// writes again. Called children first, with the node drained; the default does nothing
+    /// (drivers without state of their own).
+    fn reopen_read_write(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether children can be added and removed at run time (`x-blockdev-change`).
     fn supports_child_change(&self) -> bool {
         false

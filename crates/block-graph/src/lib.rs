@@ -52,6 +52,7 @@ pub mod ops;
 pub mod options;
 pub mod perm;
 pub mod qmp;
+pub mod reopen;
 pub mod stats;
 pub mod throttle;
 pub mod transaction;

@@ -610,6 +610,24 @@ impl Node {
         Ok(())
     }
 
+    /// Makes the node writable again (QEMU's reopen with `read-only=off`): the driver
+    /// prepares, then writes are accepted. The caller drained the node, made its children
+    /// writable first and refreshes permissions.
+    pub(crate) fn reopen_read_write(&self) -> Result<()> {
+        if !self.is_read_only() {
+            return Ok(());
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(BlockError::generic(format!(
+                "Node '{}' is closed",
+                self.name
+            )));
+        }
+        self.driver.reopen_read_write()?;
+        self.ro.store(false, Ordering::Release);
+        Ok(())
+    }
+
     /// Stores persistent bitmaps and closes the driver (once).
     pub(crate) fn close(&self) {
         if self.closed.swap(true, Ordering::SeqCst) {

@@ -201,12 +201,12 @@ impl Ctx<'_> {
 
 /// Checks (and with `fix`, repairs) an image. Callers hold no request in flight.
 pub(crate) fn check_locked(img: &Qcow2, fix: Fix) -> Result<CheckResult> {
-    if img.writable && !img.is_read_only() {
+    if img.is_writable() && !img.is_read_only() {
         img.flush()?;
     }
     let before = run_check(img)?;
     let need_fix = (fix.leaks && before.leaks > 0) || (fix.errors && before.corruptions > 0);
-    if !need_fix || !img.writable {
+    if !need_fix || !img.is_writable() {
         return Ok(before);
     }
     rebuild(img, &before, fix)?;

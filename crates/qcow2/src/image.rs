@@ -190,7 +190,7 @@ pub struct Qcow2 {
     pub(crate) inflight: Mutex<crate::gate::Inflight>,
     pub(crate) rt_range: Arc<(AtomicU64, AtomicU64)>,
     pub(crate) inflight_cv: Condvar,
-    pub(crate) writable: bool,
+    pub(crate) writable: AtomicBool,
     pub(crate) read_only: AtomicBool,
     pub(crate) corrupt: AtomicBool,
     pub(crate) lazy: bool,
@@ -362,7 +362,7 @@ impl Qcow2 {
             inflight: Mutex::new(Default::default()),
             rt_range,
             inflight_cv: Condvar::new(),
-            writable: opts.writable,
+            writable: AtomicBool::new(opts.writable),
             read_only: AtomicBool::new(!opts.writable),
             corrupt: AtomicBool::new(h.incompatible_features & INCOMPAT_CORRUPT != 0),
             lazy,
@@ -460,7 +460,7 @@ impl Qcow2 {
     pub(crate) fn signal_corruption(&self, msg: String, offset: Option<u64>) -> Error {
         if !self.corrupt.swap(true, Ordering::SeqCst) {
             log::error!("qcow2: Marking image as corrupt: {msg}");
-            if self.writable {
+            if self.is_writable() {
                 let mut h = lock(&self.header);
                 h.incompatible_features |= INCOMPAT_CORRUPT;
                 if let Err(e) = self.write_incompat(h.incompatible_features) {
@@ -473,7 +473,7 @@ impl Qcow2 {
                     msg: msg.clone(),
                     offset,
                     size: None,
-                    fatal: self.writable,
+                    fatal: self.is_writable(),
                 });
             }
         }

@@ -20,6 +20,7 @@ mod image;
 mod info;
 mod l2;
 mod refcount;
+mod reopen;
 mod snapshot;
 pub mod snapshot_table;
 pub mod storage;

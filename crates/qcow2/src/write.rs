@@ -916,7 +916,7 @@ impl Qcow2 {
     /// Writes all cached metadata in a crash-consistent order and flushes the storage:
     /// refcounts, then L2 tables, then the deferred refcount decrements.
     pub fn flush(&self) -> Result<()> {
-        if !self.writable {
+        if !self.is_writable() {
             return Ok(());
         }
         let r = self.flush_inner();
@@ -971,7 +971,7 @@ impl Qcow2 {
 
     /// Flushes and, for lazy refcounts, clears the dirty bit. Called on drop as well.
     pub fn close(&self) -> Result<()> {
-        if !self.writable || self.closed.swap(true, Ordering::SeqCst) {
+        if !self.is_writable() || self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
         if self.is_corrupt() {

@@ -593,6 +593,42 @@ impl BlockDriver for FileDriver {
         Ok(())
     }
 
+    fn reopen_read_write(&self) -> Result<()> {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: F_GETFL on our own descriptor.
+        let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if fl < 0 {
+            return Err(BlockError::errno(errno()));
+        }
+        if fl & libc::O_ACCMODE == libc::O_RDWR {
+            return Ok(());
+        }
+        let new = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | (fl & libc::O_DIRECT))
+            .open(&self.filename)
+            .map_err(|e| {
+                BlockError::from(e).prepend(&format!("Could not reopen '{}'", self.filename))
+            })?;
+        // The new open file replaces the old one under the same descriptor number, so every
+        // user of `self.file` sees it; the old one's locks go with it and are taken again.
+        let held = std::mem::take(&mut *mlock(&self.locked));
+        // SAFETY: dup3 from a descriptor we own onto our own descriptor (no request runs:
+        // the node is drained).
+        let r = unsafe { libc::dup3(new.as_raw_fd(), fd, libc::O_CLOEXEC) };
+        let err = (r < 0).then(errno);
+        if err.is_some() {
+            *mlock(&self.locked) = held;
+        } else {
+            self.set_perm(Perm::from_bits(held.0), !Perm::from_bits(held.1));
+        }
+        match err {
+            Some(e) => Err(BlockError::errno(e)),
+            None => Ok(()),
+        }
+    }
+
     fn set_perm(&self, perm: Perm, shared: Perm) {
         if !self.locking {
             return;

@@ -603,6 +603,10 @@ impl BlockDriver for Qcow2Driver {
         self.img.close().map_err(BlockError::from)
     }
 
+    fn reopen_read_write(&self) -> Result<()> {
+        self.img.reopen_read_write().map_err(BlockError::from)
+    }
+
     fn close(&self) -> Result<()> {
         self.img.close().map_err(BlockError::from)
     }
