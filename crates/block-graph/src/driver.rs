@@ -289,6 +289,21 @@ pub trait BlockDriver: Send + Sync {
         Ok(())
     }
 
+    /// Writes one full cluster compressed at the cluster-aligned `offset` (backup's
+    /// `compress`). The default refuses.
+    fn write_compressed(&self, _offset: u64, _buf: &[u8]) -> Result<()> {
+        Err(BlockError::io(
+            libc::ENOTSUP,
+            "Compression is not supported for this drive",
+        ))
+    }
+
+    /// The driver as `Any`, for users that need the concrete driver of a node (a backup
+    /// job finds its copy-before-write filter's state). The default is `None`.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
+
     /// Whether children can be added and removed at run time (`x-blockdev-change`).
     fn supports_child_change(&self) -> bool {
         false

@@ -607,6 +607,12 @@ impl BlockDriver for Qcow2Driver {
         self.img.reopen_read_write().map_err(BlockError::from)
     }
 
+    fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.img
+            .write_compressed(buf, offset)
+            .map_err(BlockError::from)
+    }
+
     fn close(&self) -> Result<()> {
         self.img.close().map_err(BlockError::from)
     }
