@@ -239,6 +239,22 @@ impl BlockGraph {
         inherit: &Inherit,
         implicit: bool,
     ) -> Result<Arc<Node>> {
+        self.open_node_with(opts, inherit, implicit, crate::drivers::open_driver)
+    }
+
+    /// [`BlockGraph::open_node`] with the driver opened by `open` (for drivers the schema's
+    /// `BlockdevOptions` cannot name yet, such as `throttle`; `opts` gives the generic
+    /// options).
+    pub(crate) fn open_node_with(
+        &mut self,
+        opts: &BlockdevOptions,
+        inherit: &Inherit,
+        implicit: bool,
+        open: impl FnOnce(
+            &mut crate::drivers::OpenCtx<'_>,
+            &BlockdevOptions,
+        ) -> Result<Box<dyn crate::driver::BlockDriver>>,
+    ) -> Result<Arc<Node>> {
         if opts.id.is_some() && !inherit.top_level {
             return Err(BlockError::generic(
                 "'id' is only allowed at the top level of blockdev-add",
@@ -254,7 +270,7 @@ impl BlockGraph {
         };
         let events = self.events.clone();
         let mut ctx = crate::drivers::OpenCtx::new(self, name.clone(), nopts.clone(), events);
-        let driver = crate::drivers::open_driver(&mut ctx, opts)?;
+        let driver = open(&mut ctx, opts)?;
         let (children, backing_slot, corrupt_cell) = ctx.finish();
         // The name could have been taken by a child opened meanwhile.
         if self.find_node(&name).is_some() {

@@ -8,8 +8,13 @@
 //! requests pass unthrottled, as in QEMU, so that drain completes.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
+
+use qapi_types::runtime::{DecodeError, Decoder, Object};
+use qapi_types::QapiType;
+use serde_json::Value;
 
 use crate::error::{BlockError, Result};
 use crate::node::mlock;
@@ -228,10 +233,14 @@ impl State {
     }
 }
 
-/// A throttle group: buckets shared by its members.
+/// A throttle group: buckets shared by its members (BlockBackends and `throttle` filter
+/// nodes).
 #[derive(Debug)]
 pub struct ThrottleGroup {
     name: String,
+    /// Whether any limit is set: requests through a group without limits pass with one
+    /// atomic load, no lock and no clock read.
+    enabled: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -239,6 +248,7 @@ impl ThrottleGroup {
     fn new(name: &str, limits: ThrottleLimits) -> Arc<Self> {
         Arc::new(ThrottleGroup {
             name: name.to_string(),
+            enabled: AtomicBool::new(limits.enabled()),
             state: Mutex::new(State {
                 limits,
                 levels: [Level::default(); 6],
@@ -261,13 +271,23 @@ impl ThrottleGroup {
 
     /// Replaces the limits (the buckets keep their levels).
     pub fn set_limits(&self, limits: ThrottleLimits) {
-        mlock(&self.state).limits = limits;
+        let mut s = mlock(&self.state);
+        self.enabled.store(limits.enabled(), Ordering::Release);
+        s.limits = limits;
+    }
+
+    /// Whether any limit is set.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
     }
 
     /// Waits until a request of `bytes` may go, then accounts it. `bypass` is polled while
     /// waiting: when it returns true (the backend is being drained), the request goes at
     /// once.
     pub fn intercept(&self, write: bool, bytes: u64, bypass: impl Fn() -> bool) {
+        if !self.is_enabled() {
+            return;
+        }
         loop {
             let wait = {
                 let mut s = mlock(&self.state);
@@ -284,10 +304,12 @@ impl ThrottleGroup {
     }
 }
 
-/// The registry of named groups.
+/// The registry of named groups: those `block_set_io_throttle` creates (alive while a
+/// member uses them) and those `object-add` creates (alive until `object-del`).
 #[derive(Debug, Default)]
 pub struct ThrottleGroups {
     groups: HashMap<String, Weak<ThrottleGroup>>,
+    objects: HashMap<String, Arc<ThrottleGroup>>,
 }
 
 impl ThrottleGroups {
@@ -304,9 +326,183 @@ impl ThrottleGroups {
         g
     }
 
-    /// The group `name`, if some backend uses it.
+    /// The group `name`, if some member uses it or `object-add` created it.
     pub fn get(&self, name: &str) -> Option<Arc<ThrottleGroup>> {
         self.groups.get(name).and_then(Weak::upgrade)
+    }
+
+    /// `object-add` of a `throttle-group`: a group that lives until
+    /// [`ThrottleGroups::remove_object`], with QEMU's errors for taken names.
+    pub fn add_object(&mut self, id: &str, limits: ThrottleLimits) -> Result<Arc<ThrottleGroup>> {
+        if self.objects.contains_key(id) {
+            return Err(BlockError::generic(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            )));
+        }
+        if self.get(id).is_some() {
+            return Err(BlockError::generic("A group with this name already exists"));
+        }
+        limits.validate()?;
+        self.groups.retain(|_, w| w.strong_count() > 0);
+        let g = ThrottleGroup::new(id, limits);
+        self.groups.insert(id.to_string(), Arc::downgrade(&g));
+        self.objects.insert(id.to_string(), g.clone());
+        Ok(g)
+    }
+
+    /// `object-del` of a group `object-add` created: refused while a member uses it.
+    pub fn remove_object(&mut self, id: &str) -> Result<()> {
+        let Some(g) = self.objects.get(id) else {
+            return Err(BlockError::generic(format!("object '{id}' not found")));
+        };
+        if Arc::strong_count(g) > 1 {
+            return Err(BlockError::generic(format!(
+                "object '{id}' is in use, can not be deleted"
+            )));
+        }
+        self.objects.remove(id);
+        self.groups.remove(id);
+        Ok(())
+    }
+
+    /// Whether `object-add` created the group `id`.
+    pub fn is_object(&self, id: &str) -> bool {
+        self.objects.contains_key(id)
+    }
+}
+
+/// The members of QEMU's `ThrottleLimits` (QOM's `limits` property): (name, bucket index,
+/// field: 0 avg, 1 max, 2 burst length).
+const QOM_LIMITS: [(&str, usize, u8); 18] = [
+    ("iops-total", OPS_TOTAL, 0),
+    ("iops-total-max", OPS_TOTAL, 1),
+    ("iops-total-max-length", OPS_TOTAL, 2),
+    ("iops-read", OPS_READ, 0),
+    ("iops-read-max", OPS_READ, 1),
+    ("iops-read-max-length", OPS_READ, 2),
+    ("iops-write", OPS_WRITE, 0),
+    ("iops-write-max", OPS_WRITE, 1),
+    ("iops-write-max-length", OPS_WRITE, 2),
+    ("bps-total", BPS_TOTAL, 0),
+    ("bps-total-max", BPS_TOTAL, 1),
+    ("bps-total-max-length", BPS_TOTAL, 2),
+    ("bps-read", BPS_READ, 0),
+    ("bps-read-max", BPS_READ, 1),
+    ("bps-read-max-length", BPS_READ, 2),
+    ("bps-write", BPS_WRITE, 0),
+    ("bps-write-max", BPS_WRITE, 1),
+    ("bps-write-max-length", BPS_WRITE, 2),
+];
+
+impl ThrottleLimits {
+    fn bucket_mut(&mut self, i: usize) -> &mut BucketLimit {
+        match i {
+            BPS_TOTAL => &mut self.bps_total,
+            BPS_READ => &mut self.bps_read,
+            BPS_WRITE => &mut self.bps_write,
+            OPS_TOTAL => &mut self.iops_total,
+            OPS_READ => &mut self.iops_read,
+            _ => &mut self.iops_write,
+        }
+    }
+
+    /// Sets one member of QEMU's `ThrottleLimits` by its QOM name (`bps-total-max`, ...,
+    /// `iops-size`), with the range checks of QEMU's `throttle_limits_to_config`.
+    fn set_qom(&mut self, name: &str, v: i64) -> Result<()> {
+        if name == "iops-size" {
+            if !(0..=u32::MAX as i64).contains(&v) {
+                return Err(BlockError::generic(format!(
+                    "iops size must be in the range [0, {}]",
+                    u32::MAX
+                )));
+            }
+            self.iops_size = v as u64;
+            return Ok(());
+        }
+        let Some(&(_, i, field)) = QOM_LIMITS.iter().find(|(n, _, _)| *n == name) else {
+            return Err(BlockError::generic(format!(
+                "Parameter '{name}' is unexpected"
+            )));
+        };
+        let b = self.bucket_mut(i);
+        match field {
+            // Negative values become huge ones, which validation refuses as QEMU does.
+            0 => b.avg = v as u64,
+            1 => b.max = v as u64,
+            _ => {
+                if !(0..=u32::MAX as i64).contains(&v) {
+                    return Err(BlockError::generic(format!(
+                        "{name} value must be in the range [0, {}]",
+                        u32::MAX
+                    )));
+                }
+                b.burst_length = v as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// The limits of a `throttle-group` object from its QOM properties: QEMU's `limits`
+    /// object and the legacy `x-iops-total`-style members (negative values refused), then
+    /// validated with QEMU's messages.
+    pub fn from_qom_props(props: Object) -> Result<ThrottleLimits> {
+        let mut d = Decoder::strict();
+        let mut m = props;
+        let mut l = ThrottleLimits::default();
+        let legacy: Vec<String> = m.keys().filter(|k| k.starts_with("x-")).cloned().collect();
+        for k in legacy {
+            let name = &k[2..];
+            if name != "iops-size" && !QOM_LIMITS.iter().any(|(n, _, _)| *n == name) {
+                continue;
+            }
+            let v: i64 = d.member(&mut m, &k).map_err(decode_err)?;
+            if v < 0 {
+                return Err(BlockError::generic("Property values cannot be negative"));
+            }
+            l.set_qom(name, v)?;
+        }
+        if let Some(QomLimits(given)) = d.optional(&mut m, "limits").map_err(decode_err)? {
+            for (name, v) in given {
+                l.set_qom(name, v)?;
+            }
+        }
+        d.finish(m).map_err(decode_err)?;
+        l.validate()?;
+        Ok(l)
+    }
+}
+
+fn decode_err(e: DecodeError) -> BlockError {
+    BlockError::generic(e.0)
+}
+
+/// QEMU's `ThrottleLimits` as given: the members present, in QOM names.
+struct QomLimits(Vec<(&'static str, i64)>);
+
+impl QapiType for QomLimits {
+    fn to_qmp(&self) -> Value {
+        Value::Object(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.to_string(), Value::from(*v)))
+                .collect(),
+        )
+    }
+
+    fn from_qmp(v: Value, d: &mut Decoder) -> std::result::Result<Self, DecodeError> {
+        let mut m = d.object(v)?;
+        let mut out = Vec::new();
+        let names = QOM_LIMITS
+            .iter()
+            .map(|(n, _, _)| *n)
+            .chain(std::iter::once("iops-size"));
+        for n in names {
+            if let Some(v) = d.optional::<i64>(&mut m, n)? {
+                out.push((n, v));
+            }
+        }
+        d.finish(m)?;
+        Ok(QomLimits(out))
     }
 }
 

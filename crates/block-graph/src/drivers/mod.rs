@@ -6,6 +6,7 @@ pub mod null;
 pub mod qcow2;
 pub mod quorum;
 pub mod raw;
+pub mod throttle;
 
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
