@@ -1,0 +1,261 @@
+//! `block-stream`: copies the data of the backing chain above `base` into the top node,
+//! then makes `base` the top's backing node (dropping the intermediate links) and writes
+//! the new backing file name into the top's image (QEMU's `block/stream.c`).
+//!
+//! Only ranges allocated above `base` and not in the top itself are copied (block-status
+//! through the chain); ranges that read as zero in an intermediate layer become
+//! write-zeroes. While a range is copied, other writers of the top are held back
+//! ([`crate::chain::Exclusive`]), so a guest write is never overwritten by older data.
+
+use std::sync::Arc;
+
+use block_graph::{BlockError, BlockGraph, Node, Perm};
+use qapi_types::cmd::BlockStreamArguments;
+use qapi_types::{BlockdevOnError, JobType};
+
+use crate::chain::{chain_contains, chain_until, find_backing_image, Exclusive, JobRoot};
+use crate::engine::{ErrorAction, JobContext, JobDriver, JobSpec};
+use crate::error::{JobError, Result};
+use crate::registry::Jobs;
+
+/// The largest range copied at once (QEMU streams 512 KiB chunks; larger chunks cost
+/// fewer requests when the chain is mostly allocated).
+pub const MAX_CHUNK: u64 = 4 << 20;
+
+/// The stream job.
+pub struct StreamJob {
+    top: Arc<Node>,
+    base: Option<Arc<Node>>,
+    root: Option<JobRoot>,
+    backing_file: Option<String>,
+    on_error: BlockdevOnError,
+    reopened: Vec<Arc<Node>>,
+}
+
+impl std::fmt::Debug for StreamJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamJob")
+            .field("top", &self.top.name())
+            .field("base", &self.base.as_ref().map(|b| b.name().to_string()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamJob {
+    fn copy_range(
+        &self,
+        ctx: &JobContext,
+        root: &JobRoot,
+        buf: &mut Vec<u8>,
+        off: u64,
+        len: u64,
+    ) -> std::result::Result<(u64, bool), (BlockError, bool)> {
+        // Hold other writers of the top back, then look again: a guest write may have
+        // allocated the range meanwhile.
+        let _x = Exclusive::enter(&self.top, root.info());
+        let st = self
+            .top
+            .block_status_above(self.base.as_ref(), off, len)
+            .map_err(|e| (e, true))?;
+        let n = st.len;
+        if !(st.allocated && st.depth > 0) {
+            return Ok((n, false));
+        }
+        if st.zero {
+            root.write_zeroes(off, n).map_err(|e| (e, false))?;
+            return Ok((n, true));
+        }
+        let _ = ctx;
+        if buf.len() < n as usize {
+            buf.resize(n as usize, 0);
+        }
+        let b = &mut buf[..n as usize];
+        root.read(off, b).map_err(|e| (e, true))?;
+        root.write(off, b).map_err(|e| (e, false))?;
+        Ok((n, true))
+    }
+}
+
+impl JobDriver for StreamJob {
+    fn job_type(&self) -> JobType {
+        JobType::Stream
+    }
+
+    fn run(&mut self, ctx: &JobContext) -> Result<()> {
+        let root = self.root.clone().ok_or(JobError::Cancelled)?;
+        let len = root.length();
+        ctx.progress_set_remaining(len);
+        let mut buf: Vec<u8> = Vec::new();
+        let mut first_error: Option<BlockError> = None;
+        let mut off = 0u64;
+        while off < len {
+            ctx.pause_point()?;
+            let want = ctx.chunk_size(MAX_CHUNK).min(len - off);
+            match self.copy_range(ctx, &root, &mut buf, off, want) {
+                Ok((n, copied)) => {
+                    off += n;
+                    ctx.progress_done(n);
+                    if copied {
+                        ctx.rate_limit(n)?;
+                    }
+                }
+                Err((e, is_read)) => match ctx.error_action(&self.on_error, is_read, &e) {
+                    ErrorAction::Stop => continue,
+                    ErrorAction::Report => return Err(e.into()),
+                    ErrorAction::Ignore => {
+                        // QEMU goes on, and fails the job at the end.
+                        first_error.get_or_insert(e);
+                        off += want;
+                        ctx.progress_done(want);
+                    }
+                },
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e.into());
+        }
+        root.flush()?;
+        Ok(())
+    }
+
+    fn prepare(&mut self, _ctx: &JobContext, g: &mut BlockGraph) -> Result<()> {
+        if self.top.backing().is_none() {
+            return Ok(());
+        }
+        let (name, fmt) = match &self.base {
+            Some(b) => (
+                Some(
+                    self.backing_file
+                        .clone()
+                        .unwrap_or_else(|| block_graph::filename::node_filename(b)),
+                ),
+                Some(b.driver_name().to_string()),
+            ),
+            None => (None, None),
+        };
+        let _d = g.drain(std::slice::from_ref(&self.top));
+        g.set_backing(&self.top, self.base.as_ref())?;
+        self.top
+            .driver()
+            .change_backing_file(name.as_deref(), fmt.as_deref())?;
+        Ok(())
+    }
+
+    fn clean(&mut self, _ctx: &JobContext, g: &mut BlockGraph) {
+        if let Some(r) = self.root.take() {
+            r.release(g);
+        }
+        if !self.reopened.is_empty() {
+            if let Err(e) = g.restore_read_only(&self.reopened) {
+                log::warn!("stream: making '{}' read-only again: {e}", self.top.name());
+            }
+            self.reopened.clear();
+        }
+    }
+}
+
+/// The job id QEMU uses when none is given: the device name of the node's backend ("" if
+/// it has none, which `Jobs::create` then refuses as an invalid id).
+pub fn default_job_id(g: &BlockGraph, n: &Arc<Node>) -> String {
+    g.backend_of(n)
+        .map(|b| b.name().to_string())
+        .unwrap_or_default()
+}
+
+pub(crate) fn spec_for(
+    id: Option<&str>,
+    g: &BlockGraph,
+    device_node: &Arc<Node>,
+    speed: Option<i64>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+) -> JobSpec {
+    let mut spec = JobSpec::new(
+        id.map(str::to_string)
+            .unwrap_or_else(|| default_job_id(g, device_node)),
+    );
+    spec.speed = speed.unwrap_or(0);
+    spec.auto_finalize = auto_finalize.unwrap_or(true);
+    spec.auto_dismiss = auto_dismiss.unwrap_or(true);
+    spec
+}
+
+/// `block-stream` (QEMU's `qmp_block_stream` and `stream_start`): checks the arguments,
+/// creates and starts the job.
+pub fn block_stream(jobs: &Jobs, g: &mut BlockGraph, a: &BlockStreamArguments) -> Result<()> {
+    if a.base.is_some() && a.base_node.is_some() {
+        return Err(JobError::generic(
+            "'base' and 'base-node' cannot be specified at the same time",
+        ));
+    }
+    let on_error = a.on_error.clone().unwrap_or(BlockdevOnError::Report);
+    let bs = g.lookup_either(&a.device)?;
+    let mut base: Option<Arc<Node>> = None;
+    if let Some(name) = &a.base {
+        base = Some(find_backing_image(&bs, name).ok_or_else(|| {
+            JobError::generic(format!("Can't find '{name}' in the backing chain"))
+        })?);
+    }
+    if let Some(bn) = &a.base_node {
+        let b = g.lookup(None, Some(bn))?;
+        if Arc::ptr_eq(&b, &bs) || !chain_contains(&bs, &b) {
+            return Err(JobError::generic(format!(
+                "Node '{bn}' is not a backing image of '{}'",
+                a.device
+            )));
+        }
+        base = Some(b);
+    }
+    let nodes = chain_until(&bs, base.as_ref());
+    jobs.check_blockers(g, &nodes)?;
+    if base.is_none() && a.backing_file.is_some() {
+        return Err(JobError::generic(
+            "backing file specified, but streaming the entire chain",
+        ));
+    }
+    if matches!(on_error, BlockdevOnError::Unrecognized(_)) {
+        return Err(JobError::generic("Invalid parameter 'on-error'"));
+    }
+    let mut spec = spec_for(
+        a.job_id.as_deref(),
+        g,
+        &bs,
+        a.speed,
+        a.auto_finalize,
+        a.auto_dismiss,
+    );
+    spec.nodes = nodes;
+    jobs.check_spec(g, &spec)?;
+    let reopened = if bs.is_read_only() {
+        g.reopen_read_write(&bs)?
+    } else {
+        Vec::new()
+    };
+    let desc = format!("stream job '{}'", spec.id);
+    let root = match JobRoot::new(
+        g,
+        &bs,
+        Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+        Perm::ALL,
+        &desc,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            if !reopened.is_empty() {
+                let _ = g.restore_read_only(&reopened);
+            }
+            return Err(e);
+        }
+    };
+    let job = StreamJob {
+        top: bs,
+        base,
+        root: Some(root),
+        backing_file: a.backing_file.clone(),
+        on_error,
+        reopened,
+    };
+    let j = jobs.create(g, spec, Box::new(job))?;
+    jobs.start(&j);
+    Ok(())
+}
