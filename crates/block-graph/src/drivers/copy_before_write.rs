@@ -216,6 +216,17 @@ impl BlockCopy {
     /// only when the whole range is copied (waiting for copies other requests are doing);
     /// without, skips ranges others are copying. Returns the bytes this call copied.
     pub fn copy(&self, offset: u64, len: u64, wait: bool) -> Result<u64> {
+        self.copy_ex(offset, len, wait).map_err(|(_, e)| e)
+    }
+
+    /// [`BlockCopy::copy`], telling a failed read of the source (`true`) from a failed
+    /// write of the target (`false`), for the jobs' `on-source-error`/`on-target-error`.
+    pub fn copy_ex(
+        &self,
+        offset: u64,
+        len: u64,
+        wait: bool,
+    ) -> std::result::Result<u64, (bool, BlockError)> {
         let end = offset.saturating_add(len).min(self.len);
         let mut pos = offset / self.cluster * self.cluster;
         let mut done = 0u64;
@@ -274,10 +285,19 @@ impl BlockCopy {
         }
     }
 
-    fn copy_run(&self, offset: u64, len: u64) -> Result<()> {
+    fn copy_run(&self, offset: u64, len: u64) -> std::result::Result<(), (bool, BlockError)> {
         let mut buf = vec![0u8; len as usize];
-        self.source.read_buf(offset, &mut buf)?;
-        let iov = [IoSlice::new(&buf)];
+        self.source
+            .read_buf(offset, &mut buf)
+            .map_err(|e| (true, e))?;
+        self.write_target(offset, &buf).map_err(|e| (false, e))?;
+        self.copied.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn write_target(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let len = buf.len() as u64;
+        let iov = [IoSlice::new(buf)];
         if is_zero(&iov) {
             self.target.write_zeroes(
                 offset,
@@ -288,11 +308,10 @@ impl BlockCopy {
                 },
             )?;
         } else if self.compress.load(Ordering::Relaxed) {
-            self.write_compressed(offset, &buf)?;
+            self.write_compressed(offset, buf)?;
         } else {
             self.target.write(offset, &iov, WriteFlags::default())?;
         }
-        self.copied.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
 

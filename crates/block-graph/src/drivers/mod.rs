@@ -1,6 +1,7 @@
 //! The drivers and the context they are opened in.
 
 pub mod blkdebug;
+pub mod copy_before_write;
 pub mod file;
 pub mod null;
 pub mod qcow2;
@@ -197,6 +198,7 @@ pub(crate) fn open_driver(
             Ok(Box::new(raw::RawDriver::new(file, offset, size)?))
         }
         BlockdevOptionsBranch::Qcow2(q) => qcow2::open(ctx, q),
+        BlockdevOptionsBranch::CopyBeforeWrite(c) => copy_before_write::open(ctx, c),
         BlockdevOptionsBranch::Blkdebug(b) => blkdebug::open(ctx, b),
         BlockdevOptionsBranch::Quorum(q) => quorum::open(ctx, q),
         BlockdevOptionsBranch::Blkverify(b) => quorum::open_blkverify(ctx, b),
