@@ -146,6 +146,14 @@ pub trait BlockDriver: Send + Sync {
         Ok(())
     }
 
+    /// Runs a batch of reads and writes (see [`crate::batch`]): sets `result` of every
+    /// request whose `result` is `None`. The generic layer guarantees each pending read
+    /// lies inside `length()`. Drivers that can have many requests in flight at once
+    /// override it; the default runs them one after the other.
+    fn submit_batch(&self, reqs: &mut [crate::batch::BatchReq<'_>]) {
+        crate::batch::run_each(self, reqs)
+    }
+
     /// Hints that `[offset, offset + len)` is unused. The default ignores the hint.
     fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
         Ok(())

@@ -244,6 +244,23 @@ impl Edge {
         n.write(offset, iov, flags)
     }
 
+    /// Runs a batch of reads and writes on the child (see [`crate::batch`]); writes need
+    /// the write permission, as with [`Edge::write`].
+    pub fn submit_batch(&self, reqs: &mut [crate::batch::BatchReq<'_>]) {
+        let n = rlock(&self.child);
+        self.submit_batch_on(&n, reqs)
+    }
+
+    /// [`Edge::submit_batch`] to `n`, the node the caller already holds through this edge.
+    pub(crate) fn submit_batch_on(&self, n: &Node, reqs: &mut [crate::batch::BatchReq<'_>]) {
+        for r in reqs.iter_mut().filter(|r| r.is_pending() && r.is_write()) {
+            if let Err(e) = self.check_write(n, r.offset, r.len() as u64) {
+                r.result = Some(Err(e));
+            }
+        }
+        n.submit_batch(reqs)
+    }
+
     /// Writes one buffer.
     pub fn write_buf(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
         self.write(offset, &[IoSlice::new(buf)], flags)

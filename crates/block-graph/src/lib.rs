@@ -34,6 +34,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod batch;
 pub mod bitmap;
 pub mod bitmap_ops;
 pub mod cli;

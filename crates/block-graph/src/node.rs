@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
 use qapi_types::event::{BlockWriteThreshold, BlockWriteThresholdData};
 use qapi_types::BlkdebugEvent;
 
+use crate::batch::{BatchBuf, BatchReq};
 use crate::bitmap::DirtyBitmap;
 use crate::driver::{BlockDriver, StatusKind, WriteFlags, ZeroFlags};
 pub use crate::edge::{ChildSlot, Edge, Parent, RootInfo};
@@ -112,6 +113,22 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// `n` requests in flight (a batch).
+struct InFlightMany<'a>(&'a AtomicUsize, usize);
+
+impl InFlight<'_> {
+    fn many(c: &AtomicUsize, n: usize) -> InFlightMany<'_> {
+        c.fetch_add(n, Ordering::Relaxed);
+        InFlightMany(c, n)
+    }
+}
+
+impl Drop for InFlightMany<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::Release);
     }
 }
 
@@ -441,6 +458,64 @@ impl Node {
         r?;
         self.finish_write(offset, len, offset + len > self.length());
         Ok(())
+    }
+
+    fn run_one(&self, r: &mut BatchReq<'_>) -> Result<()> {
+        let offset = r.offset;
+        match &mut r.buf {
+            BatchBuf::Read(b) => self.read(offset, &mut [IoSliceMut::new(b)]),
+            BatchBuf::Write(b) => self.write(offset, &[IoSlice::new(b)], WriteFlags { fua: r.fua }),
+        }
+    }
+
+    /// The generic layer of a batch (see [`crate::batch`]): the checks of [`Node::read`]
+    /// and [`Node::write`] for every pending request, one driver call for all of them,
+    /// then dirty bitmaps and the highest offset. Requests that need the single-request
+    /// path (reads past the end, `detect-zeroes`, live `blkdebug` rules) take it.
+    pub(crate) fn submit_batch(&self, reqs: &mut [BatchReq<'_>]) {
+        if self.opts.detect_zeroes != DetectZeroes::Off
+            || crate::drivers::blkdebug::LIVE.load(Ordering::Relaxed) != 0
+        {
+            for r in reqs.iter_mut().filter(|r| r.is_pending()) {
+                r.result = Some(self.run_one(r));
+            }
+            return;
+        }
+        let _f = InFlight::many(&self.in_flight, reqs.len());
+        let size = self.length();
+        let ro = self.is_read_only();
+        let mut writes: Vec<usize> = Vec::new();
+        for (i, r) in reqs.iter_mut().enumerate().filter(|(_, r)| r.is_pending()) {
+            let len = r.len() as u64;
+            if let Err(e) = Self::check_request(r.offset, len) {
+                r.result = Some(Err(e));
+            } else if r.is_write() {
+                if ro {
+                    r.result = Some(Err(BlockError::errno(libc::EACCES)));
+                } else if len == 0 {
+                    r.result = Some(Ok(()));
+                } else {
+                    self.check_threshold(r.offset, len);
+                    writes.push(i);
+                }
+            } else if len == 0 {
+                r.result = Some(Ok(()));
+            } else if r.offset + len > size {
+                r.result = Some(self.run_one(r));
+            }
+        }
+        if reqs.iter().any(BatchReq::is_pending) {
+            self.driver.submit_batch(reqs);
+        }
+        let size = self.length();
+        for i in writes {
+            let r = &reqs[i];
+            let len = r.len() as u64;
+            self.mark_dirty(r.offset, len);
+            if matches!(r.result, Some(Ok(()))) {
+                self.finish_write(r.offset, len, r.offset + len > size);
+            }
+        }
     }
 
     fn zeroes_inner(&self, offset: u64, len: u64, mut flags: ZeroFlags) -> Result<()> {

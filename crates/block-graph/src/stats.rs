@@ -133,7 +133,9 @@ impl Default for Stats {
 pub struct AcctCookie {
     ty: AcctType,
     bytes: u64,
-    start: Instant,
+    /// Nanoseconds since the epoch of the statistics (one clock read per start, one per
+    /// end: the end's reading gives both the latency and the last access time).
+    start: u64,
 }
 
 impl Stats {
@@ -193,13 +195,36 @@ impl Stats {
         AcctCookie {
             ty,
             bytes,
-            start: Instant::now(),
+            start: self.now(),
         }
     }
 
     /// Finishes a request; `ok` says whether it succeeded.
     pub fn done(&self, c: AcctCookie, ok: bool) {
-        let latency = c.start.elapsed().as_nanos() as u64;
+        let now = self.now();
+        self.finish(c, ok, now);
+    }
+
+    /// Finishes requests that started with the same cookie time (a batch) with one clock
+    /// read: `(cookie, ok)` for each.
+    pub fn done_batch(&self, done: impl IntoIterator<Item = (AcctCookie, bool)>) {
+        let now = self.now();
+        for (c, ok) in done {
+            self.finish(c, ok, now);
+        }
+    }
+
+    /// A cookie for another request that starts at the same time as `c`.
+    pub fn same_start(&self, c: &AcctCookie, ty: AcctType, bytes: u64) -> AcctCookie {
+        AcctCookie {
+            ty,
+            bytes,
+            start: c.start,
+        }
+    }
+
+    fn finish(&self, c: AcctCookie, ok: bool, now: u64) {
+        let latency = now.saturating_sub(c.start);
         let t = c.ty as usize;
         if ok {
             self.bytes[t].fetch_add(c.bytes, Ordering::Relaxed);
@@ -209,7 +234,6 @@ impl Stats {
         }
         if ok || self.account_failed.load(Ordering::Relaxed) {
             self.total_time[t].fetch_add(latency, Ordering::Relaxed);
-            let now = self.now();
             self.last_access.store(now, Ordering::Relaxed);
             if self.has_intervals.load(Ordering::Acquire) {
                 for i in mlock(&self.intervals).iter_mut() {

@@ -12,6 +12,9 @@ use std::sync::{Condvar, Mutex};
 
 use qcow2::AlignedBuf;
 
+mod uring;
+
+use crate::batch::{run_one, BatchBuf, BatchReq};
 use crate::driver::{BlockDriver, DriverStatus, StatusKind, WriteFlags, ZeroFlags};
 use crate::error::{BlockError, Result};
 use crate::iov::{copy_from_iov, copy_to_iov, iov_len, iov_len_mut};
@@ -356,6 +359,49 @@ impl FileDriver {
     }
 }
 
+impl FileDriver {
+    /// Whether a batched request can go to the kernel as it is (aligned for `O_DIRECT`,
+    /// FUA only where `RWF_DSYNC` works).
+    fn batchable(&self, r: &BatchReq<'_>) -> bool {
+        let (ptr, len) = match &r.buf {
+            BatchBuf::Read(b) => (b.as_ptr() as usize, b.len()),
+            BatchBuf::Write(b) => (b.as_ptr() as usize, b.len()),
+        };
+        len > 0
+            && len <= i32::MAX as usize
+            && (!r.fua || self.dsync_ok.load(Ordering::Relaxed))
+            && self.aligned_iov(r.offset, std::iter::once((ptr, len)), len)
+    }
+
+    /// Completes a request after the kernel moved `done` bytes of it: the rest (a short
+    /// transfer) or the retry (an error worth retrying) on the plain path.
+    fn finish_batched(&self, r: &mut BatchReq<'_>, res: i32) -> Result<()> {
+        let len = r.len();
+        if res >= 0 && res as usize == len {
+            return Ok(());
+        }
+        if res < 0 {
+            let e = -res;
+            if r.is_write() && r.fua && (e == libc::EOPNOTSUPP || e == libc::EINVAL) {
+                self.dsync_ok.store(false, Ordering::Relaxed);
+            }
+            if matches!(
+                e,
+                libc::EINTR | libc::EAGAIN | libc::EOPNOTSUPP | libc::EINVAL
+            ) {
+                return run_one(self, r);
+            }
+            return Err(BlockError::errno(e));
+        }
+        let done = res as usize;
+        let offset = r.offset + done as u64;
+        match &mut r.buf {
+            BatchBuf::Read(b) => self.preadv_full(offset, &mut [IoSliceMut::new(&mut b[done..])]),
+            BatchBuf::Write(b) => self.pwritev_full(offset, &[IoSlice::new(&b[done..])], r.fua),
+        }
+    }
+}
+
 impl BlockDriver for FileDriver {
     fn format_name(&self) -> &'static str {
         if self.block_device {
@@ -413,6 +459,55 @@ impl BlockDriver for FileDriver {
         }
         copy_from_iov(iov, 0, &mut bounce[skip..skip + len]);
         self.pwritev_full(start, &[IoSlice::new(&bounce)], flags.fua)
+    }
+
+    fn submit_batch(&self, reqs: &mut [BatchReq<'_>]) {
+        // Requests the kernel cannot take as they are (bounced, read-modify-write) go
+        // first, before this batch holds any range lock.
+        let mut n = 0;
+        for r in reqs.iter_mut().filter(|r| r.is_pending()) {
+            if self.batchable(r) {
+                n += 1;
+            } else {
+                r.result = Some(run_one(self, r));
+            }
+        }
+        if n < 2 {
+            return crate::batch::run_each(self, reqs);
+        }
+        let fd = self.file.as_raw_fd();
+        let mut ios = Vec::with_capacity(n);
+        let mut guards = Vec::new();
+        for r in reqs.iter_mut().filter(|r| r.is_pending()) {
+            let (ptr, len, write) = match &mut r.buf {
+                BatchBuf::Read(b) => (b.as_mut_ptr(), b.len(), false),
+                BatchBuf::Write(b) => (b.as_ptr() as *mut u8, b.len(), true),
+            };
+            if write && self.align > 1 {
+                // Keep out read-modify-writes of the same blocks, as `write` does.
+                let (start, blen) = self.bounce_range(r.offset, len);
+                guards.push(self.rmw.lock(start, start + blen as u64, false));
+            }
+            ios.push(uring::Io {
+                fd,
+                write,
+                ptr,
+                len: len as u32,
+                offset: r.offset,
+                dsync: write && r.fua,
+            });
+        }
+        let mut out = Vec::new();
+        // The buffers are borrowed by `reqs` for the whole call, and `run` returns only
+        // once the kernel is done with them.
+        if !uring::run(&ios, &mut out) {
+            drop(guards);
+            return crate::batch::run_each(self, reqs);
+        }
+        drop(guards);
+        for (r, &res) in reqs.iter_mut().filter(|r| r.is_pending()).zip(&out) {
+            r.result = Some(self.finish_batched(r, res));
+        }
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {

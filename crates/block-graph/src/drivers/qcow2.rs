@@ -386,6 +386,8 @@ impl Qcow2Driver {
     }
 }
 
+mod batch;
+
 impl BlockDriver for Qcow2Driver {
     fn format_name(&self) -> &'static str {
         "qcow2"
@@ -449,6 +451,10 @@ impl BlockDriver for Qcow2Driver {
             self.flush()?;
         }
         Ok(())
+    }
+
+    fn submit_batch(&self, reqs: &mut [crate::batch::BatchReq<'_>]) {
+        self.batch(reqs)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {

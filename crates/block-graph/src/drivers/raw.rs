@@ -92,6 +92,27 @@ impl BlockDriver for RawDriver {
         self.file.write(o, iov, flags)
     }
 
+    fn submit_batch(&self, reqs: &mut [crate::batch::BatchReq<'_>]) {
+        if self.offset == 0 && self.size.is_none() {
+            // A filter: the same requests, one layer down.
+            return self.file.submit_batch(reqs);
+        }
+        let mut idx = Vec::with_capacity(reqs.len());
+        let mut down = Vec::with_capacity(reqs.len());
+        for (i, r) in reqs.iter_mut().enumerate().filter(|(_, r)| r.is_pending()) {
+            match self.window(r.offset, r.len() as u64) {
+                Ok(o) => {
+                    idx.push(i);
+                    down.push(r.forward(o));
+                }
+                Err(e) => r.result = Some(Err(e)),
+            }
+        }
+        self.file.submit_batch(&mut down);
+        let results: Vec<_> = down.into_iter().map(|d| d.result).collect();
+        crate::batch::forward_results(reqs, &idx, results);
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         let o = self.window(offset, len)?;
         self.file.write_zeroes(o, len, flags)

@@ -105,6 +105,13 @@ impl BlockDriver for ThrottleDriver {
         self.file.write(offset, iov, flags)
     }
 
+    fn submit_batch(&self, reqs: &mut [crate::batch::BatchReq<'_>]) {
+        for r in reqs.iter().filter(|r| r.is_pending()) {
+            self.intercept(r.is_write(), r.len() as u64);
+        }
+        self.file.submit_batch(reqs)
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         self.intercept(true, len);
         self.file.write_zeroes(offset, len, flags)
