@@ -552,3 +552,78 @@ fn compressed_backup_to_qcow2() {
     let v: Value = serde_json::from_str(&info).unwrap();
     assert!(v["compressed-clusters"].as_u64().unwrap() > 0, "{info}");
 }
+
+fn txn(
+    actions: Value,
+    grouped: bool,
+) -> (
+    Vec<qapi_types::TransactionAction>,
+    qapi_types::TransactionProperties,
+) {
+    let acts = actions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| qapi_types::TransactionAction::from_qmp_strict(a.clone()).unwrap())
+        .collect();
+    let props = qapi_types::TransactionProperties::from_qmp_strict(if grouped {
+        json!({"completion-mode": "grouped"})
+    } else {
+        json!({})
+    })
+    .unwrap();
+    (acts, props)
+}
+
+#[test]
+fn backup_transaction_actions() {
+    let mut e = env("qcow2", false);
+    crate::qmp::install_transaction_actions(&mut e.g, &e.jobs);
+    add_target(&mut e, "qcow2", "t1");
+    let t2 = e.path("t2.qcow2");
+    let src = e.g.find_node("src").unwrap();
+    let snapshot = read_all(&mut e.g, &src);
+    // A failing action undoes the others: no job is left, the filter is gone.
+    let (acts, props) = txn(
+        json!([
+            {"type": "blockdev-backup", "data": {"device": "disk0", "target": "t1",
+                "sync": "full", "job-id": "j1"}},
+            {"type": "blockdev-backup", "data": {"device": "disk0", "target": "nope",
+                "sync": "full", "job-id": "j2"}}
+        ]),
+        true,
+    );
+    assert!(e.g.transaction(&acts, Some(&props)).is_err());
+    e.jobs.poll(&mut e.g);
+    assert!(e.jobs.find("j1").is_none());
+    assert_eq!(e.be.root_node().unwrap().name(), "src");
+    // Grouped: both jobs run and complete together.
+    let (acts, props) = txn(
+        json!([
+            {"type": "blockdev-backup", "data": {"device": "disk0", "target": "t1",
+                "sync": "full", "job-id": "j1"}},
+            {"type": "drive-backup", "data": {"device": "src", "target": t2,
+                "sync": "full", "job-id": "j2", "format": "qcow2"}}
+        ]),
+        true,
+    );
+    let err = e.g.transaction(&acts, Some(&props));
+    // Two backups of one device at once are refused (the first job uses the node).
+    assert!(err.is_err(), "{err:?}");
+    assert!(e.jobs.find("j1").is_none());
+    let (acts, props) = txn(
+        json!([
+            {"type": "blockdev-backup", "data": {"device": "disk0", "target": "t1",
+                "sync": "full", "job-id": "j1"}}
+        ]),
+        true,
+    );
+    e.g.transaction(&acts, Some(&props)).unwrap();
+    assert_eq!(
+        e.jobs
+            .wait_finished(&mut e.g, "j1", Duration::from_secs(30)),
+        Some(JobStatus::Null)
+    );
+    let t1 = e.g.find_node("t1").unwrap();
+    assert!(same(&read_all(&mut e.g, &t1), &snapshot));
+}
