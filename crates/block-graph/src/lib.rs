@@ -47,6 +47,7 @@ pub mod filename;
 pub mod gate;
 pub mod graph;
 pub mod iov;
+pub mod job_filter;
 pub mod media;
 pub mod node;
 pub mod ops;

@@ -326,6 +326,11 @@ impl Job {
         lock(&self.state).ret.clone().err()
     }
 
+    /// Whether the user paused the job (or an error policy did, as if the user had).
+    pub fn is_user_paused(&self) -> bool {
+        lock(&self.state).user_paused
+    }
+
     /// Whether the job is a block job (commit, stream, mirror, backup).
     pub fn is_block_job(&self) -> bool {
         block_job_type(&self.kind).is_some()

@@ -13,9 +13,13 @@
 //!   `transaction` into the block graph.
 #![deny(missing_docs)]
 
+pub mod backup;
 pub mod chain;
+pub mod commit;
 pub mod engine;
 pub mod error;
+pub mod mirror;
+pub mod qmp;
 pub mod ratelimit;
 pub mod registry;
 pub mod status;
@@ -28,3 +32,8 @@ pub use registry::Jobs;
 
 #[cfg(test)]
 mod engine_tests;
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -33,7 +33,7 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     /// How far a slow job may fall behind and catch up at full speed.
-    pub const BURST: Duration = Duration::from_millis(10);
+    pub const BURST: Duration = Duration::from_millis(50);
 
     /// A limiter of `rate` bytes per second (0: unlimited).
     pub fn new(rate: u64) -> Self {

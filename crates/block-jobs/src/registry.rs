@@ -629,16 +629,26 @@ impl Jobs {
     /// `job-finalize` / `block-job-finalize`.
     pub fn finalize(&self, g: &mut BlockGraph, id: &str) -> Result<()> {
         let job = self.get(id)?;
+        self.finalize_job(g, &job)
+    }
+
+    /// [`Jobs::finalize`] of a job already looked up.
+    pub fn finalize_job(&self, g: &mut BlockGraph, job: &Arc<Job>) -> Result<()> {
         check_verb(&job.id, &job.status(), &JobVerb::Finalize)?;
-        self.do_finalize(g, &job);
+        self.do_finalize(g, job);
         Ok(())
     }
 
     /// `job-dismiss` / `block-job-dismiss`.
     pub fn dismiss(&self, id: &str) -> Result<()> {
         let job = self.get(id)?;
+        self.dismiss_job(&job)
+    }
+
+    /// [`Jobs::dismiss`] of a job already looked up.
+    pub fn dismiss_job(&self, job: &Arc<Job>) -> Result<()> {
         check_verb(&job.id, &job.status(), &JobVerb::Dismiss)?;
-        self.do_dismiss(&job);
+        self.do_dismiss(job);
         Ok(())
     }
 
