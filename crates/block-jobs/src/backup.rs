@@ -17,13 +17,11 @@ use std::time::Duration;
 
 use block_graph::drivers::copy_before_write::{BlockCopy, MAX_CHUNK};
 use block_graph::{BlockBackend, BlockGraph, DirtyBitmap, Node, Perm};
-use qapi_types::{
-    BlockdevBackup, BlockdevOnError, DriveBackup, JobType, MirrorSyncMode, NewImageMode,
-};
+use qapi_types::{BlockdevBackup, DriveBackup, JobType, MirrorSyncMode, NewImageMode};
 
 use crate::engine::{ErrorAction, Job, JobContext, JobDriver, JobSpec, JobTxn};
 use crate::error::{JobError, Result};
-use crate::mirror::{open_new_target, skip_filters, Pool, Run, MAX_IN_FLIGHT};
+use crate::mirror::{open_new_target, skip_filters, CopyOptions, Pool, Run, MAX_IN_FLIGHT};
 use crate::Jobs;
 
 /// Everything a backup job needs, checked.
@@ -41,44 +39,28 @@ pub struct BackupParams {
     pub bitmap: Option<Arc<DirtyBitmap>>,
     /// Write full clusters compressed.
     pub compress: bool,
-    /// Policy for read errors.
-    pub on_source_error: BlockdevOnError,
-    /// Policy for write errors.
-    pub on_target_error: BlockdevOnError,
-    /// Rate limit (bytes per second, 0: none).
-    pub speed: i64,
-    /// `auto-finalize`.
-    pub auto_finalize: bool,
-    /// `auto-dismiss`.
-    pub auto_dismiss: bool,
+    /// Error policies and job options.
+    pub opts: CopyOptions,
     /// Close the target when the job ends (a target `drive-backup` opened).
     pub close_target: bool,
 }
 
-struct Common<'a> {
-    job_id: &'a Option<String>,
-    sync: &'a MirrorSyncMode,
-    speed: Option<i64>,
-    bitmap: &'a Option<String>,
-    compress: Option<bool>,
-    on_source_error: &'a Option<BlockdevOnError>,
-    on_target_error: &'a Option<BlockdevOnError>,
-    auto_finalize: Option<bool>,
-    auto_dismiss: Option<bool>,
-}
-
+#[allow(clippy::too_many_arguments)]
 fn params(
     g: &BlockGraph,
-    c: &Common<'_>,
+    job_id: &Option<String>,
+    sync: MirrorSyncMode,
+    bitmap: &Option<String>,
+    compress: Option<bool>,
+    opts: CopyOptions,
     source: Arc<Node>,
     target: Arc<Node>,
     close_target: bool,
 ) -> Result<BackupParams> {
-    let job_id = c
-        .job_id
+    let job_id = job_id
         .clone()
         .unwrap_or_else(|| g.device_or_node_name(&source));
-    let bitmap = match c.bitmap {
+    let bitmap = match bitmap {
         Some(name) => Some(
             source
                 .bitmap(name)
@@ -90,14 +72,10 @@ fn params(
         job_id,
         source,
         target,
-        sync: c.sync.clone(),
+        sync,
         bitmap,
-        compress: c.compress.unwrap_or(false),
-        on_source_error: c.on_source_error.clone().unwrap_or(BlockdevOnError::Report),
-        on_target_error: c.on_target_error.clone().unwrap_or(BlockdevOnError::Report),
-        speed: c.speed.unwrap_or(0),
-        auto_finalize: c.auto_finalize.unwrap_or(true),
-        auto_dismiss: c.auto_dismiss.unwrap_or(true),
+        compress: compress.unwrap_or(false),
+        opts,
         close_target,
     })
 }
@@ -148,18 +126,16 @@ pub fn drive_backup(
     if let Some(b) = &backing {
         g.set_backing(&skip_filters(&target), Some(b))?;
     }
-    let c = Common {
-        job_id: &a.job_id,
-        sync: &sync,
-        speed: a.speed,
-        bitmap: &a.bitmap,
-        compress: a.compress,
-        on_source_error: &a.on_source_error,
-        on_target_error: &a.on_target_error,
-        auto_finalize: a.auto_finalize,
-        auto_dismiss: a.auto_dismiss,
-    };
-    let p = params(g, &c, source, target, true)?;
+    let opts = CopyOptions::new(
+        &a.on_source_error,
+        &a.on_target_error,
+        a.speed,
+        a.auto_finalize,
+        a.auto_dismiss,
+    );
+    let p = params(
+        g, &a.job_id, sync, &a.bitmap, a.compress, opts, source, target, true,
+    )?;
     create(g, jobs, p, txn)
 }
 
@@ -172,18 +148,24 @@ pub fn blockdev_backup(
 ) -> Result<Arc<Job>> {
     let source = g.root_bs(&a.device)?;
     let target = g.lookup_either(&a.target)?;
-    let c = Common {
-        job_id: &a.job_id,
-        sync: &a.sync,
-        speed: a.speed,
-        bitmap: &a.bitmap,
-        compress: a.compress,
-        on_source_error: &a.on_source_error,
-        on_target_error: &a.on_target_error,
-        auto_finalize: a.auto_finalize,
-        auto_dismiss: a.auto_dismiss,
-    };
-    let p = params(g, &c, source, target, false)?;
+    let opts = CopyOptions::new(
+        &a.on_source_error,
+        &a.on_target_error,
+        a.speed,
+        a.auto_finalize,
+        a.auto_dismiss,
+    );
+    let p = params(
+        g,
+        &a.job_id,
+        a.sync.clone(),
+        &a.bitmap,
+        a.compress,
+        opts,
+        source,
+        target,
+        false,
+    )?;
     create(g, jobs, p, txn)
 }
 
@@ -240,12 +222,9 @@ pub fn create(
         )));
     }
     let spec = JobSpec {
-        auto_finalize: p.auto_finalize,
-        auto_dismiss: p.auto_dismiss,
-        speed: p.speed,
-        nodes: vec![p.source.clone(), p.target.clone()],
         txn,
-        ..JobSpec::new(p.job_id.clone())
+        ..p.opts
+            .spec(&p.job_id, vec![p.source.clone(), p.target.clone()])
     };
     jobs.check_spec(g, &spec)?;
     // The filter goes in, and the bitmap is frozen, with the guest held back: a write may
@@ -278,8 +257,7 @@ pub fn create(
         target: Some(p.target),
         sync: p.sync,
         bitmap: p.bitmap,
-        on_source_error: p.on_source_error,
-        on_target_error: p.on_target_error,
+        opts: p.opts,
         close_target: p.close_target,
         filter: Some(filter),
         state,
@@ -315,8 +293,7 @@ struct Backup {
     target: Option<Arc<Node>>,
     sync: MirrorSyncMode,
     bitmap: Option<Arc<DirtyBitmap>>,
-    on_source_error: BlockdevOnError,
-    on_target_error: BlockdevOnError,
+    opts: CopyOptions,
     close_target: bool,
     filter: Option<Arc<Node>>,
     state: Arc<BlockCopy>,
@@ -440,12 +417,7 @@ impl JobDriver for Backup {
             };
             while let Some((run, res)) = pool.next(wait) {
                 if let Err((is_read, e)) = res {
-                    let policy = if is_read {
-                        &self.on_source_error
-                    } else {
-                        &self.on_target_error
-                    };
-                    match ctx.error_action(policy, is_read, &e) {
+                    match ctx.error_action(self.opts.policy(is_read), is_read, &e) {
                         ErrorAction::Report => {
                             failed = Some(e.into());
                             break;

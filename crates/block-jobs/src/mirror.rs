@@ -66,20 +66,73 @@ pub struct MirrorParams {
     pub granularity: u64,
     /// Bytes in flight at most.
     pub buf_size: u64,
-    /// Policy for read errors.
-    pub on_source_error: BlockdevOnError,
-    /// Policy for write errors.
-    pub on_target_error: BlockdevOnError,
     /// Unmap target ranges where the source reads as zero.
     pub unmap: bool,
     /// What the target's backing node becomes.
     pub backing_mode: BackingMode,
+    /// Error policies and job options.
+    pub opts: CopyOptions,
+}
+
+/// The error policies and job options of the mirror and backup commands.
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    /// Policy for read errors (default `report`).
+    pub on_source_error: BlockdevOnError,
+    /// Policy for write errors (default `report`).
+    pub on_target_error: BlockdevOnError,
     /// Rate limit (bytes per second, 0: none).
     pub speed: i64,
-    /// `auto-finalize`.
+    /// `auto-finalize` (default true).
     pub auto_finalize: bool,
-    /// `auto-dismiss`.
+    /// `auto-dismiss` (default true).
     pub auto_dismiss: bool,
+}
+
+impl CopyOptions {
+    /// The options from a command's optional arguments, with QEMU's defaults.
+    pub fn new(
+        on_source_error: &Option<BlockdevOnError>,
+        on_target_error: &Option<BlockdevOnError>,
+        speed: Option<i64>,
+        auto_finalize: Option<bool>,
+        auto_dismiss: Option<bool>,
+    ) -> Self {
+        CopyOptions {
+            on_source_error: on_source_error.clone().unwrap_or(BlockdevOnError::Report),
+            on_target_error: on_target_error.clone().unwrap_or(BlockdevOnError::Report),
+            speed: speed.unwrap_or(0),
+            auto_finalize: auto_finalize.unwrap_or(true),
+            auto_dismiss: auto_dismiss.unwrap_or(true),
+        }
+    }
+
+    /// The job's spec: its id, these options and the nodes it works on.
+    pub fn spec(&self, id: &str, nodes: Vec<Arc<Node>>) -> JobSpec {
+        JobSpec {
+            auto_finalize: self.auto_finalize,
+            auto_dismiss: self.auto_dismiss,
+            speed: self.speed,
+            nodes,
+            ..JobSpec::new(id)
+        }
+    }
+
+    /// The policy for a failed read (`true`) or write.
+    pub fn policy(&self, is_read: bool) -> &BlockdevOnError {
+        if is_read {
+            &self.on_source_error
+        } else {
+            &self.on_target_error
+        }
+    }
+}
+
+fn lookup_opt(g: &BlockGraph, name: &Option<String>) -> Result<Option<Arc<Node>>> {
+    Ok(match name {
+        Some(r) => Some(g.lookup_either(r)?),
+        None => None,
+    })
 }
 
 /// QEMU's default granularity: the target's cluster size clamped to 4 KiB..64 KiB, 64 KiB
@@ -246,10 +299,7 @@ pub fn drive_mirror(g: &mut BlockGraph, jobs: &Jobs, a: &DriveMirror) -> Result<
         a.node_name.as_deref(),
     )?;
     let (granularity, buf_size) = check_sizes(a.granularity, a.buf_size, &target)?;
-    let replaces = match &a.replaces {
-        Some(r) => Some(g.lookup_either(r)?),
-        None => None,
-    };
+    let replaces = lookup_opt(g, &a.replaces)?;
     let backing_mode = if sync == MirrorSyncMode::Full {
         BackingMode::Leave
     } else {
@@ -266,13 +316,15 @@ pub fn drive_mirror(g: &mut BlockGraph, jobs: &Jobs, a: &DriveMirror) -> Result<
             sync,
             granularity,
             buf_size,
-            on_source_error: a.on_source_error.clone().unwrap_or(BlockdevOnError::Report),
-            on_target_error: a.on_target_error.clone().unwrap_or(BlockdevOnError::Report),
             unmap: a.unmap.unwrap_or(true),
             backing_mode,
-            speed: a.speed.unwrap_or(0),
-            auto_finalize: a.auto_finalize.unwrap_or(true),
-            auto_dismiss: a.auto_dismiss.unwrap_or(true),
+            opts: CopyOptions::new(
+                &a.on_source_error,
+                &a.on_target_error,
+                a.speed,
+                a.auto_finalize,
+                a.auto_dismiss,
+            ),
         },
     )
 }
@@ -291,10 +343,7 @@ pub fn blockdev_mirror(
         .clone()
         .unwrap_or_else(|| g.device_or_node_name(&source));
     let (granularity, buf_size) = check_sizes(a.granularity, a.buf_size, &target)?;
-    let replaces = match &a.replaces {
-        Some(r) => Some(g.lookup_either(r)?),
-        None => None,
-    };
+    let replaces = lookup_opt(g, &a.replaces)?;
     let sync = match a.sync {
         MirrorSyncMode::Top if skip_filters(&source).backing().is_none() => MirrorSyncMode::Full,
         ref s => s.clone(),
@@ -310,13 +359,15 @@ pub fn blockdev_mirror(
             sync,
             granularity,
             buf_size,
-            on_source_error: a.on_source_error.clone().unwrap_or(BlockdevOnError::Report),
-            on_target_error: a.on_target_error.clone().unwrap_or(BlockdevOnError::Report),
             unmap: true,
             backing_mode: BackingMode::Leave,
-            speed: a.speed.unwrap_or(0),
-            auto_finalize: a.auto_finalize.unwrap_or(true),
-            auto_dismiss: a.auto_dismiss.unwrap_or(true),
+            opts: CopyOptions::new(
+                &a.on_source_error,
+                &a.on_target_error,
+                a.speed,
+                a.auto_finalize,
+                a.auto_dismiss,
+            ),
         },
     )
 }
@@ -333,13 +384,9 @@ pub fn start(g: &mut BlockGraph, jobs: &Jobs, p: MirrorParams) -> Result<Arc<Job
             p.target.length()
         )));
     }
-    let spec = JobSpec {
-        auto_finalize: p.auto_finalize,
-        auto_dismiss: p.auto_dismiss,
-        speed: p.speed,
-        nodes: vec![p.source.clone(), p.target.clone()],
-        ..JobSpec::new(p.job_id.clone())
-    };
+    let spec = p
+        .opts
+        .spec(&p.job_id, vec![p.source.clone(), p.target.clone()]);
     jobs.check_spec(g, &spec)?;
     let desc = format!("mirror job '{}'", p.job_id);
     let src_root = g.new_root(
@@ -708,12 +755,7 @@ impl JobDriver for Mirror {
                     Ok(()) => ctx.progress_done(run.len),
                     Err((is_read, e)) => {
                         self.bitmap.set_range(run.offset, run.len);
-                        let policy = if is_read {
-                            &self.p.on_source_error
-                        } else {
-                            &self.p.on_target_error
-                        };
-                        match ctx.error_action(policy, is_read, &e) {
+                        match ctx.error_action(self.p.opts.policy(is_read), is_read, &e) {
                             ErrorAction::Report => {
                                 failed = Some(e.into());
                                 break;

@@ -33,6 +33,18 @@ fn qemu_io(img: &str, fmt: &str, cmd: &str) {
     assert!(out.status.success(), "qemu-io {cmd}");
 }
 
+/// Bytes of data the image `t` itself holds (not its backing chain), per `qemu-img map`.
+fn own_data(t: &str) -> u64 {
+    let map = qemu_img(&["map", "-U", "--output=json", "-f", "qcow2", t]);
+    let v: Value = serde_json::from_str(&map).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["depth"] == 0 && x["data"] == true)
+        .map(|x| x["length"].as_u64().unwrap())
+        .sum()
+}
+
 fn opts(v: Value) -> BlockdevOptions {
     BlockdevOptions::from_qmp_strict(v).unwrap()
 }
@@ -435,16 +447,7 @@ fn backup_top_and_none() {
             .wait_finished(&mut e.g, "b0", Duration::from_secs(30)),
         Some(JobStatus::Null)
     );
-    let map = qemu_img(&["map", "-U", "--output=json", "-f", "qcow2", &t]);
-    let v: Value = serde_json::from_str(&map).unwrap();
-    let top_data: u64 = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|x| x["depth"] == 0 && x["data"] == true)
-        .map(|x| x["length"].as_u64().unwrap())
-        .sum();
-    assert_eq!(top_data, 512 * 1024, "{map}");
+    assert_eq!(own_data(&t), 512 * 1024);
     qemu_img(&["check", "-q", &t]);
     let out = std::process::Command::new("qemu-img")
         .args(["compare", "-q", "-U", &e.path("src.qcow2"), &t])
@@ -470,16 +473,7 @@ fn backup_top_and_none() {
     );
     // The target holds the old data of the overwritten cluster only; through its backing
     // (the source) it would read the new data elsewhere.
-    let map = qemu_img(&["map", "-U", "--output=json", "-f", "qcow2", &t]);
-    let v: Value = serde_json::from_str(&map).unwrap();
-    let data: u64 = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|x| x["depth"] == 0 && x["data"] == true)
-        .map(|x| x["length"].as_u64().unwrap())
-        .sum();
-    assert_eq!(data, 65536, "{map}");
+    assert_eq!(own_data(&t), 65536);
     let out = std::process::Command::new("qemu-io")
         .args(["-r", "-U", "-f", "qcow2", "-c", "read -P 0x11 0 64k", &t])
         .output()

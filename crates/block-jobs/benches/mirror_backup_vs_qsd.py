@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Mirror and backup throughput: vmm-reference --no-guest against qemu-storage-daemon 7.2.
+
+Both daemons get the same images and the same QMP sequence, interleaved round by round
+(ours, QEMU, ours, QEMU, ...), so that machine noise hits both alike:
+
+  mirror:  blockdev-mirror sync=full to a fresh qcow2 target, BLOCK_JOB_READY,
+           block-job-complete, BLOCK_JOB_COMPLETED (time from the command to the event).
+  backup:  blockdev-backup sync=full to a fresh qcow2 target, BLOCK_JOB_COMPLETED.
+
+The source is a qcow2 image of --size bytes, fully allocated with non-zero data (and with
+--half, half allocated over a backing file, mirror/backup then copying the whole chain).
+Prints the median seconds and MB/s of each, and the ratio QEMU time / our time (above 1:
+we are faster). Usage:
+
+  cargo build --release -p vmm-reference
+  python3 crates/block-jobs/benches/mirror_backup_vs_qsd.py --size 1G --rounds 3
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
+
+
+def parse_size(s):
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if s[-1].upper() in units:
+        return int(float(s[:-1]) * units[s[-1].upper()])
+    return int(s)
+
+
+class Qmp:
+    """A minimal QMP client that keeps events aside while waiting for replies."""
+
+    def __init__(self, path, timeout=600):
+        deadline = time.time() + 20
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.02)
+        self.sock.settimeout(timeout)
+        self.buf = b""
+        self.events = []
+        self.recv()  # greeting
+        self.cmd("qmp_capabilities")
+
+    def recv(self):
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("QMP connection closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def cmd(self, name, **args):
+        req = {"execute": name}
+        if args:
+            req["arguments"] = args
+        self.sock.sendall(json.dumps(req).encode() + b"\n")
+        while True:
+            msg = self.recv()
+            if "event" in msg:
+                self.events.append(msg)
+                continue
+            if "error" in msg:
+                raise RuntimeError(f"{name}: {msg['error']}")
+            return msg.get("return")
+
+    def wait_event(self, name, device):
+        while True:
+            for i, e in enumerate(self.events):
+                if e["event"] == name and e.get("data", {}).get("device") == device:
+                    return self.events.pop(i)
+            self.events.append(self.recv())
+
+
+class Daemon:
+    def __init__(self, kind, vmm, workdir):
+        self.sock = os.path.join(workdir, f"{kind}.sock")
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        if kind == "ours":
+            argv = [vmm, "--no-guest", "--qmp", f"unix:{self.sock}"]
+        else:
+            argv = [
+                "qemu-storage-daemon",
+                "--chardev", f"socket,path={self.sock},server=on,wait=off,id=m0",
+                "--monitor", "chardev=m0",
+            ]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        self.qmp = Qmp(self.sock)
+
+    def close(self):
+        try:
+            self.qmp.cmd("quit")
+        except (EOFError, OSError, RuntimeError):
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run(*argv):
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+
+
+def make_source(workdir, size, half):
+    src = os.path.join(workdir, "src.qcow2")
+    if half:
+        base = os.path.join(workdir, "base.qcow2")
+        run("qemu-img", "create", "-q", "-f", "qcow2", base, str(size))
+        run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {size // 2}", base)
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", src)
+        run("qemu-io", "-f", "qcow2", "-c", f"write -P 0xa5 {size // 2} {size // 2}", src)
+    else:
+        run("qemu-img", "create", "-q", "-f", "qcow2", src, str(size))
+        run("qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {size}", src)
+    return src
+
+
+def one(kind, vmm, workdir, src, size, job):
+    tgt = os.path.join(workdir, f"tgt-{kind}.qcow2")
+    if os.path.exists(tgt):
+        os.unlink(tgt)
+    run("qemu-img", "create", "-q", "-f", "qcow2", tgt, str(size))
+    d = Daemon(kind, vmm, workdir)
+    try:
+        q = d.qmp
+        q.cmd("blockdev-add", **{"driver": "qcow2", "node-name": "src",
+                                 "file": {"driver": "file", "filename": src}})
+        q.cmd("blockdev-add", **{"driver": "qcow2", "node-name": "tgt",
+                                 "file": {"driver": "file", "filename": tgt}})
+        t0 = time.monotonic()
+        if job == "mirror":
+            q.cmd("blockdev-mirror", **{"job-id": "j", "device": "src", "target": "tgt",
+                                        "sync": "full"})
+            q.wait_event("BLOCK_JOB_READY", "j")
+            q.cmd("block-job-complete", device="j")
+        else:
+            q.cmd("blockdev-backup", **{"job-id": "j", "device": "src", "target": "tgt",
+                                        "sync": "full"})
+        ev = q.wait_event("BLOCK_JOB_COMPLETED", "j")
+        dt = time.monotonic() - t0
+        if "error" in ev.get("data", {}):
+            raise RuntimeError(f"{kind} {job}: {ev}")
+    finally:
+        d.close()
+    same = subprocess.run(["qemu-img", "compare", "-q", src, tgt]).returncode == 0
+    if not same:
+        raise RuntimeError(f"{kind} {job}: the target differs from the source")
+    os.unlink(tgt)
+    return dt
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vmm", default=os.path.join(
+        os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")),
+        "release", "vmm-reference"))
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--half", action="store_true",
+                    help="half allocated over a backing file")
+    ap.add_argument("--jobs", default="mirror,backup")
+    ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
+    a = ap.parse_args()
+    size = parse_size(a.size)
+    if not os.access(a.vmm, os.X_OK):
+        sys.exit(f"no vmm-reference at {a.vmm}: cargo build --release -p vmm-reference")
+    with tempfile.TemporaryDirectory(dir=a.dir) as workdir:
+        src = make_source(workdir, size, a.half)
+        results = {}
+        for r in range(a.rounds):
+            for job in a.jobs.split(","):
+                for kind in ("ours", "qemu"):
+                    dt = one(kind, a.vmm, workdir, src, size, job)
+                    results.setdefault((job, kind), []).append(dt)
+                    print(f"round {r + 1} {job:6} {kind:4} {dt:7.3f} s "
+                          f"{size / dt / 1e6:8.1f} MB/s", flush=True)
+        print()
+        print(f"{'job':8} {'ours s':>8} {'qemu s':>8} {'ours MB/s':>10} {'qemu MB/s':>10} "
+              f"{'ratio':>6}")
+        for job in a.jobs.split(","):
+            o = statistics.median(results[(job, "ours")])
+            q = statistics.median(results[(job, "qemu")])
+            print(f"{job:8} {o:8.3f} {q:8.3f} {size / o / 1e6:10.1f} {size / q / 1e6:10.1f} "
+                  f"{q / o:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
