@@ -424,8 +424,20 @@ fn setup(
 }
 
 /// `block-commit` (QEMU 7.2's `qmp_block_commit`): checks the arguments in QEMU's order,
-/// creates and starts an intermediate or active commit job.
+/// creates and starts an intermediate or active commit job (on-error `report`, as the
+/// schema has no `on-error` for it).
 pub fn block_commit(jobs: &Jobs, g: &mut BlockGraph, a: &BlockCommitArguments) -> Result<()> {
+    block_commit_with(jobs, g, a, BlockdevOnError::Report)
+}
+
+/// [`block_commit`] with an `on-error` policy (QEMU 7.2's `on-error` of `block-commit`):
+/// `stop` and `enospc` pause the job on errors, `ignore` retries the range.
+pub fn block_commit_with(
+    jobs: &Jobs,
+    g: &mut BlockGraph,
+    a: &BlockCommitArguments,
+    on_error: BlockdevOnError,
+) -> Result<()> {
     // libvirt relies on DeviceNotFound for a missing device before any other error.
     let bs = match g.root_bs(&a.device) {
         Ok(b) => b,
@@ -531,7 +543,7 @@ pub fn block_commit(jobs: &Jobs, g: &mut BlockGraph, a: &BlockCommitArguments) -
         top_root: None,
         base_root: None,
         backing_file: a.backing_file.clone(),
-        on_error: BlockdevOnError::Report,
+        on_error,
         reopened: Vec::new(),
         bitmap: None,
         buf: Vec::new(),

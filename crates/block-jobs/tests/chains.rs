@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use block_graph::BlockGraph;
@@ -306,4 +307,66 @@ fn active_commit_and_commit_errors() {
     check(&c.base);
     same(&c.expected, &c.base);
     let _: Option<PathBuf> = None;
+}
+
+#[test]
+fn intermediate_commit_stops_on_an_injected_error_and_resumes() {
+    let c = chain(4 * MIB);
+    let mut g = BlockGraph::new();
+    for (name, v) in [
+        (
+            "base",
+            json!({"driver": "qcow2", "node-name": "base", "read-only": true,
+                        "file": {"driver": "file", "filename": c.base}}),
+        ),
+        (
+            "mid",
+            json!({"driver": "qcow2", "node-name": "mid", "read-only": true,
+                       "backing": "base",
+                       "file": {"driver": "blkdebug",
+                                "inject-error": [{"event": "read_aio", "errno": 5, "once": true}],
+                                "image": {"driver": "file", "filename": c.mid}}}),
+        ),
+        (
+            "top",
+            json!({"driver": "qcow2", "node-name": "top", "backing": "mid",
+                       "file": {"driver": "file", "filename": c.top}}),
+        ),
+    ] {
+        let o = BlockdevOptions::from_qmp_strict(v).unwrap();
+        g.blockdev_add(&o).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let jobs = Jobs::for_graph(&g);
+    let a = commit_args(json!({"device": "top", "job-id": "ce", "top-node": "mid"}));
+    block_jobs::commit::block_commit_with(&jobs, &mut g, &a, qapi_types::BlockdevOnError::Stop)
+        .unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        jobs.poll(&mut g);
+        let j = jobs.find("ce").unwrap();
+        if j.status() == JobStatus::Paused && j.is_user_paused() {
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "{:?}", j.status());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(
+        jobs.query_block_jobs()[0].io_status,
+        qapi_types::BlockDeviceIoStatus::Failed
+    );
+    jobs.resume("ce").unwrap();
+    let ev = finish(&jobs, &mut g, "ce");
+    assert!(ev.contains(&"BLOCK_JOB_ERROR".to_string()), "{ev:?}");
+    assert!(ev.contains(&"BLOCK_JOB_COMPLETED".to_string()), "{ev:?}");
+    // base is read-only again; top's backing is base.
+    let base = g.find_node("base").unwrap();
+    assert!(base.is_read_only());
+    let top = g.find_node("top").unwrap();
+    assert!(Arc::ptr_eq(&top.backing().unwrap().node(), &base));
+    drop((top, base));
+    drop(g);
+    check(&c.base);
+    check(&c.top);
+    same(&c.expected, &c.top);
+    assert_eq!(backing_of(&c.top).as_deref(), Some(c.base.as_str()));
 }
