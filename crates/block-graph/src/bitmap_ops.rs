@@ -52,8 +52,10 @@ impl BlockGraph {
         let n = self
             .lookup_either(node)
             .map_err(|_| BlockError::generic(format!("Node '{node}' not found")))?;
+        // Jobs' anonymous bitmaps are not the user's to touch.
         let b = n
             .bitmap(name)
+            .filter(|_| !name.is_empty())
             .ok_or_else(|| BlockError::generic(format!("Dirty bitmap '{name}' not found")))?;
         Ok((n, b))
     }

@@ -29,7 +29,8 @@ pub fn dirty_info(n: &Node) -> Vec<BlockDirtyInfo> {
                 DirtyBitmapStatus::Active
             };
             BlockDirtyInfo {
-                name: Some(b.name().to_string()),
+                // Jobs' bitmaps are anonymous (QEMU shows them without a name).
+                name: (!b.name().is_empty()).then(|| b.name().to_string()),
                 count: b.count() as i64,
                 granularity: b.granularity() as u32,
                 status,
