@@ -19,6 +19,11 @@ fn console(c: &mut Raw) -> String {
 /// A guest with a fresh qcow2 disk of `size` as virtio-blk `vd0` (device
 /// options `dev_opts` appended), its console on ringbuf `con`.
 fn guest_with_disk(size: &str, dev_opts: &str) -> (tempfile::TempDir, String, Vmm) {
+    guest_with_device(size, "virtio-blk", dev_opts)
+}
+
+/// The same with the device model `model` (virtio-blk-pci, virtio-blk-device, ...).
+fn guest_with_device(size: &str, model: &str, dev_opts: &str) -> (tempfile::TempDir, String, Vmm) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.qcow2").to_str().unwrap().to_owned();
     let st = Command::new("qemu-img")
@@ -27,7 +32,7 @@ fn guest_with_disk(size: &str, dev_opts: &str) -> (tempfile::TempDir, String, Vm
         .unwrap();
     assert!(st.success());
     let bd = format!("driver=qcow2,node-name=disk0,file.driver=file,file.filename={img}");
-    let dev = format!("virtio-blk,drive=disk0,id=vd0{dev_opts}");
+    let dev = format!("{model},drive=disk0,id=vd0{dev_opts}");
     let vmm = Vmm::start_with(&[
         "-m",
         "32M",
@@ -99,6 +104,14 @@ fn the_guest_writes_and_checks_its_disk_and_the_image_stays_clean() {
     let mut c = vmm.negotiated();
     let mut out = console_until(&mut c, "pass 1 done");
     assert!(out.contains("virtio-blk disk of 2048 KiB"), "{out}");
+    // virtio-blk is a virtio-pci function the guest found by scanning bus
+    // 0, and its MSI-X vector reached the guest's local APIC through KVM's
+    // GSI routing and the irqfd.
+    assert!(out.contains("virtio-blk-pci in slot 1\n"), "{out}");
+    assert!(
+        out.contains("MSI-X interrupt delivered to the local APIC"),
+        "{out}"
+    );
 
     // Stop parks the guest mid-I/O: no more progress while stopped.
     c.exec(r#"{"execute": "stop"}"#);
@@ -170,10 +183,188 @@ fn without_ioeventfd_the_vcpu_thread_serves_the_queue() {
     if !kvm_usable("without_ioeventfd_the_vcpu_thread_serves_the_queue") {
         return;
     }
-    let (_dir, img, mut vmm) = guest_with_disk("1M", ",ioeventfd=off");
+    let (_dir, img, mut vmm) =
+        guest_with_device("1M", "virtio-blk-pci", ",ioeventfd=off,addr=0x1f.0");
     let mut c = vmm.negotiated();
-    console_until(&mut c, "pass 2 done");
+    let out = console_until(&mut c, "pass 2 done");
+    assert!(out.contains("virtio-blk-pci in slot 31\n"), "{out}");
+    assert!(out.contains("MSI-X interrupt delivered"), "{out}");
     c.exec(r#"{"execute": "quit"}"#);
     assert!(vmm.wait_exit(Duration::from_secs(30)).success());
     assert_clean(&img);
+}
+
+#[test]
+fn virtio_blk_device_is_the_virtio_mmio_transport() {
+    if !kvm_usable("virtio_blk_device_is_the_virtio_mmio_transport") {
+        return;
+    }
+    let (_dir, img, mut vmm) = guest_with_device("1M", "virtio-blk-device", "");
+    let mut c = vmm.negotiated();
+    let out = console_until(&mut c, "pass 1 done");
+    assert!(
+        out.contains("virtio-blk on virtio-mmio at 0xd0000000"),
+        "{out}"
+    );
+    assert!(!out.contains("virtio-blk-pci"), "{out}");
+    let r = c.exec(r#"{"execute": "device_del", "arguments": {"id": "vd0"}}"#);
+    assert_eq!(
+        r["error"]["desc"], "Bus 'virtio-mmio-bus.0' does not support hotplugging",
+        "{r}"
+    );
+    c.exec(r#"{"execute": "quit"}"#);
+    assert!(vmm.wait_exit(Duration::from_secs(30)).success());
+    assert_clean(&img);
+}
+
+/// Reads the next message: it must be the event `name`; returns its data.
+fn expect_event(c: &mut Raw, name: &str) -> serde_json::Value {
+    let e = c.recv();
+    assert_eq!(e["event"], name, "{e}");
+    e["data"].clone()
+}
+
+#[test]
+fn device_add_hot_plugs_a_pci_disk_and_device_del_releases_it() {
+    if !kvm_usable("device_add_hot_plugs_a_pci_disk_and_device_del_releases_it") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("hot.qcow2").to_str().unwrap().to_owned();
+    assert!(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", &img, "1M"])
+        .status()
+        .unwrap()
+        .success());
+    let bd = format!("driver=qcow2,node-name=disk0,file.driver=file,file.filename={img}");
+    let mut vmm = Vmm::start_with(&[
+        "-m",
+        "32M",
+        "--blockdev",
+        &bd,
+        "--chardev",
+        "ringbuf,id=con,size=65536",
+        "--serial",
+        "chardev:con",
+    ]);
+    let mut c = vmm.negotiated();
+    // No disk yet: the guest ticks (and rescans the PCI bus after each tick).
+    console_until(&mut c, "tick 1\n");
+    let add = json!({"execute": "device_add", "arguments": {
+        "driver": "virtio-blk-pci", "id": "hp0", "drive": "disk0", "addr": "5", "num-queues": 2}});
+    assert_eq!(c.exec(&add.to_string()), json!({"return": {}}));
+    let out = console_until(&mut c, "pass 1 done");
+    assert!(out.contains("virtio-blk-pci in slot 5\n"), "{out}");
+    let stats = c.exec(r#"{"execute": "query-blockstats"}"#).to_string();
+    assert!(stats.contains("hp0"), "{stats}");
+
+    // Errors in QEMU's words.
+    for (args, class, desc) in [
+        (
+            json!({"driver": "virtio-blk-pci", "id": "hp0", "drive": "disk0"}),
+            "GenericError",
+            "Duplicate device ID 'hp0'",
+        ),
+        (
+            json!({"driver": "e1000", "id": "n0"}),
+            "GenericError",
+            "'e1000' is not a valid device model name",
+        ),
+        (
+            json!({"driver": "virtio-blk-pci", "id": "x", "drive": "disk0", "bogus": 1}),
+            "GenericError",
+            "Property 'virtio-blk-pci.bogus' not found",
+        ),
+        (
+            json!({"driver": "virtio-blk-pci", "id": "x", "drive": "disk0", "bus": "pci.1"}),
+            "DeviceNotFound",
+            "Bus 'pci.1' not found",
+        ),
+        (
+            json!({"driver": "virtio-blk-device", "id": "x", "drive": "disk0"}),
+            "GenericError",
+            "Bus 'virtio-mmio-bus.0' does not support hotplugging",
+        ),
+        (
+            json!({"id": "x"}),
+            "GenericError",
+            "Parameter 'driver' is missing",
+        ),
+    ] {
+        let r = c.exec(&json!({"execute": "device_add", "arguments": args}).to_string());
+        assert_eq!(r["error"]["class"], class, "{args}: {r}");
+        assert_eq!(r["error"]["desc"], desc, "{args}: {r}");
+    }
+    let r = c.exec(r#"{"execute": "device_del", "arguments": {"id": "nope"}}"#);
+    assert_eq!(r["error"]["class"], "DeviceNotFound", "{r}");
+    assert_eq!(r["error"]["desc"], "Device 'nope' not found", "{r}");
+
+    // The guest drives hp0: the removal waits for the driver to let go.
+    let del = r#"{"execute": "device_del", "arguments": {"id": "hp0"}}"#;
+    assert_eq!(c.exec(del), json!({"return": {}}));
+    let r = c.exec(del);
+    assert_eq!(
+        r["error"]["desc"], "Device hp0 is already in the process of unplug",
+        "{r}"
+    );
+    // A machine reset completes it.
+    assert_eq!(
+        c.exec(r#"{"execute": "system_reset"}"#),
+        json!({"return": {}})
+    );
+    expect_event(&mut c, "RESET");
+    assert_eq!(
+        expect_event(&mut c, "DEVICE_DELETED"),
+        json!({"path": "/machine/peripheral/hp0/virtio-backend"})
+    );
+    assert_eq!(
+        expect_event(&mut c, "DEVICE_DELETED"),
+        json!({"device": "hp0", "path": "/machine/peripheral/hp0"})
+    );
+    // Its BlockBackend is gone: the node is free again.
+    let r = c.exec(r#"{"execute": "device_del", "arguments": {"id": "hp0"}}"#);
+    assert_eq!(r["error"]["class"], "DeviceNotFound", "{r}");
+    assert_eq!(
+        c.exec(r#"{"execute": "blockdev-del", "arguments": {"node-name": "disk0"}}"#),
+        json!({"return": {}})
+    );
+    c.exec(r#"{"execute": "quit"}"#);
+    assert!(vmm.wait_exit(Duration::from_secs(30)).success());
+    assert_clean(&img);
+}
+
+#[test]
+fn device_del_of_a_disk_no_driver_uses_completes_at_once() {
+    if !kvm_usable("device_del_of_a_disk_no_driver_uses_completes_at_once") {
+        return;
+    }
+    let mut vmm = Vmm::start_with(&[
+        "-S",
+        "-m",
+        "32M",
+        "--blockdev",
+        "driver=null-co,node-name=n0,size=1048576",
+    ]);
+    let mut c = vmm.negotiated();
+    for round in 0..2 {
+        let add = json!({"execute": "device_add", "arguments": {
+            "driver": "virtio-blk", "id": "vdx", "drive": "n0", "ioeventfd": false}});
+        assert_eq!(
+            c.exec(&add.to_string()),
+            json!({"return": {}}),
+            "round {round}"
+        );
+        assert_eq!(
+            c.exec(r#"{"execute": "device_del", "arguments": {"id": "/machine/peripheral/vdx"}}"#),
+            json!({"return": {}})
+        );
+        expect_event(&mut c, "DEVICE_DELETED");
+        assert_eq!(
+            expect_event(&mut c, "DEVICE_DELETED")["device"],
+            "vdx",
+            "round {round}"
+        );
+    }
+    c.exec(r#"{"execute": "quit"}"#);
+    assert!(vmm.wait_exit(Duration::from_secs(30)).success());
 }

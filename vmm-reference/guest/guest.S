@@ -5,11 +5,18 @@
  * first GiB (RAM) and the fourth GiB (virtio-mmio devices) identity-mapped
  * and a stack below 512 KiB. It greets on the 16550 serial port (COM1).
  *
- * With a virtio-blk disk at 0xd0000000 it drives it (virtio 1.x over
- * virtio-mmio, one request in flight, polling the used ring): pass after
+ * It looks for a virtio-blk disk on PCI bus 0 (configuration mechanism #1
+ * at ports 0xCF8/0xCFC: a 1af4:1042 function, whose vendor capabilities
+ * locate the common configuration, notify, and device configuration
+ * structures in its BAR) and then at the virtio-mmio window 0xd0000000.
+ * On PCI it enables MSI-X with vector 0 (queue 0) aimed at its local APIC
+ * and checks, after its first requests, that the interrupt reached the
+ * APIC's IRR (interrupts stay disabled: it polls). Then it drives the disk
+ * (virtio 1.x, one request in flight, polling the used ring): pass after
  * pass over the whole disk it writes each 4 KiB chunk filled with the byte
  * (chunk + pass) & 0xff, reads it back and checks it, and reports progress
- * and a checksum on COM1. Without a disk it prints numbered tick lines.
+ * and a checksum on COM1. Without a disk it prints numbered tick lines and
+ * scans the PCI bus again after each one, so a hot-added disk is found.
  * Either way jobs, snapshots and migration have live guest activity, and
  * tests see that `stop` parks the vCPUs (the output stops).
  *
@@ -36,15 +43,11 @@
 _start:
     lea     greeting(%rip), %rsi
     call    puts
-    mov     $MMIO, %rbx
-    cmpl    $0x74726976, (%rbx)      /* "virt" */
-    jne     ticks
-    cmpl    $2, 8(%rbx)              /* device id: block */
-    jne     ticks
-    call    virtio_init
-    jmp     disk_loop
+    call    find_disk
+    test    %rax, %rax
+    jnz     disk_loop
 
-/* ---- no disk: tick lines ------------------------------------------- */
+/* ---- no disk: tick lines, and a PCI rescan after each ---------------- */
 ticks:
     xor     %r12, %r12
 1:  mov     $DELAY, %rcx
@@ -57,10 +60,174 @@ ticks:
     call    putdec
     mov     $'\n', %al
     call    putc
+    push    %r12
+    call    pci_find
+    pop     %r12
+    test    %rax, %rax
+    jnz     disk_loop
     jmp     1b
 
-/* ---- virtio-mmio setup ----------------------------------------------- */
-virtio_init:
+/*
+ * find_disk: a virtio-blk disk on PCI, else on virtio-mmio; sets it up.
+ * Returns %rax = 1 when a disk is ready (%r14 = its size in 4 KiB chunks).
+ */
+find_disk:
+    call    pci_find
+    test    %rax, %rax
+    jnz     1f
+    mov     $MMIO, %rbx
+    cmpl    $0x74726976, (%rbx)      /* "virt" */
+    jne     2f
+    cmpl    $2, 8(%rbx)              /* device id: block */
+    jne     2f
+    call    mmio_init
+1:  ret
+2:  xor     %eax, %eax
+    ret
+
+/* ---- PCI configuration space (mechanism #1) ------------------------- */
+/* cfg_read: register %esi of the function at %r9d into %eax (clobbers %edx). */
+cfg_read:
+    mov     %r9d, %eax
+    or      %esi, %eax
+    mov     $0xcf8, %dx
+    out     %eax, %dx
+    mov     $0xcfc, %dx
+    in      %dx, %eax
+    ret
+
+/* cfg_write: %edi to register %esi of the function at %r9d (clobbers %eax, %edx). */
+cfg_write:
+    mov     %r9d, %eax
+    or      %esi, %eax
+    mov     $0xcf8, %dx
+    out     %eax, %dx
+    mov     $0xcfc, %dx
+    mov     %edi, %eax
+    out     %eax, %dx
+    ret
+
+/*
+ * pci_find: scans slots 1..31 of bus 0 for 1af4:1042 (modern virtio-blk),
+ * walks its capabilities, and sets it up. Returns %rax = 1 when found.
+ */
+pci_find:
+    mov     $1, %r8d
+1:  mov     %r8d, %r9d
+    shl     $11, %r9d
+    or      $0x80000000, %r9d
+    xor     %esi, %esi
+    call    cfg_read
+    cmp     $0x10421af4, %eax
+    je      2f
+    inc     %r8d
+    cmp     $32, %r8d
+    jb      1b
+    xor     %eax, %eax
+    ret
+2:  mov     $4, %esi                 /* command: memory space, bus master */
+    mov     $6, %edi
+    call    cfg_write
+    mov     $0x10, %esi              /* BAR 0 (32-bit memory) */
+    call    cfg_read
+    and     $0xfffffff0, %eax
+    mov     %rax, %r10
+    mov     $0x34, %esi              /* capability pointer */
+    call    cfg_read
+    and     $0xfc, %eax
+    mov     %eax, %esi
+3:  test    %esi, %esi
+    jz      pci_init
+    call    cfg_read                 /* id, next, len, cfg_type */
+    mov     %eax, %r11d
+    cmp     $0x11, %al               /* MSI-X: remember it and its table */
+    jne     4f
+    mov     %esi, msix_cap(%rip)
+    add     $4, %esi
+    call    cfg_read
+    sub     $4, %esi
+    and     $0xfffffff8, %eax
+    add     %r10, %rax
+    mov     %rax, msix_table(%rip)
+    jmp     8f
+4:  cmp     $0x09, %al               /* a virtio structure */
+    jne     8f
+    add     $8, %esi                 /* its offset in the BAR */
+    call    cfg_read
+    sub     $8, %esi
+    add     %r10, %rax
+    mov     %r11d, %ecx
+    shr     $24, %ecx
+    cmp     $1, %ecx
+    jne     5f
+    mov     %rax, common(%rip)
+5:  cmp     $4, %ecx
+    jne     6f
+    mov     %rax, devcfg(%rip)
+6:  cmp     $2, %ecx
+    jne     8f
+    mov     %rax, notify_base(%rip)
+    add     $16, %esi                /* notify_off_multiplier */
+    call    cfg_read
+    sub     $16, %esi
+    mov     %eax, notify_mult(%rip)
+8:  mov     %r11d, %esi
+    shr     $8, %esi
+    and     $0xfc, %esi
+    jmp     3b
+
+pci_init:
+    lea     pci_found(%rip), %rsi
+    call    puts
+    mov     %r8, %rax
+    call    putdec
+    mov     $'\n', %al
+    call    putc
+    movb    $1, is_pci(%rip)
+    /* MSI-X vector 0 -> local APIC 0, vector 0x40; then enable MSI-X. */
+    mov     msix_table(%rip), %rax
+    movl    $0xfee00000, (%rax)
+    movl    $0, 4(%rax)
+    movl    $0x40, 8(%rax)
+    movl    $0, 12(%rax)
+    mov     msix_cap(%rip), %esi
+    call    cfg_read
+    or      $0x80000000, %eax        /* message control: enable */
+    mov     %eax, %edi
+    call    cfg_write
+    mov     $0xfee000f0, %eax        /* the APIC accepts interrupts once enabled */
+    movl    $0x1ff, (%rax)
+    mov     common(%rip), %rbx
+    movb    $0, 0x14(%rbx)           /* reset */
+    movb    $3, 0x14(%rbx)           /* ACKNOWLEDGE | DRIVER */
+    movl    $1, 0x08(%rbx)           /* driver features, high word: */
+    movl    $1, 0x0c(%rbx)           /*   VERSION_1 */
+    movl    $0, 0x08(%rbx)
+    movl    $0, 0x0c(%rbx)
+    movb    $11, 0x14(%rbx)          /* | FEATURES_OK */
+    testb   $8, 0x14(%rbx)
+    jz      broken
+    movw    $0, 0x16(%rbx)           /* queue 0 */
+    movw    $QSIZE, 0x18(%rbx)
+    movw    $0, 0x1a(%rbx)           /* its MSI-X vector: 0 */
+    movl    $DESC, 0x20(%rbx)
+    movl    $0, 0x24(%rbx)
+    movl    $AVAIL, 0x28(%rbx)
+    movl    $0, 0x2c(%rbx)
+    movl    $USED, 0x30(%rbx)
+    movl    $0, 0x34(%rbx)
+    movzwl  0x1e(%rbx), %eax         /* queue_notify_off */
+    imul    notify_mult(%rip), %eax
+    add     notify_base(%rip), %rax
+    mov     %rax, notify_addr(%rip)
+    movw    $1, 0x1c(%rbx)           /* enable */
+    movb    $15, 0x14(%rbx)          /* | DRIVER_OK */
+    mov     devcfg(%rip), %rax
+    mov     (%rax), %rax             /* capacity in sectors */
+    jmp     disk_ready
+
+/* ---- virtio-mmio setup (%rbx = its window) --------------------------- */
+mmio_init:
     movl    $0, 0x70(%rbx)           /* reset */
     movl    $3, 0x70(%rbx)           /* ACKNOWLEDGE | DRIVER */
     movl    $1, 0x24(%rbx)           /* driver features, high word: */
@@ -80,10 +247,18 @@ virtio_init:
     movl    $0, 0xa4(%rbx)
     movl    $1, 0x44(%rbx)           /* ready */
     movl    $15, 0x70(%rbx)          /* | DRIVER_OK */
+    lea     0x50(%rbx), %rax
+    mov     %rax, notify_addr(%rip)
+    lea     mmio_found(%rip), %rsi
+    call    puts
+    mov     0x100(%rbx), %rax        /* capacity in sectors */
+
+/* Common to both transports: %rax = capacity in sectors. Returns 1. */
+disk_ready:
     movw    $0, AVAIL                /* flags */
     movw    $0, AVAIL+2              /* idx */
+    movw    $0, USED+2
     xor     %r15, %r15               /* requests submitted */
-    mov     0x100(%rbx), %rax        /* capacity in sectors */
     shr     $3, %rax                 /* in 4 KiB chunks */
     mov     %rax, %r14
     lea     found(%rip), %rsi
@@ -93,12 +268,27 @@ virtio_init:
     call    putdec
     lea     kib(%rip), %rsi
     call    puts
+    mov     $1, %eax
     ret
 
 broken:
     lea     nodev(%rip), %rsi
     call    puts
-    jmp     ticks
+    xor     %eax, %eax
+    ret
+
+/* After the first requests on PCI: did MSI-X vector 0 reach the APIC? */
+check_msix:
+    cmpb    $1, is_pci(%rip)
+    jne     1f
+    movb    $2, is_pci(%rip)         /* once */
+    mov     $0xfee00220, %eax        /* IRR bits 64..95 */
+    testl   $1, (%rax)               /* vector 0x40 */
+    lea     msix_yes(%rip), %rsi
+    jnz     2f
+    lea     msix_no(%rip), %rsi
+2:  jmp     puts
+1:  ret
 
 /* ---- the disk loop: write, read back, check, chunk after chunk ------ */
 disk_loop:
@@ -126,6 +316,7 @@ chunk_loop:
     mov     %r10b, %al
     repe scasb
     jne     mismatch
+    call    check_msix
     movzbq  %r10b, %rax
     add     %rax, %r11
     rol     $5, %r11
@@ -208,7 +399,12 @@ request:
     movw    $0, AVAIL+4(,%rax,2)
     inc     %r15
     mov     %r15w, AVAIL+2
-    movl    $0, 0x50(%rbx)           /* notify queue 0 */
+    mov     notify_addr(%rip), %rdx  /* notify queue 0 */
+    cmpb    $0, is_pci(%rip)
+    je      3f
+    movw    $0, (%rdx)               /* virtio-pci: 16-bit queue index */
+    jmp     2f
+3:  movl    $0, (%rdx)               /* virtio-mmio: 32-bit register */
 2:  movzwq  USED+2, %rax             /* wait for the used index */
     cmp     %r15w, %ax
     jne     2b
@@ -284,6 +480,31 @@ bad:
     .asciz  "vmm-reference guest: MISMATCH in chunk "
 ioerr_msg:
     .asciz  "vmm-reference guest: I/O error in chunk "
+pci_found:
+    .asciz  "vmm-reference guest: virtio-blk-pci in slot "
+mmio_found:
+    .asciz  "vmm-reference guest: virtio-blk on virtio-mmio at 0xd0000000\n"
+msix_yes:
+    .asciz  "vmm-reference guest: MSI-X interrupt delivered to the local APIC\n"
+msix_no:
+    .asciz  "vmm-reference guest: no MSI-X interrupt reached the local APIC\n"
+    .balign 8
+common:
+    .quad   0
+devcfg:
+    .quad   0
+notify_base:
+    .quad   0
+notify_addr:
+    .quad   0
+msix_table:
+    .quad   0
+notify_mult:
+    .long   0
+msix_cap:
+    .long   0
+is_pci:
+    .byte   0
 digits:
     .space  20
 digits_end:

@@ -71,8 +71,8 @@ pub struct Cli {
     #[arg(long = "blockdev", value_name = "SPEC")]
     pub blockdev: Vec<String>,
 
-    /// A device: `virtio-blk,drive=NODE,id=ID[,num-queues=N][,read-only=on][,ioeventfd=off]`
-    /// (QEMU's virtio-blk-pci and virtio-blk-device spellings are accepted).
+    /// A device: `virtio-blk,drive=NODE,id=ID[,num-queues=N][,read-only=on][,ioeventfd=off][,addr=SLOT]`
+    /// (virtio-blk and virtio-blk-pci: virtio-pci; virtio-blk-device: virtio-mmio).
     #[arg(long = "device", value_name = "SPEC")]
     pub device: Vec<DeviceSpec>,
 
@@ -154,6 +154,52 @@ pub struct DeviceSpec {
     pub read_only: bool,
     /// Queue notifications through ioeventfds (default on, as in QEMU).
     pub ioeventfd: bool,
+    /// virtio-pci (virtio-blk, virtio-blk-pci) or virtio-mmio (virtio-blk-device).
+    pub transport: crate::machine::Transport,
+    /// The PCI slot (`addr=`, QEMU's hexadecimal `SLOT[.0]`).
+    pub slot: Option<u8>,
+}
+
+impl DeviceSpec {
+    /// How the device uses its BlockBackend (permissions, as QEMU's virtio-blk).
+    pub fn device_attach(&self) -> block_graph::DeviceAttach {
+        block_graph::DeviceAttach {
+            id: self.id.clone(),
+            read_only: self.read_only,
+            share_rw: false,
+            resizable: true,
+            removable: false,
+            has_tray: false,
+        }
+    }
+
+    /// The disk to put on the machine, doing its I/O on `backend`.
+    pub fn block_device(
+        &self,
+        backend: std::sync::Arc<block_graph::BlockBackend>,
+    ) -> crate::machine::BlockDeviceSpec {
+        crate::machine::BlockDeviceSpec {
+            backend,
+            read_only: self.read_only,
+            id: self.id.clone(),
+            queues: self.queues,
+            ioeventfd: self.ioeventfd,
+            transport: self.transport,
+            slot: self.slot,
+        }
+    }
+}
+
+/// QEMU's PCI `addr` property: a hexadecimal slot, optionally `.0`.
+pub fn parse_pci_addr(v: &str) -> Result<u8, String> {
+    let slot = v.strip_suffix(".0").unwrap_or(v);
+    let slot = slot.strip_prefix("0x").unwrap_or(slot);
+    u8::from_str_radix(slot, 16)
+        .ok()
+        .filter(|s| (1..32).contains(s))
+        .ok_or_else(|| {
+            format!("Property 'virtio-blk-pci.addr' doesn't take value '{v}' (a slot 1..1f, function 0)")
+        })
 }
 
 impl FromStr for DeviceSpec {
@@ -162,11 +208,14 @@ impl FromStr for DeviceSpec {
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
         let model = parts.next().unwrap_or_default();
-        if !matches!(model, "virtio-blk" | "virtio-blk-pci" | "virtio-blk-device") {
-            return Err(format!("'{model}' is not a valid device model name"));
-        }
+        let transport = match model {
+            "virtio-blk" | "virtio-blk-pci" => crate::machine::Transport::Pci,
+            "virtio-blk-device" => crate::machine::Transport::Mmio,
+            _ => return Err(format!("'{model}' is not a valid device model name")),
+        };
         let (mut drive, mut id, mut queues, mut read_only, mut ioeventfd) =
             (None, None, 1u16, false, true);
+        let mut slot = None;
         for opt in parts {
             let (k, v) = opt
                 .split_once('=')
@@ -183,6 +232,11 @@ impl FromStr for DeviceSpec {
                 }
                 "read-only" => read_only = matches!(v, "on" | "true" | "yes"),
                 "ioeventfd" => ioeventfd = matches!(v, "on" | "true" | "yes"),
+                "addr" if transport == crate::machine::Transport::Pci => {
+                    slot = Some(parse_pci_addr(v)?)
+                }
+                // The only bus there is.
+                "bus" if v == "pci.0" && transport == crate::machine::Transport::Pci => {}
                 _ => return Err(format!("Property '{model}.{k}' not found")),
             }
         }
@@ -193,6 +247,8 @@ impl FromStr for DeviceSpec {
             queues,
             read_only,
             ioeventfd,
+            transport,
+            slot,
         })
     }
 }
@@ -381,8 +437,15 @@ mod tests {
                 queues: 2,
                 read_only: false,
                 ioeventfd: false,
+                transport: crate::machine::Transport::Pci,
+                slot: None,
             }]
         );
+        let dev = parse(&["--device", "virtio-blk-device,drive=d,id=m"]).unwrap();
+        assert_eq!(dev.device[0].transport, crate::machine::Transport::Mmio);
+        let dev = parse(&["--device", "virtio-blk,drive=d,addr=0x1f.0,bus=pci.0"]).unwrap();
+        assert_eq!(dev.device[0].slot, Some(0x1f));
+        assert_eq!(parse_pci_addr("5"), Ok(5));
         let dev = parse(&["--device", "virtio-blk,drive=d"]).unwrap();
         assert_eq!(
             (dev.device[0].id.as_str(), dev.device[0].ioeventfd),
@@ -394,6 +457,11 @@ mod tests {
             "virtio-blk,drive=x,bogus=1",
             "virtio-blk,drive=x,num-queues=0",
             "virtio-blk,drive",
+            "virtio-blk,drive=x,addr=0",
+            "virtio-blk,drive=x,addr=20",
+            "virtio-blk,drive=x,addr=3.1",
+            "virtio-blk-device,drive=x,addr=3",
+            "virtio-blk,drive=x,bus=pci.1",
         ] {
             assert!(parse(&["--device", bad]).is_err(), "{bad}");
         }

@@ -6,6 +6,7 @@ mod cli;
 mod devices;
 mod fds;
 mod hmp;
+mod hotplug;
 mod machine;
 mod monitor;
 mod vm;
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use crate::cli::{Cli, SerialSpec};
 use crate::machine::bus::InputReady;
 use crate::machine::linux::LinuxBoot;
-use crate::machine::{BlockDeviceSpec, BootSource, Machine, MachineConfig};
+use crate::machine::{BootSource, Machine, MachineConfig};
 use crate::monitor::Monitors;
 use crate::vm::Vmm;
 
@@ -257,25 +258,9 @@ fn start_machine(
             .create_backend(&dev.id, Some(&node), Default::default())
             .map_err(|e| format!("--device id={}: {e}", dev.id))?;
         block
-            .attach_device(
-                &backend,
-                block_graph::DeviceAttach {
-                    id: dev.id.clone(),
-                    read_only: dev.read_only,
-                    share_rw: false,
-                    resizable: true,
-                    removable: false,
-                    has_tray: false,
-                },
-            )
+            .attach_device(&backend, dev.device_attach())
             .map_err(|e| format!("--device id={}: {e}", dev.id))?;
-        disks.push(BlockDeviceSpec {
-            backend,
-            read_only: dev.read_only,
-            id: dev.id.clone(),
-            queues: dev.queues,
-            ioeventfd: dev.ioeventfd,
-        });
+        disks.push(dev.block_device(backend));
     }
     let machine =
         Machine::new(&config, boot, out, input, disks, waker).map_err(|e| e.to_string())?;
@@ -289,6 +274,7 @@ fn start_machine(
 
 /// Acts on what the machine asked for; returns whether the VMM must exit.
 fn machine_requests(vmm: &mut Vmm) -> bool {
+    hotplug::complete_unplugs(vmm);
     let Some(m) = &vmm.machine else { return false };
     if m.bus().take_shutdown() {
         vmm.events.push(qapi_types::event::Shutdown::message());

@@ -153,6 +153,7 @@ pub fn register(d: &mut Dispatcher<Vmm>, with_guest: bool) {
 
 /// The commands that act on the guest: run state, reset, vCPUs, KVM.
 fn register_guest_commands(d: &mut Dispatcher<Vmm>) {
+    crate::hotplug::register(d);
     d.register::<cmd::Stop>(|vmm, _| {
         vmm.stop();
         Ok(())

@@ -54,6 +54,22 @@ pub mod features {
     pub const VERSION_1: u64 = 1 << 32;
 }
 
+/// Bytes of the device configuration space.
+pub const CONFIG_SIZE: usize = 64;
+/// Largest number of data segments in a request we accept (config seg_max).
+const SEG_MAX: u32 = 126;
+
+/// What serving a queue notification asks of the transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Nothing to tell the driver.
+    Idle,
+    /// Requests completed and the driver wants an interrupt.
+    Interrupt,
+    /// The driver broke the queue: set NEEDS_RESET and send a config interrupt.
+    Broken,
+}
+
 /// Why a queue can no longer be processed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QueueError {
@@ -101,6 +117,42 @@ impl BlkEngine {
             f |= features::RO;
         }
         f
+    }
+
+    /// The device configuration space (struct virtio_blk_config): capacity,
+    /// seg_max, blk_size, num_queues, and the discard and write-zeroes limits.
+    pub fn config_space(&self, queues: u16) -> [u8; CONFIG_SIZE] {
+        let mut c = [0u8; CONFIG_SIZE];
+        c[0..8].copy_from_slice(&self.capacity().to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes());
+        c[34..36].copy_from_slice(&queues.to_le_bytes());
+        let max_sectors = (MAX_REQUEST as u64 / SECTOR) as u32;
+        c[36..40].copy_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
+        c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
+        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        c[48..52].copy_from_slice(&max_sectors.to_le_bytes()); // max_write_zeroes_sectors
+        c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+
+    /// Serves a notification of `queue`: processes what is available and
+    /// says whether the driver must be interrupted. A queue that is not
+    /// ready (or not valid in guest memory) is left alone.
+    pub fn serve(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Served {
+        if !queue.ready() || !queue.is_valid(mem) {
+            return Served::Idle;
+        }
+        match self.process(queue, mem) {
+            Ok(0) => Served::Idle,
+            Ok(_) if queue.needs_notification(mem).unwrap_or(true) => Served::Interrupt,
+            Ok(_) => Served::Idle,
+            Err(QueueError::Broken(why)) => {
+                log::warn!("virtio-blk: {why}: the device needs a reset");
+                Served::Broken
+            }
+        }
     }
 
     /// Processes every available request of `queue`; returns how many
@@ -266,7 +318,7 @@ impl BlkEngine {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use block_graph::BlockGraph;
     use qapi_types::{BlockdevOptions, QapiType};
@@ -282,8 +334,13 @@ mod tests {
     const STATUS: u64 = 0x30_0000;
 
     fn disk(dir: &std::path::Path) -> (BlockGraph, Arc<BlockBackend>) {
+        disk_filled(dir, 0)
+    }
+
+    /// A 1 MiB raw disk filled with `fill`, on a BlockBackend with a device.
+    pub(crate) fn disk_filled(dir: &std::path::Path, fill: u8) -> (BlockGraph, Arc<BlockBackend>) {
         let path = dir.join("disk.raw");
-        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(&path, vec![fill; 1 << 20]).unwrap();
         let mut g = BlockGraph::new();
         let opts = BlockdevOptions::from_qmp_strict(serde_json::json!({
             "driver": "file", "node-name": "d0", "filename": path.to_str().unwrap()

@@ -9,7 +9,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::virtio_blk::{BlkEngine, QueueError, SECTOR};
+use super::virtio_blk::{BlkEngine, Served};
 
 /// Size of one device's register window.
 pub const WINDOW: u64 = 0x1000;
@@ -26,8 +26,6 @@ const STATUS_NEEDS_RESET: u32 = 0x40;
 const STATUS_FEATURES_OK: u32 = 0x08;
 const INT_VRING: u32 = 1;
 const INT_CONFIG: u32 = 2;
-/// Largest number of data segments in a request we accept (config seg_max).
-const SEG_MAX: u32 = 126;
 
 /// One virtio-blk device on the MMIO bus.
 pub struct VirtioMmioBlk {
@@ -83,28 +81,10 @@ impl VirtioMmioBlk {
         self.queue_sel = 0;
     }
 
-    fn config_bytes(&self) -> [u8; 64] {
-        // struct virtio_blk_config: capacity, size_max, seg_max, geometry,
-        // blk_size, topology, writeback, num_queues, discard and write-zeroes limits.
-        let mut c = [0u8; 64];
-        c[0..8].copy_from_slice(&self.engine.capacity().to_le_bytes());
-        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes());
-        c[34..36].copy_from_slice(&(self.queues.len() as u16).to_le_bytes());
-        let max_sectors = (super::virtio_blk::MAX_REQUEST as u64 / SECTOR) as u32;
-        c[36..40].copy_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
-        c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
-        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
-        c[48..52].copy_from_slice(&max_sectors.to_le_bytes()); // max_write_zeroes_sectors
-        c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
-        c[56] = 1; // write_zeroes_may_unmap
-        c
-    }
-
     /// A read of the register window at `offset`.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= 0x100 {
-            let cfg = self.config_bytes();
+            let cfg = self.engine.config_space(self.queues.len() as u16);
             for (i, b) in data.iter_mut().enumerate() {
                 *b = cfg.get((offset - 0x100) as usize + i).copied().unwrap_or(0);
             }
@@ -211,19 +191,13 @@ impl VirtioMmioBlk {
         let Some(q) = self.queues.get_mut(index as usize) else {
             return;
         };
-        if !q.ready() || !q.is_valid(&self.mem) {
-            return;
-        }
-        match self.engine.process(q, &self.mem) {
-            Ok(0) => {}
-            Ok(_) => {
-                if q.needs_notification(&self.mem).unwrap_or(true) {
-                    self.interrupt_status |= INT_VRING;
-                    let _ = self.irq.write(1);
-                }
+        match self.engine.serve(q, &self.mem) {
+            Served::Idle => {}
+            Served::Interrupt => {
+                self.interrupt_status |= INT_VRING;
+                let _ = self.irq.write(1);
             }
-            Err(QueueError::Broken(why)) => {
-                log::warn!("virtio-blk: {why}: the device needs a reset");
+            Served::Broken => {
                 self.status |= STATUS_NEEDS_RESET;
                 self.interrupt_status |= INT_CONFIG;
                 self.config_generation = self.config_generation.wrapping_add(1);
@@ -233,14 +207,18 @@ impl VirtioMmioBlk {
     }
 }
 
+impl super::QueueNotify for VirtioMmioBlk {
+    fn notify(&mut self, queue: u32) {
+        VirtioMmioBlk::notify(self, queue)
+    }
+}
+
 /// A device on the MMIO bus, shared by the vCPU threads.
 pub type SharedMmioDevice = Arc<std::sync::Mutex<VirtioMmioBlk>>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use block_graph::BlockGraph;
-    use qapi_types::{BlockdevOptions, QapiType};
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
@@ -259,20 +237,7 @@ mod tests {
     #[test]
     fn a_driver_negotiates_sets_up_a_queue_and_gets_its_request_done() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("d.raw");
-        std::fs::write(&path, vec![0x11u8; 1 << 20]).unwrap();
-        let mut g = BlockGraph::new();
-        let node = g
-            .blockdev_add(
-                &BlockdevOptions::from_qmp_strict(serde_json::json!({
-                    "driver": "file", "node-name": "d", "filename": path.to_str().unwrap()
-                }))
-                .unwrap(),
-            )
-            .unwrap();
-        let be = g
-            .create_backend("vd0", Some(&node), Default::default())
-            .unwrap();
+        let (_g, be) = crate::devices::virtio_blk::tests::disk_filled(dir.path(), 0x11);
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut d = VirtioMmioBlk::new(

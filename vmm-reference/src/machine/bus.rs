@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use chardev_ringbuf::FrontendHandle;
 
+use crate::devices::pci::{PciBus, CONFIG_ADDRESS};
 use crate::devices::virtio_mmio::{SharedMmioDevice, WINDOW};
 use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
@@ -74,22 +75,29 @@ pub struct IoBus {
     serial: Arc<Mutex<SerialPort>>,
     /// Devices on the MMIO bus: base address and device.
     mmio: Vec<(u64, SharedMmioDevice)>,
+    /// PCI bus 0.
+    pci: Arc<PciBus>,
     reset: AtomicBool,
+    /// A device was reset by its driver (pending hot-unplugs may complete).
+    device_check: AtomicBool,
     shutdown: AtomicBool,
     waker: Arc<mio::Waker>,
 }
 
 impl IoBus {
-    /// A bus with COM1, the MMIO devices and a waker of the main loop.
+    /// A bus with COM1, the MMIO devices, PCI bus 0 and a waker of the main loop.
     pub fn new(
         serial: Arc<Mutex<SerialPort>>,
         mmio: Vec<(u64, SharedMmioDevice)>,
+        pci: Arc<PciBus>,
         waker: Arc<mio::Waker>,
     ) -> Self {
         IoBus {
             serial,
             mmio,
+            pci,
             reset: AtomicBool::new(false),
+            device_check: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             waker,
         }
@@ -105,6 +113,7 @@ impl IoBus {
                 }
             }
             (I8042_COMMAND, [I8042_RESET]) => self.request_reset(),
+            (CONFIG_ADDRESS..=0xcff, _) => self.pci.pio_write(port, data),
             _ => {}
         }
     }
@@ -120,6 +129,7 @@ impl IoBus {
                     .read((port - COM1) as u8);
             }
             (I8042_COMMAND | I8042_DATA, 1) => data[0] = 0,
+            (CONFIG_ADDRESS..=0xcff, _) => self.pci.pio_read(port, data),
             _ => data.fill(0xff),
         }
     }
@@ -135,15 +145,38 @@ impl IoBus {
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         match self.mmio_device(addr) {
             Some((off, d)) => d.lock().unwrap_or_else(|e| e.into_inner()).read(off, data),
-            None => data.fill(0xff),
+            None => {
+                if !self.pci.mmio_read(addr, data) {
+                    data.fill(0xff)
+                }
+            }
         }
     }
 
     /// A guest write to MMIO space.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
-        if let Some((off, d)) = self.mmio_device(addr) {
-            d.lock().unwrap_or_else(|e| e.into_inner()).write(off, data);
+        match self.mmio_device(addr) {
+            Some((off, d)) => d.lock().unwrap_or_else(|e| e.into_inner()).write(off, data),
+            None => {
+                self.pci.mmio_write(addr, data);
+            }
         }
+    }
+
+    /// PCI bus 0.
+    pub fn pci(&self) -> &PciBus {
+        &self.pci
+    }
+
+    /// Tells the main loop that a device was reset by its driver.
+    pub fn request_device_check(&self) {
+        self.device_check.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+
+    /// Takes a pending device check.
+    pub fn take_device_check(&self) -> bool {
+        self.device_check.swap(false, Ordering::SeqCst)
     }
 
     /// Asks the main loop to reset the machine.

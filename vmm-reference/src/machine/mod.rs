@@ -3,6 +3,8 @@
 
 mod boot;
 pub mod bus;
+mod disks;
+mod irq;
 pub mod linux;
 mod vcpu;
 
@@ -16,9 +18,13 @@ use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::pci::PciBus;
 use crate::devices::virtio_blk::BlkEngine;
 use crate::devices::virtio_mmio::{SharedMmioDevice, VirtioMmioBlk, NOTIFY_OFFSET, WINDOW};
+use crate::devices::QueueNotify;
 use bus::{EventFdTrigger, InputReady, IoBus, SerialPort, COM1_IRQ};
+pub use disks::PciDisk;
+use irq::KvmIrqs;
 pub use vcpu::VcpuInfo;
 use vcpu::Vcpus;
 
@@ -27,7 +33,8 @@ pub const DEFAULT_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest
 
 /// Smallest guest memory: the boot tables, the stack and the guest at 1 MiB.
 pub const MIN_MEMORY: u64 = 4 << 20;
-/// Largest guest memory this layout supports (no PCI hole below 4 GiB yet).
+/// Largest guest memory this layout supports: RAM ends where the PCI
+/// devices' BARs (0xc000_0000) and the virtio-mmio windows begin.
 pub const MAX_MEMORY: u64 = 3 << 30;
 
 /// What the vCPUs run.
@@ -39,7 +46,17 @@ pub enum BootSource {
     Linux(linux::LinuxBoot),
 }
 
-/// A virtio-blk disk to put on the MMIO bus.
+/// How a virtio device reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Modern virtio-pci on bus 0 (`virtio-blk-pci`, and `virtio-blk`).
+    Pci,
+    /// virtio-mmio at a fixed window (`virtio-blk-device`): guests must be
+    /// told where (Linux: `virtio_mmio.device=` on the command line).
+    Mmio,
+}
+
+/// A virtio-blk disk to put on the machine.
 pub struct BlockDeviceSpec {
     /// The BlockBackend the device does its I/O on (attached by the caller).
     pub backend: Arc<block_graph::BlockBackend>,
@@ -53,6 +70,10 @@ pub struct BlockDeviceSpec {
     /// the guest's notify does not exit to the VMM and the main loop
     /// processes the queue; off, the vCPU thread processes it on the exit.
     pub ioeventfd: bool,
+    /// Its transport.
+    pub transport: Transport,
+    /// Its PCI slot (`addr=`); the lowest free one when not given.
+    pub slot: Option<u8>,
 }
 
 /// A queue notification the main loop waits on: the eventfd KVM signals
@@ -61,7 +82,7 @@ pub struct QueueNotifier {
     /// The eventfd.
     pub fd: EventFd,
     /// The device.
-    pub device: SharedMmioDevice,
+    pub device: Arc<Mutex<dyn QueueNotify>>,
     /// The queue index.
     pub queue: u32,
 }
@@ -105,7 +126,10 @@ pub enum MachineError {
 /// A running (or paused) virtual machine.
 pub struct Machine {
     _kvm: Kvm,
-    _vm: VmFd,
+    vm: Arc<VmFd>,
+    irqs: Arc<KvmIrqs>,
+    pci_disks: Vec<PciDisk>,
+    mmio_ids: Vec<String>,
     memory: GuestMemoryMmap,
     vcpus: Vcpus,
     bus: Arc<IoBus>,
@@ -182,12 +206,19 @@ impl Machine {
             input,
             serial_out,
         )));
+        let vm = Arc::new(vm);
+        let irqs = KvmIrqs::new(vm.clone());
         let mut mmio = Vec::new();
+        let mut mmio_ids = Vec::new();
         let mut notifiers = Vec::new();
-        for (i, disk) in disks.into_iter().enumerate() {
+        let (pci_specs, mmio_specs): (Vec<_>, Vec<_>) = disks
+            .into_iter()
+            .partition(|d| d.transport == Transport::Pci);
+        for (i, disk) in mmio_specs.into_iter().enumerate() {
             let irq = EventFd::new(libc::EFD_NONBLOCK)?;
             vm.register_irqfd(&irq, VIRTIO_MMIO_IRQ + i as u32)
                 .map_err(|e| MachineError::KvmCall("KVM_IRQFD", e))?;
+            mmio_ids.push(disk.id.clone());
             let engine = BlkEngine::new(disk.backend, disk.read_only, &disk.id);
             let dev: SharedMmioDevice = Arc::new(Mutex::new(VirtioMmioBlk::new(
                 engine,
@@ -210,7 +241,26 @@ impl Machine {
             }
             mmio.push((base, dev));
         }
-        let bus = Arc::new(IoBus::new(serial.clone(), mmio, waker));
+        let bus = Arc::new(IoBus::new(
+            serial.clone(),
+            mmio,
+            Arc::new(PciBus::new()),
+            waker,
+        ));
+        let mut pci_disks = Vec::new();
+        for disk in pci_specs {
+            let slot = disk.slot;
+            let cx = disks::PlugContext {
+                vm: &vm,
+                irqs: &irqs,
+                pci: bus.pci(),
+                memory: &memory,
+                bus: Arc::downgrade(&bus),
+            };
+            let (d, n) = disks::plug(cx, disk, slot)?;
+            pci_disks.push(d);
+            notifiers.extend(n);
+        }
 
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -246,7 +296,10 @@ impl Machine {
         let vcpus = Vcpus::spawn(fds, bus.clone(), cfg.paused, boot)?;
         Ok(Machine {
             _kvm: kvm,
-            _vm: vm,
+            vm,
+            irqs,
+            pci_disks,
+            mmio_ids,
             memory,
             vcpus,
             bus,
@@ -272,6 +325,9 @@ impl Machine {
     pub fn reset(&self) -> Result<(), MachineError> {
         self.vcpus.pause();
         *self.entry.lock().unwrap_or_else(|e| e.into_inner()) = load(&self.memory, &self.boot)?;
+        // The PCI functions go back to their power-on state (BARs where
+        // the VMM placed them, MSI-X off, virtio status 0).
+        self.bus.pci().reset();
         self.vcpus.request_reset();
         Ok(())
     }

@@ -1,0 +1,292 @@
+//! `device_add` and `device_del` for virtio-blk on PCI bus 0.
+//!
+//! The bus has no hotplug controller (no ACPI, SHPC or PCIe slot), so the
+//! guest is not interrupted: a device added while it runs appears in a free
+//! slot of `pci.0`, where a guest finds it when it scans the bus (Linux:
+//! `echo 1 > /sys/bus/pci/rescan`; the embedded guest rescans by itself
+//! while it has no disk). `device_del` follows QEMU's protocol: it returns
+//! at once, and the device goes, with its DEVICE_DELETED events and its
+//! BlockBackend released, as soon as the driver has let go of it (its
+//! virtio status is 0: never initialised, reset, or the guest removed it,
+//! Linux: `echo 1 > /sys/bus/pci/devices/0000:00:NN.0/remove`); a machine
+//! reset completes every pending removal, as QEMU documents.
+//!
+//! `device_add` takes the device's properties beside `driver`, `bus` and
+//! `id`, as QEMU does (its schema declares only those three and lets the
+//! rest through): the monitor sets them aside with [`stash_properties`]
+//! before the strict decoder sees the request.
+
+use std::cell::RefCell;
+
+use qapi_types::{cmd, event, Dispatcher};
+use qmp_proto::{QmpError, Request};
+use serde_json::{Map, Value};
+
+use crate::cli::DeviceSpec;
+use crate::vm::Vmm;
+
+/// The bus QEMU names PCI bus 0.
+const PCI_BUS: &str = "pci.0";
+/// The bus the virtio-mmio devices are on (nothing hot-plugs there).
+const MMIO_BUS: &str = "virtio-mmio-bus.0";
+/// The members of device_add the schema declares.
+const DECLARED: [&str; 3] = ["driver", "bus", "id"];
+
+thread_local! {
+    /// Properties of the device_add being dispatched on this thread.
+    static PROPERTIES: RefCell<Map<String, Value>> = RefCell::new(Map::new());
+}
+
+/// For a `device_add` request: keeps its device properties for the handler
+/// and returns the request with only the members the schema declares (so
+/// that the strict decoder checks those as QEMU does). Other requests: None.
+pub fn stash_properties(request: &Request) -> Option<Request> {
+    if request.command != "device_add" {
+        return None;
+    }
+    let mut declared = Map::new();
+    let mut props = Map::new();
+    for (k, v) in &request.arguments {
+        if DECLARED.contains(&k.as_str()) {
+            declared.insert(k.clone(), v.clone());
+        } else {
+            props.insert(k.clone(), v.clone());
+        }
+    }
+    PROPERTIES.with(|p| *p.borrow_mut() = props);
+    Some(Request {
+        arguments: declared,
+        ..request.clone()
+    })
+}
+
+fn take_properties() -> Map<String, Value> {
+    PROPERTIES.with(|p| std::mem::take(&mut *p.borrow_mut()))
+}
+
+/// Registers `device_add` and `device_del` (with a guest only).
+pub fn register(d: &mut Dispatcher<Vmm>) {
+    d.register::<cmd::DeviceAdd>(|vmm, a| {
+        let props = take_properties();
+        device_add(vmm, &a.driver, a.bus.as_deref(), a.id.as_deref(), &props)
+    });
+    d.register::<cmd::DeviceDel>(|vmm, a| device_del(vmm, &a.id));
+}
+
+/// A property value in the `-device` syntax: strings as they are, booleans
+/// as on/off, numbers in decimal except `addr`, which QEMU takes as devfn
+/// (slot * 8 + function) when it is a number.
+fn property_text(key: &str, v: &Value) -> Result<String, QmpError> {
+    let text = match v {
+        Value::String(s) => s.clone(),
+        Value::Bool(b) => if *b { "on" } else { "off" }.to_owned(),
+        Value::Number(n) if key == "addr" => match n.as_u64() {
+            Some(devfn) if devfn & 7 == 0 && devfn < 256 => format!("{:x}", devfn >> 3),
+            _ => {
+                return Err(QmpError::generic(format!(
+                    "Property 'virtio-blk-pci.addr' doesn't take value '{n}'"
+                )))
+            }
+        },
+        Value::Number(n) => n.to_string(),
+        _ => {
+            return Err(QmpError::generic(format!(
+                "Parameter '{key}' expects a string, number or boolean"
+            )))
+        }
+    };
+    if text.contains(',') || key.contains(',') || key.contains('=') {
+        return Err(QmpError::generic(format!(
+            "Property '{key}' has a value this VMM cannot pass: '{text}'"
+        )));
+    }
+    Ok(text)
+}
+
+fn device_add(
+    vmm: &mut Vmm,
+    driver: &str,
+    bus: Option<&str>,
+    id: Option<&str>,
+    props: &Map<String, Value>,
+) -> Result<(), QmpError> {
+    match driver {
+        "virtio-blk" | "virtio-blk-pci" => {}
+        "virtio-blk-device" => {
+            return Err(QmpError::generic(format!(
+                "Bus '{MMIO_BUS}' does not support hotplugging"
+            )))
+        }
+        _ => {
+            return Err(QmpError::generic(format!(
+                "'{driver}' is not a valid device model name"
+            )))
+        }
+    }
+    if let Some(b) = bus.filter(|b| *b != PCI_BUS) {
+        return Err(QmpError::device_not_found(format!("Bus '{b}' not found")));
+    }
+    let Some(id) = id else {
+        return Err(QmpError::generic(
+            "Parameter 'id' is missing: this VMM finds hot-plugged devices by their id",
+        ));
+    };
+    let mut spec = format!("{driver},id={id}");
+    for (k, v) in props {
+        spec.push(',');
+        spec.push_str(k);
+        spec.push('=');
+        spec.push_str(&property_text(k, v)?);
+    }
+    let dev: DeviceSpec = spec.parse().map_err(QmpError::generic)?;
+    let Some(machine) = &vmm.machine else {
+        return Err(QmpError::generic("there is no guest to add a device to"));
+    };
+    if machine.pci_disks().iter().any(|d| d.id == dev.id) || machine.mmio_ids().contains(&dev.id) {
+        return Err(QmpError::generic(format!(
+            "Duplicate device ID '{}'",
+            dev.id
+        )));
+    }
+    let node = vmm.block.lookup_either(&dev.drive).map_err(|e| {
+        QmpError::generic(format!(
+            "Property '{driver}.drive' can't find value '{}': {}",
+            dev.drive,
+            QmpError::from(e).desc
+        ))
+    })?;
+    let backend = vmm
+        .block
+        .create_backend(&dev.id, Some(&node), Default::default())?;
+    let attached = vmm.block.attach_device(&backend, dev.device_attach());
+    let plugged = attached.map_err(QmpError::from).and_then(|()| {
+        let machine = vmm
+            .machine
+            .as_mut()
+            .ok_or_else(|| QmpError::generic("there is no guest to add a device to"))?;
+        machine
+            .hot_add_pci_disk(dev.block_device(backend.clone()))
+            .map_err(|e| QmpError::generic(e.to_string()))
+    });
+    match plugged {
+        Ok(slot) => {
+            log::info!("device_add: {} in PCI slot {slot}", dev.id);
+            Ok(())
+        }
+        Err(e) => {
+            // Nothing of the failed device stays behind.
+            vmm.block.detach_device(&backend);
+            let _ = vmm.block.delete_backend(&dev.id);
+            Err(e)
+        }
+    }
+}
+
+fn device_del(vmm: &mut Vmm, id: &str) -> Result<(), QmpError> {
+    let Some(machine) = &mut vmm.machine else {
+        return Err(QmpError::device_not_found(format!(
+            "Device '{id}' not found"
+        )));
+    };
+    // QEMU accepts the device's QOM path as well.
+    let id = id.strip_prefix("/machine/peripheral/").unwrap_or(id);
+    if machine.mmio_ids().iter().any(|m| m == id) {
+        return Err(QmpError::generic(format!(
+            "Bus '{MMIO_BUS}' does not support hotplugging"
+        )));
+    }
+    let Some(disk) = machine.pci_disk_mut(id) else {
+        return Err(QmpError::device_not_found(format!(
+            "Device '{id}' not found"
+        )));
+    };
+    if disk.unplug_requested {
+        return Err(QmpError::generic(format!(
+            "Device {id} is already in the process of unplug"
+        )));
+    }
+    disk.unplug_requested = true;
+    complete_unplugs(vmm);
+    Ok(())
+}
+
+/// Removes the devices whose unplug was asked and whose driver has let go
+/// of them: off the bus, their BlockBackend released, DEVICE_DELETED sent
+/// (for the virtio backend, then the device, as QEMU does). The main loop
+/// calls it when a device reports a reset.
+pub fn complete_unplugs(vmm: &mut Vmm) {
+    let Some(machine) = &mut vmm.machine else {
+        return;
+    };
+    machine.bus().take_device_check();
+    let ready: Vec<String> = machine
+        .pci_disks()
+        .iter()
+        .filter(|d| {
+            d.unplug_requested && !d.device.lock().unwrap_or_else(|e| e.into_inner()).in_use()
+        })
+        .map(|d| d.id.clone())
+        .collect();
+    for id in ready {
+        let Some(disk) = machine.remove_pci_disk(&id) else {
+            continue;
+        };
+        vmm.block.detach_device(&disk.backend);
+        if let Err(e) = vmm.block.delete_backend(&id) {
+            log::warn!("device_del {id}: releasing its block backend: {e}");
+        }
+        let path = format!("/machine/peripheral/{id}");
+        vmm.events
+            .push(event::DeviceDeleted::message(&event::DeviceDeletedData {
+                device: None,
+                path: format!("{path}/virtio-backend"),
+            }));
+        vmm.events
+            .push(event::DeviceDeleted::message(&event::DeviceDeletedData {
+                device: Some(id.clone()),
+                path,
+            }));
+        log::info!("device_del: {id} removed from PCI slot {}", disk.slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn device_add_properties_are_set_aside_for_the_handler() {
+        let req = Request {
+            id: None,
+            command: "device_add".into(),
+            arguments: json!({"driver": "virtio-blk-pci", "id": "vd1", "drive": "d", "addr": 40})
+                .as_object()
+                .cloned()
+                .unwrap(),
+            oob: false,
+        };
+        let stripped = stash_properties(&req).unwrap();
+        assert_eq!(
+            Value::Object(stripped.arguments),
+            json!({"driver": "virtio-blk-pci", "id": "vd1"})
+        );
+        let props = take_properties();
+        assert_eq!(
+            Value::Object(props.clone()),
+            json!({"drive": "d", "addr": 40})
+        );
+        assert!(take_properties().is_empty(), "taken once");
+        assert_eq!(property_text("addr", &props["addr"]).unwrap(), "5");
+        assert_eq!(property_text("ioeventfd", &json!(false)).unwrap(), "off");
+        assert_eq!(property_text("num-queues", &json!(2)).unwrap(), "2");
+        assert!(property_text("addr", &json!(41)).is_err(), "function 1");
+        assert!(property_text("drive", &json!("a,b")).is_err());
+        assert!(property_text("drive", &json!({"x": 1})).is_err());
+        let other = Request {
+            command: "query-status".into(),
+            ..req
+        };
+        assert!(stash_properties(&other).is_none());
+    }
+}
