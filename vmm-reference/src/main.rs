@@ -126,6 +126,11 @@ fn run(cli: Cli) -> Result<(), String> {
     vmm.block.set_event_notifier(Some(Arc::new(move || {
         let _ = block_waker.wake();
     })));
+    // Jobs whose work is done wake the loop, which finishes them (Jobs::poll).
+    let jobs_waker = waker.clone();
+    vmm.jobs.set_notifier(Some(Arc::new(move || {
+        let _ = jobs_waker.wake();
+    })));
     for spec in &cli.blockdev {
         let opts = block_graph::cli::parse_blockdev_arg(spec)
             .map_err(|e| format!("--blockdev {spec}: {e}"))?;
@@ -183,6 +188,7 @@ fn run(cli: Cli) -> Result<(), String> {
             }
         }
         vmm.chardevs.on_timeout(Instant::now());
+        vmm.jobs.poll(&mut vmm.block);
         vmm.events.extend(vmm.block.take_events());
         for e in vmm.chardevs.drain_events() {
             log::debug!("chardev {}: {:?}", e.id, e.kind);
@@ -198,6 +204,9 @@ fn run(cli: Cli) -> Result<(), String> {
     if let Some(m) = &mut vmm.machine {
         m.shutdown();
     }
+    // Jobs stop (QEMU's job_cancel_sync_all) before the images are flushed and closed.
+    vmm.jobs
+        .cancel_all_sync(&mut vmm.block, Duration::from_secs(10));
     if let Err(e) = vmm.block.flush_all() {
         log::error!("flushing the images at exit: {e}");
     }

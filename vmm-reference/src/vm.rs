@@ -35,6 +35,8 @@ pub struct Vmm {
     pub machine: Option<Machine>,
     /// The block layer: nodes, backends and their QMP commands.
     pub block: BlockGraph,
+    /// The block jobs (stream, commit, ...): finished on this thread by `Jobs::poll`.
+    pub jobs: block_jobs::Jobs,
     /// File descriptors passed by clients (getfd, add-fd).
     pub fds: FdStore,
     /// The VM's UUID (`--uuid`), reported by query-uuid.
@@ -44,6 +46,9 @@ pub struct Vmm {
 impl Vmm {
     /// A VM in the given run state with its character devices.
     pub fn new(name: Option<String>, run_state: RunState, chardevs: ChardevRegistry) -> Self {
+        let mut block = BlockGraph::new();
+        let jobs = block_jobs::Jobs::for_graph(&block);
+        block_jobs::qmp::install_transaction_actions(&mut block, &jobs);
         Vmm {
             name,
             run_state,
@@ -51,7 +56,8 @@ impl Vmm {
             quit: false,
             chardevs,
             machine: None,
-            block: BlockGraph::new(),
+            block,
+            jobs,
             fds: FdStore::default(),
             uuid: "00000000-0000-0000-0000-000000000000".to_owned(),
         }
@@ -110,6 +116,7 @@ pub fn version_info() -> VersionInfo {
 pub fn register(d: &mut Dispatcher<Vmm>, with_guest: bool) {
     d.register_char_commands(|vmm| &mut vmm.chardevs);
     block_graph::register(d, |vmm| &mut vmm.block);
+    block_jobs::qmp::register(d, |vmm| (&vmm.jobs, &mut vmm.block));
     if with_guest {
         register_guest_commands(d);
     }

@@ -412,7 +412,7 @@ fn setup(
     )?);
     if job.active {
         let bm = Arc::new(DirtyBitmap::new(
-            &format!("#commit-{id}"),
+            "",
             DIRTY_GRANULARITY,
             job.top.length(),
         )?);
