@@ -109,11 +109,14 @@ pub fn prepare_job_action(
     action: &TransactionAction,
     txn: Option<JobTxn>,
 ) -> Result<Option<Box<dyn PreparedAction>>, JobError> {
-    // The backup actions (drive-backup, blockdev-backup) are added here by the backup
-    // job's module, as arms of a match on `action.r#type`; every other kind is the
-    // graph's business.
-    let _ = (jobs, g, txn, action);
-    Ok(None)
+    use qapi_types::TransactionActionBranch as A;
+    let job = match &action.r#type {
+        A::DriveBackup(w) => crate::backup::drive_backup(g, jobs, &w.data, txn)?,
+        A::BlockdevBackup(w) => crate::backup::blockdev_backup(g, jobs, &w.data, txn)?,
+        // Every other kind is the graph's business.
+        _ => return Ok(None),
+    };
+    Ok(Some(Box::new(StartJob::new(jobs.clone(), job))))
 }
 
 /// A job created by a transaction's prepare: commit starts it, abort cancels it (it then
