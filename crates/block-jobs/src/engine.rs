@@ -1,18 +1,18 @@
-//! The job engine: the registry of jobs ([`Jobs`]), one job's shared state ([`Job`]), the
+//! The job engine: the registry of jobs ([`Jobs`](crate::Jobs)), one job's shared state ([`Job`]), the
 //! trait a job implements ([`JobDriver`]) and what its run loop sees ([`JobContext`]).
 //!
 //! # Threads
 //!
 //! - A job's [`JobDriver::run`] runs on a worker thread of its own, started by
-//!   [`Jobs::start`]. It does the I/O through roots (anonymous BlockBackends) it took on the
+//!   [`Jobs::start`](crate::Jobs::start). It does the I/O through roots (anonymous BlockBackends) it took on the
 //!   graph when it was created, and calls the [`JobContext`]'s pause points, rate limiter,
 //!   progress counters and error policy.
 //! - Everything that changes the graph runs on the monitor's thread, which owns
 //!   `&mut BlockGraph`: the job's creation (the command handler), and once `run` returned, the
 //!   driver's [`JobDriver::prepare`], [`JobDriver::commit`] or [`JobDriver::abort`], and
 //!   [`JobDriver::clean`]. The worker hands the driver back and wakes the monitor through
-//!   the notifier set with [`Jobs::set_notifier`]; the monitor's loop then calls
-//!   [`Jobs::poll`], which finishes the job (statuses `waiting`, `pending`, `concluded`,
+//!   the notifier set with [`Jobs::set_notifier`](crate::Jobs::set_notifier); the monitor's loop then calls
+//!   [`Jobs::poll`](crate::Jobs::poll), which finishes the job (statuses `waiting`, `pending`, `concluded`,
 //!   `null`, the `BLOCK_JOB_*` events) without ever waiting for a worker.
 //! - Verbs (`job-pause`, `block-job-cancel`, ...) only change the shared state and wake the
 //!   worker; no command blocks on a job.

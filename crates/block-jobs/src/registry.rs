@@ -263,7 +263,10 @@ impl Jobs {
     /// `waiting`, `pending`, `concluded`, `null`, the graph hooks and the events. Never
     /// waits for a worker. Call on the monitor's thread when woken.
     pub fn poll(&self, g: &mut BlockGraph) {
-        self.reg.pending.store(false, Ordering::Release);
+        // Cleared before the scan: a worker finishing meanwhile sets it again.
+        if !self.reg.pending.swap(false, Ordering::AcqRel) {
+            return;
+        }
         for job in self.list() {
             let exit = {
                 let mut st = lock(&job.state);
