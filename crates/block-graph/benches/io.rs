@@ -1,21 +1,33 @@
-//! Request throughput through the whole path (BlockBackend -> qcow2 node -> file node)
-//! against the qcow2 crate alone on the same image, and against `qemu-img bench` (QEMU's
-//! full block layer) where its workload matches, in the same run.
+//! Request throughput through the whole path (BlockBackend -> `throttle` filter without
+//! limits -> qcow2 node -> file node) against the qcow2 crate alone on the same image, and
+//! against `qemu-img bench` (QEMU's full block layer) on the same image, in the same run.
 //!
-//! Depth N runs N threads, each with one request in flight (the block graph's requests run
-//! on the caller's thread). "rand" visits every block of the region in a scattered order
-//! (a step of an odd number of blocks, as qemu-img bench can express it).
+//! Depth N runs two ways through the graph: N threads with one request each ("threads"),
+//! and one thread submitting batches of N requests (`BlockBackend::submit_batch`, io_uring
+//! in the file driver: "batch"). The crate alone runs N threads (its API is synchronous);
+//! qemu-img bench keeps N requests in flight in its AIO engine. "rand" visits every block
+//! of the region in a scattered order (a step of an odd number of blocks, as qemu-img bench
+//! can express it). Every case runs `--rounds` times (default 5), the paths interleaved,
+//! and the table shows medians.
 //!
-//! `cargo bench -p block-graph --bench io -- [--quick] [--direct] [--dir DIR]`
-//! (`--direct`: cache=none everywhere, on /var/tmp unless `--dir` says otherwise).
+//! `cargo bench -p block-graph --bench io -- [--quick] [--direct] [--dir DIR] [--rounds N]
+//! [--qemu-aio threads|native|io_uring]` (`--direct`: cache=none everywhere, on /var/tmp
+//! unless `--dir` says otherwise). Other modes: `--throttle` (accuracy at 10 MB/s and 1000
+//! IOPS over 10 s), `--mem [--vmm PATH]` (100 qcow2 nodes: this process, `vmm-reference
+//! --no-guest` and qemu-storage-daemon), `--uring`, `--one graph|crate read|write`.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use block_graph::{BlockGraph, DeviceAttach, WriteFlags};
+use block_graph::batch::BatchReq;
+use block_graph::drivers::throttle::ThrottleNodeOptions;
+use block_graph::{BlockBackend, BlockGraph, DeviceAttach, WriteFlags};
 use qapi_types::{BlockdevOptions, QapiType};
 
 const REGION: u64 = 256 << 20;
+
+/// `--qemu-aio`: qemu-img bench's `-i` (default `threads`, QEMU's default).
+static QEMU_AIO: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// `--direct`: cache=none (O_DIRECT) on every path.
 static DIRECT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -60,6 +72,13 @@ impl Case {
 /// One request: offset and buffer.
 type Request = Arc<dyn Fn(u64, &mut [u8]) + Send + Sync>;
 
+/// A buffer for `bs` bytes, aligned for O_DIRECT (so that no path bounces).
+fn buffer(bs: u64) -> qcow2::AlignedBuf {
+    let mut b = qcow2::AlignedBuf::new(bs as usize, 4096);
+    b.fill(0x5a);
+    b
+}
+
 fn run_threads(c: Case, f: Request) -> f64 {
     let per = c.count / c.depth as u64;
     let start = Instant::now();
@@ -67,7 +86,7 @@ fn run_threads(c: Case, f: Request) -> f64 {
         .map(|t| {
             let f = f.clone();
             std::thread::spawn(move || {
-                let mut buf = vec![0x5au8; c.bs as usize];
+                let mut buf = buffer(c.bs);
                 for k in 0..per {
                     let i = k * c.depth as u64 + t as u64;
                     f(c.offset(i), &mut buf);
@@ -81,14 +100,23 @@ fn run_threads(c: Case, f: Request) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
-fn graph_path(img: &str, c: Case) -> f64 {
+/// The graph of the benchmark: a throttle group without limits, the qcow2 node over its
+/// file, a `throttle` filter over it, and a guest device's backend on the filter.
+fn open_graph(img: &str) -> (BlockGraph, Arc<BlockBackend>) {
     let mut g = BlockGraph::new();
+    g.object_add("throttle-group", "unlimited", serde_json::json!({}))
+        .unwrap();
     let o = BlockdevOptions::from_qmp_strict(serde_json::json!({
         "driver": "qcow2", "node-name": "q", "cache": {"direct": direct()},
         "file": {"driver": "file", "filename": img}
     }))
     .unwrap();
-    let n = g.blockdev_add(&o).unwrap();
+    g.blockdev_add(&o).unwrap();
+    let t = ThrottleNodeOptions::from_qmp_strict(serde_json::json!({
+        "driver": "throttle", "node-name": "t", "throttle-group": "unlimited", "file": "q"
+    }))
+    .unwrap();
+    let n = g.blockdev_add_throttle(&t).unwrap();
     let be = g.create_backend("d", Some(&n), Default::default()).unwrap();
     g.attach_device(
         &be,
@@ -102,16 +130,59 @@ fn graph_path(img: &str, c: Case) -> f64 {
         },
     )
     .unwrap();
+    (g, be)
+}
+
+/// Depth N as N threads with one request each.
+fn graph_path(img: &str, c: Case) -> f64 {
+    let (mut g, be) = open_graph(img);
+    let b2 = be.clone();
     let t = run_threads(
         c,
         Arc::new(move |off, buf: &mut [u8]| {
             if c.write {
-                be.write_buf(off, buf, WriteFlags::default()).unwrap();
+                b2.write_buf(off, buf, WriteFlags::default()).unwrap();
             } else {
-                be.read_buf(off, buf).unwrap();
+                b2.read_buf(off, buf).unwrap();
             }
         }),
     );
+    drop(be);
+    g.close_all();
+    t
+}
+
+/// Depth N from one thread: batches of 8 N requests, N of them in flight at once (the
+/// file driver's queue depth).
+fn batch_path(img: &str, c: Case) -> f64 {
+    let (mut g, be) = open_graph(img);
+    block_graph::batch::set_queue_depth(c.depth);
+    let per = 8 * c.depth;
+    let mut bufs: Vec<qcow2::AlignedBuf> = (0..per).map(|_| buffer(c.bs)).collect();
+    let start = Instant::now();
+    let mut i = 0u64;
+    while i < c.count {
+        let n = (c.count - i).min(per as u64) as usize;
+        let mut reqs: Vec<BatchReq<'_>> = bufs[..n]
+            .iter_mut()
+            .enumerate()
+            .map(|(k, b)| {
+                let off = c.offset(i + k as u64);
+                if c.write {
+                    BatchReq::write(off, b)
+                } else {
+                    BatchReq::read(off, b)
+                }
+            })
+            .collect();
+        be.submit_batch(&mut reqs);
+        for r in &reqs {
+            assert!(matches!(r.result, Some(Ok(()))), "{:?}", r.result);
+        }
+        i += n as u64;
+    }
+    let t = start.elapsed().as_secs_f64();
+    drop(be);
     g.close_all();
     t
 }
@@ -148,7 +219,8 @@ fn qemu_path(img: &str, c: Case) -> Option<f64> {
     };
     let mut cmd = std::process::Command::new("qemu-img");
     let cache = if direct() { "none" } else { "writeback" };
-    cmd.args(["bench", "-f", "qcow2", "-t", cache, "-i", "threads"])
+    let aio = QEMU_AIO.get().map(String::as_str).unwrap_or("threads");
+    cmd.args(["bench", "-f", "qcow2", "-t", cache, "-i", aio])
         .args(["-c", &c.count.to_string(), "-d", &c.depth.to_string()])
         .args(["-s", &c.bs.to_string(), "-S", &step.to_string()]);
     if c.write {
@@ -162,8 +234,30 @@ fn qemu_path(img: &str, c: Case) -> Option<f64> {
         .and_then(|x| x.parse().ok())
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn arg_value(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(a) = arg_value(&args, "--qemu-aio") {
+        let _ = QEMU_AIO.set(a);
+    }
     let quick = args.iter().any(|a| a == "--quick");
     DIRECT.store(
         args.iter().any(|a| a == "--direct"),
@@ -241,8 +335,22 @@ fn main() {
         return;
     }
     let scale = if quick { 1 } else { 4 };
-    println!("| case | requests | block-graph s | qcow2 crate s | qemu-img s | graph/crate | qemu/graph |");
-    println!("|---|---|---|---|---|---|---|");
+    let rounds: usize = arg_value(&args, "--rounds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(1);
+    println!(
+        "{} rounds per case, medians in seconds; {}; qemu-img bench -i {}",
+        rounds,
+        if direct() {
+            "cache=none (O_DIRECT)"
+        } else {
+            "cache=writeback"
+        },
+        QEMU_AIO.get().map(String::as_str).unwrap_or("threads")
+    );
+    println!("| case | requests | graph threads | graph batch | qcow2 crate | qemu-img | threads/crate | batch/crate | qemu/threads | qemu/batch |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for &bs in &[4096u64, 65536] {
         for &depth in &[1usize, 32] {
             for &rand in &[false, true] {
@@ -259,21 +367,35 @@ fn main() {
                         depth,
                         count: count / depth as u64 * depth as u64,
                     };
-                    // Best of three: the machine is shared.
-                    let g = (0..3).map(|_| graph_path(&img, c)).fold(f64::MAX, f64::min);
-                    let k = (0..3).map(|_| crate_path(&img, c)).fold(f64::MAX, f64::min);
-                    let q = (0..3)
-                        .filter_map(|_| qemu_path(&img, c))
-                        .fold(f64::MAX, f64::min);
+                    let (mut g, mut b, mut k, mut q) = (vec![], vec![], vec![], vec![]);
+                    // Interleaved rounds: the machine is shared, so every path sees the
+                    // same mix of load.
+                    for _ in 0..rounds {
+                        g.push(graph_path(&img, c));
+                        if depth > 1 {
+                            b.push(batch_path(&img, c));
+                        }
+                        k.push(crate_path(&img, c));
+                        if let Some(x) = qemu_path(&img, c) {
+                            q.push(x);
+                        }
+                    }
+                    let (g, k, q) = (median(g), median(k), median(q));
+                    // At depth 1 a batch is one request: the batch column is the
+                    // single-request path.
+                    let b = if depth > 1 { median(b) } else { g };
                     println!(
-                        "| {} | {} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} |",
+                        "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} |",
                         c.name(),
                         c.count,
                         g,
+                        b,
                         k,
                         q,
                         g / k,
-                        q / g
+                        b / k,
+                        q / g,
+                        q / b
                     );
                 }
             }
@@ -369,28 +491,68 @@ fn memory(dir: &str) {
         g.blockdev_add(&o).unwrap();
     }
     let after = rss_kib("self", "VmRSS:");
-    let mut cmd = std::process::Command::new("qemu-storage-daemon");
-    for (i, p) in imgs.iter().enumerate() {
-        cmd.arg("--blockdev").arg(format!(
-            "driver=qcow2,node-name=n{i},file.driver=file,file.filename={p}"
+    g.close_all();
+    drop(g);
+    let blockdevs: Vec<String> = imgs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("driver=qcow2,node-name=n{i},file.driver=file,file.filename={p}"))
+        .collect();
+    // Peak RSS of a daemon with no node and with the 100 nodes (QMP monitor in both).
+    let peak = |prog: &str, with: bool| -> u64 {
+        let sock = format!("{dir}/block-graph-mem-{}.sock", std::process::id());
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = std::process::Command::new(prog);
+        if prog == "qemu-storage-daemon" {
+            cmd.args([
+                "--chardev",
+                &format!("socket,id=m,path={sock},server=on,wait=off"),
+            ])
+            .args(["--monitor", "chardev=m"]);
+        } else {
+            cmd.args(["--no-guest", "--qmp", &format!("unix:{sock}")]);
+        }
+        if with {
+            for b in &blockdevs {
+                cmd.arg("--blockdev").arg(b);
+            }
+        }
+        let mut child = cmd.stdout(std::process::Stdio::null()).spawn().expect(prog);
+        // Started when the monitor socket exists (all --blockdev nodes are open by then).
+        let t = Instant::now();
+        while !std::path::Path::new(&sock).exists() && t.elapsed().as_secs() < 20 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let kib = rss_kib(&child.id().to_string(), "VmHWM:");
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_file(&sock);
+        kib
+    };
+    let vmm = arg_value(&std::env::args().collect::<Vec<_>>(), "--vmm");
+    let mut lines = vec![format!(
+        "{n} qcow2 nodes (1 GiB images): block-graph in this process +{} KiB RSS ({} KiB per node)",
+        after - before,
+        (after - before) / n
+    )];
+    let mut rows = vec![("qemu-storage-daemon".to_string(), "qemu-storage-daemon")];
+    if let Some(v) = &vmm {
+        rows.insert(0, (format!("vmm-reference --no-guest ({v})"), v.as_str()));
+    }
+    for (label, prog) in rows {
+        let (base, full) = (peak(prog, false), peak(prog, true));
+        lines.push(format!(
+            "{label}: peak RSS {base} KiB without nodes, {full} KiB with {n} ({} KiB per node)",
+            full.saturating_sub(base) / n
         ));
     }
-    let mut child = cmd.spawn().unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    let qsd = rss_kib(&child.id().to_string(), "VmHWM:");
-    let _ = child.kill();
-    let _ = child.wait();
-    g.close_all();
     for p in &imgs {
         let _ = std::fs::remove_file(p);
     }
-    println!(
-        "{n} qcow2 nodes (1 GiB images): block-graph +{} KiB RSS ({} KiB per node); \
-         qemu-storage-daemon {} KiB peak RSS in total",
-        after - before,
-        (after - before) / n,
-        qsd
-    );
+    for l in lines {
+        println!("{l}");
+    }
 }
 
 /// Throttling accuracy over 10 s: 10 MB/s with 64 KiB writes, 1000 IOPS with 4 KiB reads,

@@ -118,6 +118,19 @@ impl<'a> BatchReq<'a> {
     }
 }
 
+/// Sets how many requests of the calling thread's batches the `file` driver keeps in
+/// flight at once with `O_DIRECT` (QEMU's queue depth; 1 to 128, default 128): a batch
+/// larger than that runs as a sliding window, the next request going as soon as one
+/// completes.
+pub fn set_queue_depth(n: usize) {
+    crate::drivers::file::uring::set_queue_depth(n)
+}
+
+/// The calling thread's queue depth (see [`set_queue_depth`]).
+pub fn queue_depth() -> usize {
+    crate::drivers::file::uring::queue_depth()
+}
+
 /// Runs one request with a driver's single-request methods.
 pub fn run_one(d: &(impl BlockDriver + ?Sized), r: &mut BatchReq<'_>) -> Result<()> {
     let offset = r.offset;

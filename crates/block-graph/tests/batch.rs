@@ -156,6 +156,9 @@ fn direct_io_batches_mix_aligned_and_bounced_requests() {
     for b in aligned.iter_mut() {
         b.fill(0);
     }
+    // Reads with at most 3 in flight: a sliding window over the 8 aligned ones.
+    block_graph::batch::set_queue_depth(3);
+    assert_eq!(block_graph::batch::queue_depth(), 3);
     let mut odd_back = vec![0u8; 1000];
     {
         let mut reqs: Vec<BatchReq<'_>> = aligned

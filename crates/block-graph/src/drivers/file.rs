@@ -12,7 +12,7 @@ use std::sync::{Condvar, Mutex};
 
 use qcow2::AlignedBuf;
 
-mod uring;
+pub(crate) mod uring;
 
 use crate::batch::{run_one, BatchBuf, BatchReq};
 use crate::driver::{BlockDriver, DriverStatus, StatusKind, WriteFlags, ZeroFlags};
@@ -462,6 +462,11 @@ impl BlockDriver for FileDriver {
     }
 
     fn submit_batch(&self, reqs: &mut [BatchReq<'_>]) {
+        if self.align == 1 {
+            // Through the page cache, preadv/pwritev on this thread are faster than
+            // io_uring, which hands buffered I/O it cannot finish at once to its workers.
+            return crate::batch::run_each(self, reqs);
+        }
         // Requests the kernel cannot take as they are (bounced, read-modify-write) go
         // first, before this batch holds any range lock.
         let mut n = 0;

@@ -1,6 +1,7 @@
 //! `io_uring` submission of a batch on the calling thread: one ring per thread (created on
-//! first use, [`ENTRIES`] entries), every I/O of the batch submitted with one system call
-//! and the thread waiting until all of them completed. Where `io_uring` is unavailable
+//! first use, [`ENTRIES`] entries), up to [`queue_depth`] I/Os of the batch in flight at
+//! once (the next one submitted as soon as one completes), the thread returning when all
+//! of them completed. Where `io_uring` is unavailable
 //! (old kernel, seccomp) [`run`] says so once and for all and the caller uses `preadv`.
 
 use std::cell::RefCell;
@@ -9,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use io_uring::{opcode, types, IoUring};
 
 /// Entries of each thread's ring: larger batches go in several rounds.
-pub const ENTRIES: usize = 64;
+pub const ENTRIES: usize = 128;
 
 static UNAVAILABLE: AtomicBool = AtomicBool::new(false);
 
@@ -75,16 +76,20 @@ pub fn run(ios: &[Io], out: &mut Vec<i32>) -> bool {
     })
 }
 
-/// Submits and completes `ios` in rounds of [`ENTRIES`]; false when the first submission
-/// of a round fails (nothing of that round is in flight then).
+/// Submits and completes `ios` keeping up to [`queue_depth`] of them in flight (a new one
+/// goes as soon as one completes); false when a submission fails before anything was in
+/// flight (nothing is then).
 fn submit_all(ring: &mut IoUring, ios: &[Io], out: &mut Vec<i32>) -> bool {
     out.clear();
     out.resize(ios.len(), -libc::EIO);
-    for start in (0..ios.len()).step_by(ENTRIES) {
-        let end = (start + ENTRIES).min(ios.len());
+    let depth = queue_depth().min(ENTRIES);
+    let (mut next, mut in_flight, mut done) = (0usize, 0usize, 0usize);
+    let mut submitted = false;
+    while done < ios.len() {
         {
             let mut sq = ring.submission();
-            for (i, io) in ios.iter().enumerate().take(end).skip(start) {
+            while next < ios.len() && in_flight < depth {
+                let io = &ios[next];
                 let fd = types::Fd(io.fd);
                 let e = if io.write {
                     opcode::Write::new(fd, io.ptr, io.len)
@@ -98,34 +103,47 @@ fn submit_all(ring: &mut IoUring, ios: &[Io], out: &mut Vec<i32>) -> bool {
                 };
                 // SAFETY: the caller keeps every buffer valid until `run` returns, which
                 // is after the kernel completed every entry it took.
-                if unsafe { sq.push(&e.user_data(i as u64)) }.is_err() {
-                    unreachable!("the queue is empty and holds ENTRIES entries");
+                if unsafe { sq.push(&e.user_data(next as u64)) }.is_err() {
+                    break;
                 }
+                next += 1;
+                in_flight += 1;
             }
         }
-        let mut left = end - start;
-        let mut submitted = false;
-        while left > 0 {
-            match ring.submit_and_wait(left) {
-                Ok(_) => submitted = true,
-                Err(e) if retryable(&e) => {}
-                Err(e) if !submitted => {
-                    log::warn!("io_uring submission failed ({e}): batches use preadv/pwritev");
-                    return false;
-                }
-                Err(e) => {
-                    // Requests are in flight in the caller's buffers: keep waiting.
-                    log::error!("io_uring wait failed ({e}); waiting again");
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
+        match ring.submit_and_wait(1) {
+            Ok(_) => submitted = true,
+            Err(e) if retryable(&e) => {}
+            Err(e) if !submitted => {
+                log::warn!("io_uring submission failed ({e}): batches use preadv/pwritev");
+                return false;
             }
-            for c in ring.completion() {
-                if let Some(o) = out.get_mut(c.user_data() as usize) {
-                    *o = c.result();
-                    left -= 1;
-                }
+            Err(e) => {
+                // Requests are in flight in the caller's buffers: keep waiting.
+                log::error!("io_uring wait failed ({e}); waiting again");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        for c in ring.completion() {
+            if let Some(o) = out.get_mut(c.user_data() as usize) {
+                *o = c.result();
+                in_flight -= 1;
+                done += 1;
             }
         }
     }
     true
+}
+
+thread_local! {
+    static DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(ENTRIES) };
+}
+
+/// The most requests of a batch this thread keeps in flight.
+pub fn queue_depth() -> usize {
+    DEPTH.with(|d| d.get())
+}
+
+/// Sets [`queue_depth`] for this thread (1 to [`ENTRIES`]).
+pub fn set_queue_depth(n: usize) {
+    DEPTH.with(|d| d.set(n.clamp(1, ENTRIES)));
 }
