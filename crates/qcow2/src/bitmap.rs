@@ -185,6 +185,7 @@ impl DirtyBitmap {
 /// Largest bitmap QEMU handles, in bytes of bitmap data.
 pub const MAX_BITMAP_BYTES: u64 = 512 << 20;
 
+use crate::events::FreeReason;
 use crate::image::{lock, Qcow2};
 
 impl Qcow2 {
@@ -294,11 +295,11 @@ impl Qcow2 {
         let mut r = lock(&self.refs);
         if let Some(o) = old_ext {
             for i in 0..o.directory_size.div_ceil(cs) {
-                r.update((o.directory_offset >> cb) + i, -1)?;
+                r.free((o.directory_offset >> cb) + i, FreeReason::Always)?;
             }
         }
         for c in also_free {
-            r.update(c, -1)?;
+            r.free(c, FreeReason::Always)?;
         }
         drop(r);
         self.flush_refcounts()

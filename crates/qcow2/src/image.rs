@@ -9,6 +9,7 @@ use crate::backing::{read_clamped, BackingRequest, BlockRead, BlockStatus, DataF
 use crate::backing::{DenyImplicitOpen, ImageOpener};
 use crate::bitmap::BitmapEntry;
 use crate::error::{Error, Result};
+use crate::events::{DebugEvent, DebugEventCallback, DiscardPassing, FreedCallback, Hooks};
 use crate::gate::{IoGate, IoGuard};
 use crate::header::*;
 use crate::l2::L2Words;
@@ -63,6 +64,14 @@ pub struct OpenOptions {
     pub repair_dirty: bool,
     /// Allow opening an image with the corrupt bit for writing (for repair).
     pub allow_corrupt: bool,
+    /// Receives QEMU's blkdebug events (`l2_load`, `cluster_alloc`, ...) just before the
+    /// image-file I/O they name, for a block layer that forwards them to its `file` child.
+    pub on_debug_event: Option<DebugEventCallback>,
+    /// Receives every host range whose refcount dropped to zero, with the reason.
+    pub on_freed: Option<FreedCallback>,
+    /// Which freed ranges are discarded on the image file (QEMU's `pass-discard-*`; the
+    /// default passes snapshot frees only, as QEMU does without `discard=unmap`).
+    pub discard_passing: DiscardPassing,
 }
 
 impl Default for OpenOptions {
@@ -80,6 +89,9 @@ impl Default for OpenOptions {
             on_corrupt: None,
             repair_dirty: true,
             allow_corrupt: false,
+            on_debug_event: None,
+            on_freed: None,
+            discard_passing: DiscardPassing::default(),
         }
     }
 }
@@ -92,6 +104,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("l2_cache_size", &self.l2_cache_size)
             .field("refcount_cache_size", &self.refcount_cache_size)
             .field("cache_clean_interval", &self.cache_clean_interval)
+            .field("discard_passing", &self.discard_passing)
             .finish_non_exhaustive()
     }
 }
@@ -200,11 +213,13 @@ pub struct Qcow2 {
     clean: Mutex<CleanState>,
     pub(crate) snapshots: Mutex<Vec<Snapshot>>,
     pub(crate) bitmaps: Mutex<Vec<BitmapEntry>>,
-    pub(crate) pending_tags: Mutex<Vec<(u64, Vec<u64>)>>,
+    pub(crate) pending_tags: Mutex<Vec<(u64, Vec<u64>, crate::events::FreeReason)>>,
     pub(crate) pending_count: std::sync::atomic::AtomicUsize,
     pub(crate) force_flush_at: std::sync::atomic::AtomicUsize,
     decompressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     pub(crate) closed: AtomicBool,
+    /// Debug events and freed-cluster hooks (shared with the caches).
+    pub(crate) hooks: Hooks,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -316,7 +331,13 @@ impl Qcow2 {
             .unwrap_or_else(|| full_l2.min(DEFAULT_L2_CACHE_MAX))
             .max(2 * cs);
         let rc_bytes = opts.refcount_cache_size.unwrap_or(l2_bytes / 4).max(4 * cs);
-        let refs = Refcounts::load(
+        let hooks = Hooks {
+            debug: opts.on_debug_event.clone(),
+            freed: opts.on_freed.clone(),
+            pass: opts.discard_passing,
+        };
+        hooks.event(DebugEvent::ReftableLoad);
+        let mut refs = Refcounts::load(
             file.clone(),
             h.cluster_bits,
             h.refcount_order,
@@ -330,7 +351,9 @@ impl Qcow2 {
             None => Vec::new(),
         };
         let gen = Arc::new(AtomicU64::new(0));
-        let l2 = L2Cache::new(file.clone(), geo, (l2_bytes / cs) as usize, gen.clone());
+        refs.hooks = hooks.clone();
+        let mut l2 = L2Cache::new(file.clone(), geo, (l2_bytes / cs) as usize, gen.clone());
+        l2.hooks = hooks.clone();
         let rt_range = refs.shared_table.clone();
         let lazy = h.compatible_features & COMPAT_LAZY_REFCOUNTS != 0;
         let dirty = h.incompatible_features & INCOMPAT_DIRTY != 0;
@@ -382,6 +405,7 @@ impl Qcow2 {
             decompressed: Mutex::new(None),
             closed: AtomicBool::new(false),
             header: Mutex::new(h),
+            hooks,
         };
         if opts.writable {
             img.open_writable_fixups(opts.repair_dirty)?;
@@ -687,7 +711,13 @@ impl Qcow2 {
     pub(crate) fn lock_tables_for(&self, guest: u64) -> MutexGuard<'_, Tables> {
         let t = lock(&self.tables);
         let (_, off) = self.l2_for(&t, guest);
-        if off == 0 || t.l2.contains(off) || t.l2.validate_offset(off).is_err() {
+        // With a debug listener every table load takes the locked path, so an error injected
+        // on `l2_load` hits the load whose failure is reported.
+        if off == 0
+            || t.l2.contains(off)
+            || t.l2.validate_offset(off).is_err()
+            || self.hooks.debug.is_some()
+        {
             return t;
         }
         let gen = t.gen.load(Ordering::Acquire);
@@ -815,6 +845,7 @@ impl Qcow2 {
             ));
         }
         let mut input = vec![0u8; compressed_len as usize];
+        self.hooks.event(DebugEvent::ReadCompressed);
         self.file.read_at(&mut input, host_offset)?;
         let mut out = vec![0u8; cs as usize];
         let ty = lock(&self.header).compression_type;
@@ -847,10 +878,16 @@ impl Qcow2 {
     /// Performs the data I/O for one mapping (the generic layer).
     pub fn read_mapped(&self, m: &Mapping, dst: &mut [u8]) -> Result<()> {
         match m.kind {
-            MappingKind::Data { host_offset } => self.data.read_at(dst, host_offset)?,
+            MappingKind::Data { host_offset } => {
+                self.hooks.event(DebugEvent::ReadAio);
+                self.data.read_at(dst, host_offset)?
+            }
             MappingKind::Zero { .. } => dst.fill(0),
             MappingKind::Unallocated => match self.backing() {
-                Some(b) => read_clamped(&*b, dst, m.offset)?,
+                Some(b) => {
+                    self.hooks.event(DebugEvent::ReadBackingAio);
+                    read_clamped(&*b, dst, m.offset)?
+                }
                 None => dst.fill(0),
             },
             MappingKind::Compressed {

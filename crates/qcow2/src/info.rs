@@ -283,7 +283,7 @@ impl Qcow2 {
             }
         }
         drop(t);
-        self.queue_frees(frees);
+        self.queue_frees(frees, crate::events::FreeReason::Always);
         self.file.write_at(&new_size.to_be_bytes(), 24)?;
         self.file.flush()?;
         lock(&self.header).size = new_size;

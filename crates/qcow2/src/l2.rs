@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::events::{DebugEvent, Hooks};
 use crate::refcount::MAX_HOST_OFFSET;
 use crate::storage::Storage;
 
@@ -159,6 +160,8 @@ pub(crate) struct L2Cache {
     /// Bumped whenever a table leaves the cache or a new one enters it, so lock-free readers
     /// holding a table know to look again.
     gen: Arc<AtomicU64>,
+    /// Debug events (`l2_load`, `l2_update`).
+    pub hooks: Hooks,
 }
 
 impl L2Cache {
@@ -170,6 +173,7 @@ impl L2Cache {
             cap: cap.max(2),
             tick: 0,
             gen,
+            hooks: Hooks::default(),
         }
     }
 
@@ -211,6 +215,7 @@ impl L2Cache {
                 self.evict(before_write)?;
             }
             let mut raw = vec![0u8; self.geo.cs() as usize];
+            self.hooks.event(DebugEvent::L2Load);
             self.file.read_at(&mut raw, off)?;
             let data = l2_table(
                 raw.chunks_exact(8)
@@ -272,7 +277,8 @@ impl L2Cache {
         }
     }
 
-    fn write_table(file: &dyn Storage, off: u64, data: &L2Table) -> Result<()> {
+    fn write_table(hooks: &Hooks, file: &dyn Storage, off: u64, data: &L2Table) -> Result<()> {
+        hooks.event(DebugEvent::L2Update);
         let mut raw = Vec::with_capacity(data.len() * 8);
         for i in 0..data.len() {
             raw.extend_from_slice(&data.at(i).to_be_bytes());
@@ -290,7 +296,7 @@ impl L2Cache {
         if let Some(off) = victim {
             if self.tables[&off].dirty {
                 before_write()?;
-                Self::write_table(&*self.file, off, &self.tables[&off].data)?;
+                Self::write_table(&self.hooks, &*self.file, off, &self.tables[&off].data)?;
             }
             self.tables.remove(&off);
             self.bump();
@@ -314,7 +320,7 @@ impl L2Cache {
         offs.sort_unstable();
         for off in offs {
             let t = self.tables.get_mut(&off).expect("present");
-            Self::write_table(&*self.file, off, &t.data)?;
+            Self::write_table(&self.hooks, &*self.file, off, &t.data)?;
             t.dirty = false;
             wrote = true;
         }

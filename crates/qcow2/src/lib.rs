@@ -13,6 +13,7 @@ pub mod check;
 mod compress;
 mod create;
 mod error;
+pub mod events;
 mod gate;
 pub mod header;
 mod hot;
@@ -30,6 +31,9 @@ pub use backing::{BlockRead, BlockStatus, DenyImplicitOpen, FollowFiles, ImageOp
 pub use bitmap::DirtyBitmap;
 pub use create::{CreateOptions, Preallocation};
 pub use error::{Error, Result};
+pub use events::{
+    DebugEvent, DebugEventCallback, DiscardPassing, FreeReason, FreedCallback, FreedRange,
+};
 pub use gate::IoGuard;
 pub use header::{CompressionType, Header};
 pub use image::{CorruptionCallback, CorruptionEvent, Mapping, MappingKind, OpenOptions, Qcow2};

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::events::{DebugEvent, FreeReason, FreedRuns, Hooks};
 use crate::header::MAX_REFTABLE_SIZE;
 use crate::storage::Storage;
 
@@ -75,6 +76,10 @@ pub(crate) struct Refcounts {
     /// writes do not extend the file: file systems serialise extending direct writes.
     reserve_ahead: u64,
     reserved_until: u64,
+    /// Debug events and the freed-cluster hooks.
+    pub hooks: Hooks,
+    /// Clusters that dropped to refcount zero since the last [`Refcounts::finish_frees`].
+    freed: FreedRuns,
 }
 
 impl Refcounts {
@@ -117,6 +122,8 @@ impl Refcounts {
             unsynced: false,
             reserve_ahead: if file.alignment() > 1 { 1 << 20 } else { 0 },
             reserved_until: flen,
+            hooks: Hooks::default(),
+            freed: FreedRuns::default(),
             file,
         })
     }
@@ -173,6 +180,7 @@ impl Refcounts {
                 self.evict()?;
             }
             let mut data = vec![0u8; self.cs() as usize];
+            self.hooks.event(DebugEvent::RefblockLoad);
             self.file.read_at(&mut data, off)?;
             self.cache.insert(
                 off,
@@ -197,6 +205,7 @@ impl Refcounts {
         if let Some(off) = victim {
             let b = self.cache.remove(&off).expect("present");
             if b.dirty {
+                self.hooks.event(DebugEvent::RefblockUpdatePart);
                 self.file.write_at(&b.data, off)?;
                 self.unsynced = true;
             }
@@ -250,6 +259,19 @@ impl Refcounts {
 
     /// Adds `delta` to the refcount of cluster `idx`, creating refcount blocks when needed.
     pub fn update(&mut self, idx: u64, delta: i64) -> Result<u64> {
+        self.update_for(idx, delta, FreeReason::Other)
+    }
+
+    /// Drops one reference to cluster `idx`; if that frees it, it is reported (and discarded
+    /// when `reason` passes) at the next [`Refcounts::finish_frees`].
+    pub fn free(&mut self, idx: u64, reason: FreeReason) -> Result<u64> {
+        self.update_for(idx, -1, reason)
+    }
+
+    pub fn update_for(&mut self, idx: u64, delta: i64, reason: FreeReason) -> Result<u64> {
+        if delta < 0 {
+            self.hooks.event(DebugEvent::ClusterFree);
+        }
         if delta > 0 && idx << self.cluster_bits >= self.file.len()? {
             return Err(Error::CorruptionDetected(format!(
                 "reference to cluster {idx:#x} beyond the end of the image file"
@@ -277,6 +299,7 @@ impl Refcounts {
         }
         if new == 0 && cur != 0 {
             self.free_hint = self.free_hint.min(idx);
+            self.freed.push(idx, reason);
         }
         Ok(new)
     }
@@ -315,15 +338,88 @@ impl Refcounts {
     }
 
     fn write_block_at(&mut self, rt: usize, off: u64, self_index: Option<usize>) -> Result<()> {
-        if off >= MAX_HOST_OFFSET {
-            return Err(Error::NotSupported("image file too large".into()));
-        }
         let mut data = vec![0u8; self.cs() as usize];
         if let Some(i) = self_index {
             set_entry(&mut data, self.order, i, 1);
         }
+        self.write_block_data(rt, off, data)
+    }
+
+    /// The refcount table indices without a block among those covering the clusters
+    /// `[start, start + n + k)`, where `k` is their number (the new blocks go right after the
+    /// `n` clusters and may need blocks themselves). Indices past the table count as missing.
+    fn missing_blocks_for(&mut self, start: u64, n: u64) -> Result<u64> {
+        Ok(self.missing_ranges(start, n)?.len() as u64)
+    }
+
+    fn missing_ranges(&mut self, start: u64, n: u64) -> Result<Vec<u64>> {
+        let rb = self.rb_bits();
+        let mut missing = Vec::new();
+        loop {
+            let end = start + n + missing.len() as u64;
+            let mut now = Vec::new();
+            for rt in (start >> rb)..=((end - 1) >> rb) {
+                if rt >= self.table.len() as u64 || self.block_offset(rt as usize)? == 0 {
+                    now.push(rt);
+                }
+            }
+            if now.len() <= missing.len() {
+                return Ok(missing);
+            }
+            missing = now;
+        }
+    }
+
+    /// Creates the blocks [`Refcounts::missing_ranges`] names for an allocation of `n`
+    /// clusters at `start`, at the clusters right after them, each block written with the
+    /// refcounts of the new blocks it covers before the table points at it. Returns how many
+    /// clusters the blocks take.
+    fn create_blocks_for(&mut self, start: u64, n: u64) -> Result<u64> {
+        let rb = self.rb_bits();
+        let ranges = self.missing_ranges(start, n)?;
+        let k = ranges.len() as u64;
+        if k == 0 {
+            return Ok(0);
+        }
+        if ranges.iter().any(|&rt| rt >= self.table.len() as u64) {
+            return Err(Error::CorruptionDetected(
+                "allocation beyond the refcount table".into(),
+            ));
+        }
+        let places: Vec<u64> = (start + n..start + n + k).collect();
+        // Block clusters covered by blocks that exist already: counted there first.
+        let mut counted_elsewhere = false;
+        for &p in &places {
+            if !ranges.contains(&(p >> rb)) {
+                self.set_existing(p, 1)?;
+                counted_elsewhere = true;
+            }
+        }
+        if counted_elsewhere {
+            self.flush_blocks()?;
+        }
+        for (&rt, &p) in ranges.iter().zip(&places) {
+            let mut data = vec![0u8; self.cs() as usize];
+            for &q in &places {
+                if q >> rb == rt {
+                    set_entry(&mut data, self.order, (q & ((1 << rb) - 1)) as usize, 1);
+                }
+            }
+            self.write_block_data(rt as usize, p << self.cluster_bits, data)?;
+        }
+        Ok(k)
+    }
+
+    /// Writes a new refcount block `data` at `off` and points table entry `rt` at it.
+    fn write_block_data(&mut self, rt: usize, off: u64, data: Vec<u8>) -> Result<()> {
+        if off >= MAX_HOST_OFFSET {
+            return Err(Error::NotSupported("image file too large".into()));
+        }
+        self.hooks.event(DebugEvent::RefblockAlloc);
+        self.hooks.event(DebugEvent::RefblockAllocWrite);
         self.file.write_at(&data, off)?;
         self.table[rt] = off;
+        self.hooks.event(DebugEvent::RefblockAllocHookup);
         self.file
             .write_at(&off.to_be_bytes(), self.table_offset + rt as u64 * 8)?;
         self.unsynced = true;
@@ -346,6 +442,7 @@ impl Refcounts {
     /// Grows the refcount table so that index `needed_rt` exists, QEMU-style: the new table and
     /// the blocks covering it go past everything in use, then the header is switched over.
     fn grow_table(&mut self, needed_rt: u64) -> Result<()> {
+        self.hooks.event(DebugEvent::ReftableGrow);
         let cs = self.cs();
         let per_cluster = cs / 8;
         let rb = self.rb_bits();
@@ -407,6 +504,7 @@ impl Refcounts {
             }
             let off = next_block << self.cluster_bits;
             next_block += 1;
+            self.hooks.event(DebugEvent::RefblockAllocWriteBlocks);
             self.file.write_at(&data, off)?;
             new_table[r as usize] = off;
         }
@@ -416,11 +514,13 @@ impl Refcounts {
         for e in &new_table {
             raw.extend_from_slice(&e.to_be_bytes());
         }
+        self.hooks.event(DebugEvent::RefblockAllocWriteTable);
         self.file.write_at(&raw, table_off)?;
         self.file.flush()?;
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&table_off.to_be_bytes());
         hdr[8..].copy_from_slice(&(new_clusters as u32).to_be_bytes());
+        self.hooks.event(DebugEvent::RefblockAllocSwitchTable);
         self.file.write_at(&hdr, 48)?;
         self.file.flush()?;
         let old_off = self.table_offset;
@@ -446,13 +546,20 @@ impl Refcounts {
     /// Allocates `n` contiguous clusters with refcount 1. Returns the byte offset and whether
     /// the clusters are fresh (never written, so they read as zero).
     pub fn alloc(&mut self, n: u64) -> Result<(u64, bool)> {
+        self.hooks.event(DebugEvent::ClusterAlloc);
         let mut start = self.free_hint;
         let mut run = 0u64;
         let mut i = start;
         let rb = self.rb_bits();
         // First free cluster seen: everything before it is in use.
         let mut first_free: Option<u64> = None;
-        while run < n {
+        // Ranges without a refcount block are entirely free; the blocks they need go right
+        // after the allocated clusters (placing them at the start of their ranges would cut
+        // every run longer than one block's coverage, so large allocations never fit).
+        loop {
+            if run > 0 && run >= n && run >= n + self.missing_blocks_for(start, n)? {
+                break;
+            }
             if (i + n) << self.cluster_bits >= MAX_HOST_OFFSET {
                 return Err(Error::NotSupported("image file too large".into()));
             }
@@ -466,11 +573,13 @@ impl Refcounts {
                 continue;
             }
             if self.block_offset(rt as usize)? == 0 {
-                // Nothing in this range is allocated: the new block goes at cluster i.
-                self.install_block(rt as usize, i)?;
-                i += 1;
-                start = i;
-                run = 0;
+                let end = (rt + 1) << rb;
+                if run == 0 {
+                    start = i;
+                }
+                first_free.get_or_insert(i);
+                run += end - i;
+                i = end;
                 continue;
             }
             if self.get(i)? == 0 {
@@ -489,16 +598,17 @@ impl Refcounts {
                 "the header cluster has refcount 0".into(),
             ));
         }
+        let fresh = start >= self.fresh_from;
+        let n_all = n + self.create_blocks_for(start, n)?;
         for c in start..start + n {
             self.set_existing(c, 1)?;
         }
         self.free_hint = match first_free {
             Some(f) if f < start => f,
-            _ => start + n,
+            _ => start + n_all,
         };
-        let fresh = start >= self.fresh_from;
-        self.fresh_from = self.fresh_from.max(start + n);
-        let end = (start + n) << self.cluster_bits;
+        self.fresh_from = self.fresh_from.max(start + n_all);
+        let end = (start + n_all) << self.cluster_bits;
         if fresh && end > self.reserved_until {
             // Everything from here on is unallocated and was never written, and every data
             // write in flight targets clusters below `start`: growing the file here cannot
@@ -526,6 +636,7 @@ impl Refcounts {
 
     /// Allocates `size` bytes for compressed data (sharing clusters like QEMU does).
     pub fn alloc_bytes(&mut self, size: u64) -> Result<u64> {
+        self.hooks.event(DebugEvent::ClusterAllocBytes);
         let cs = self.cs();
         let pos = self.compressed_pos;
         if pos != 0 && pos % cs != 0 && size <= cs - pos % cs {
@@ -547,8 +658,20 @@ impl Refcounts {
         self.compressed_pos = 0;
     }
 
-    /// Writes every dirty block. Returns whether anything was written.
+    /// Reports the clusters freed since the last call to the freed hook and discards those
+    /// whose reason passes. Runs under the refcount lock, so the allocator cannot hand them
+    /// out again before the discard reached the file.
+    pub fn finish_frees(&mut self) {
+        if !self.freed.is_empty() {
+            self.freed
+                .process(&self.hooks, &*self.file, self.cluster_bits);
+        }
+    }
+
+    /// Writes every dirty block (after [`Refcounts::finish_frees`]). Returns whether anything
+    /// was written.
     pub fn flush_blocks(&mut self) -> Result<bool> {
+        self.finish_frees();
         let mut wrote = false;
         let mut dirty: Vec<u64> = self
             .cache
@@ -559,6 +682,7 @@ impl Refcounts {
         dirty.sort_unstable();
         for off in dirty {
             let b = self.cache.get_mut(&off).expect("present");
+            self.hooks.event(DebugEvent::RefblockUpdatePart);
             self.file.write_at(&b.data, off)?;
             b.dirty = false;
             wrote = true;
@@ -606,6 +730,7 @@ impl Refcounts {
             let v = if dropped.contains(&i) { 0 } else { *e };
             raw.extend_from_slice(&v.to_be_bytes());
         }
+        self.hooks.event(DebugEvent::ReftableUpdate);
         self.file.write_at(&raw, self.table_offset)?;
         self.file.flush()?;
         for &i in &dropped {

@@ -41,6 +41,29 @@ impl Qcow2 {
         self.read_only.store(false, Ordering::Release);
         Ok(())
     }
+
+    /// Makes a writable image read-only (QEMU's reopen with `read-only=on`, e.g. a commit
+    /// job's base going back to read-only): waits for requests in flight, writes all cached
+    /// metadata, applies the queued frees and, with lazy refcounts, clears the dirty bit, so
+    /// the file is a clean image that other readers may open; then refuses writes. A no-op
+    /// on an image that is read-only already. [`Qcow2::reopen_read_write`] undoes it.
+    pub fn reopen_read_only(&self) -> Result<()> {
+        if !self.is_writable() || self.is_read_only() {
+            self.writable.store(false, Ordering::Release);
+            self.read_only.store(true, Ordering::Release);
+            return Ok(());
+        }
+        let _x = self.gate.exclusive();
+        // Twice, as in close: the second pass applies frees retired by the first.
+        self.flush()?;
+        self.flush()?;
+        if self.dirty_marked.load(Ordering::Acquire) {
+            self.clear_dirty()?;
+        }
+        self.read_only.store(true, Ordering::Release);
+        self.writable.store(false, Ordering::Release);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
+use crate::events::FreeReason;
 use crate::image::{lock, Qcow2};
 use crate::l2::{OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::snapshot_table::{serialize_table, Snapshot};
@@ -51,7 +52,7 @@ impl Qcow2 {
                 let clusters = self.entry_clusters(entry)?;
                 if addend != 0 {
                     for c in &clusters {
-                        r.update(*c, addend)?;
+                        r.update_for(*c, addend, FreeReason::Snapshot)?;
                     }
                 }
                 if entry & OFLAG_COMPRESSED == 0 && clusters.len() == 1 {
@@ -71,7 +72,7 @@ impl Qcow2 {
                 self.write_u64_table(l2, &tab)?;
             }
             let rc = if addend != 0 {
-                r.update(l2 >> cb, addend)?
+                r.update_for(l2 >> cb, addend, FreeReason::Snapshot)?
             } else {
                 r.get(l2 >> cb)?
             };
@@ -82,6 +83,7 @@ impl Qcow2 {
             };
         }
         r.reset_compressed_pos();
+        r.finish_frees();
         Ok(())
     }
 
@@ -112,8 +114,9 @@ impl Qcow2 {
         if old_off != 0 && old_len > 0 {
             let mut r = lock(&self.refs);
             for c in 0..old_len.div_ceil(cs) {
-                r.update((old_off >> self.geo.cluster_bits) + c, -1)?;
+                r.free((old_off >> self.geo.cluster_bits) + c, FreeReason::Snapshot)?;
             }
+            r.finish_frees();
         }
         Ok(())
     }
@@ -262,8 +265,9 @@ impl Qcow2 {
             }
             let mut r = lock(&self.refs);
             for c in 0..(old_l1.len() as u64 * 8).div_ceil(cs) {
-                r.update((old_off >> self.geo.cluster_bits) + c, -1)?;
+                r.free((old_off >> self.geo.cluster_bits) + c, FreeReason::Snapshot)?;
             }
+            r.finish_frees();
         } else {
             self.write_u64_table(t.l1_offset, &new_l1)?;
             self.file.flush()?;
@@ -313,8 +317,12 @@ impl Qcow2 {
         {
             let mut r = lock(&self.refs);
             for c in 0..(sn.l1_size as u64 * 8).div_ceil(cs) {
-                r.update((sn.l1_table_offset >> self.geo.cluster_bits) + c, -1)?;
+                r.free(
+                    (sn.l1_table_offset >> self.geo.cluster_bits) + c,
+                    FreeReason::Snapshot,
+                )?;
             }
+            r.finish_frees();
         }
         let mut t = lock(&self.tables);
         let mut cur = t.l1.clone();
@@ -371,8 +379,9 @@ impl Qcow2 {
         if old_len > 0 {
             let mut r = lock(&self.refs);
             for c in 0..(old_len * 8).div_ceil(cs) {
-                r.update((old_off >> self.geo.cluster_bits) + c, -1)?;
+                r.free((old_off >> self.geo.cluster_bits) + c, FreeReason::Snapshot)?;
             }
+            r.finish_frees();
         }
         Ok(())
     }

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 
 use crate::backing::read_clamped;
 use crate::error::{Error, Result};
+use crate::events::{DebugEvent, FreeReason};
 use crate::gate::IoGuard;
 use crate::image::{lock, MappingKind, Qcow2, Tables};
 use crate::l2::L2Words;
@@ -99,6 +100,7 @@ impl Qcow2 {
     fn write_l1_entry(&self, t: &mut Tables, idx: usize, v: u64) -> Result<()> {
         t.l1[idx] = v;
         t.l1_changed();
+        self.hooks.event(DebugEvent::L1Update);
         self.file
             .write_at(&v.to_be_bytes(), t.l1_offset + idx as u64 * 8)?;
         Ok(())
@@ -121,6 +123,7 @@ impl Qcow2 {
         let content = if old == 0 {
             vec![0u64; words]
         } else {
+            self.hooks.event(DebugEvent::L2AllocCowRead);
             let mut dep = self.l2_write_dependency();
             t.l2.get(old, &mut dep)?.words()
         };
@@ -128,6 +131,7 @@ impl Qcow2 {
         for e in &content {
             raw.extend_from_slice(&e.to_be_bytes());
         }
+        self.hooks.event(DebugEvent::L2AllocWrite);
         self.file.write_at(&raw, new)?;
         {
             let mut dep = self.l2_write_dependency();
@@ -136,20 +140,20 @@ impl Qcow2 {
         }
         self.write_l1_entry(t, idx, new | OFLAG_COPIED)?;
         if old != 0 {
-            self.queue_frees(vec![old >> self.geo.cluster_bits]);
+            self.queue_frees(vec![old >> self.geo.cluster_bits], FreeReason::Other);
         }
         Ok(new)
     }
 
     /// Queues decrements for clusters no longer referenced by the active tables.
-    pub(crate) fn queue_frees(&self, clusters: Vec<u64>) {
+    pub(crate) fn queue_frees(&self, clusters: Vec<u64>, reason: FreeReason) {
         if clusters.is_empty() {
             return;
         }
         let tag = self.gate.bump();
         let n = clusters.len();
         let mut p = lock(&self.pending_tags);
-        p.push((tag, clusters));
+        p.push((tag, clusters, reason));
         self.pending_count
             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
@@ -501,6 +505,7 @@ impl Qcow2 {
         let mut pos = g;
         let end = g + buf.len() as u64;
         let mut all_zero = true;
+        self.hooks.event(DebugEvent::CowRead);
         while pos < end {
             let sc = ((pos & (cs - 1)) >> scb) as u32;
             let stop = (((pos >> scb) + 1) << scb).min(end);
@@ -592,7 +597,7 @@ impl Qcow2 {
         if !frees.is_empty() {
             self.forget_decompressed();
         }
-        self.queue_frees(frees);
+        self.queue_frees(frees, FreeReason::Other);
         let regs = std::mem::take(&mut plan.registered);
         self.unregister(&regs);
         Ok(())
@@ -617,6 +622,7 @@ impl Qcow2 {
     /// into as few writes as possible.
     pub fn execute_plan(&self, plan: &WritePlan<'_>, data: &[u8]) -> Result<()> {
         if plan.cow.is_empty() {
+            self.hooks.event(DebugEvent::WriteAio);
             self.data.write_at(data, plan.host_offset)?;
             return Ok(());
         }
@@ -644,11 +650,15 @@ impl Qcow2 {
             }
             let o = (plan.host_offset - start) as usize;
             merged[o..o + data.len()].copy_from_slice(data);
+            // One write for data and copy-on-write regions, as QEMU's merged COW.
+            self.hooks.event(DebugEvent::WriteAio);
             self.data.write_at(&merged, start)?;
         } else {
             for (h, b) in &plan.cow {
+                self.hooks.event(DebugEvent::CowWrite);
                 self.data.write_at(b, *h)?;
             }
+            self.hooks.event(DebugEvent::WriteAio);
             self.data.write_at(data, plan.host_offset)?;
         }
         Ok(())
@@ -705,6 +715,7 @@ impl Qcow2 {
     /// Makes the whole image unallocated (reads fall through to the backing image), as
     /// `qemu-img commit` leaves the top image.
     pub fn make_empty(&self) -> Result<()> {
+        self.hooks.event(DebugEvent::EmptyImagePrepare);
         self.discard_mode(0, self.size(), ZeroMode::Unallocate)
     }
 
@@ -811,7 +822,7 @@ impl Qcow2 {
             if !frees.is_empty() {
                 self.forget_decompressed();
             }
-            self.queue_frees(frees);
+            self.queue_frees(frees, mode.free_reason());
             Ok(())
         })();
         self.unregister(&clusters);
@@ -885,10 +896,12 @@ impl Qcow2 {
             let (old, _) = self.entry_at(&mut t, l2_off, offset)?;
             drop(t);
             let host = lock(&self.refs).alloc_bytes(comp.len() as u64)?;
+            self.hooks.event(DebugEvent::WriteCompressed);
             self.file.write_at(comp, host)?;
             let x = 62 - (self.geo.cluster_bits - 8);
             let sectors = (host + comp.len() as u64 - 1) / 512 - host / 512;
             let entry = OFLAG_COMPRESSED | (sectors << x) | host;
+            self.hooks.event(DebugEvent::L2UpdateCompressed);
             let mut t = lock(&self.tables);
             let l2_off = self.ensure_l2_writable(&mut t, offset)?;
             let w = self.geo.words();
@@ -905,7 +918,7 @@ impl Qcow2 {
             if !frees.is_empty() {
                 self.forget_decompressed();
             }
-            self.queue_frees(frees);
+            self.queue_frees(frees, FreeReason::Other);
             Ok(())
         })();
         self.unregister(&[c]);
@@ -935,13 +948,13 @@ impl Qcow2 {
             }
             t.l2.flush()?;
         }
-        let ready: Vec<Vec<u64>> = {
+        let ready: Vec<(Vec<u64>, FreeReason)> = {
             let mut p = lock(&self.pending_tags);
             let mut ready = Vec::new();
-            p.retain_mut(|(tag, cl)| {
+            p.retain_mut(|(tag, cl, reason)| {
                 if self.gate.retired(*tag) {
                     self.pending_count.fetch_sub(cl.len(), Ordering::Relaxed);
-                    ready.push(std::mem::take(cl));
+                    ready.push((std::mem::take(cl), *reason));
                     false
                 } else {
                     true
@@ -954,9 +967,9 @@ impl Qcow2 {
             // The tables that stopped referencing these clusters are written; make that
             // durable before the decrements can reach the disk.
             self.file.flush()?;
-            for cl in ready {
+            for (cl, reason) in ready {
                 for c in cl {
-                    r.update(c, -1)?;
+                    r.free(c, reason)?;
                 }
             }
             r.reset_compressed_pos();
@@ -1004,6 +1017,17 @@ pub(crate) enum ZeroMode {
     Discard,
     /// Unallocated: reads fall through to the backing image.
     Unallocate,
+}
+
+impl ZeroMode {
+    /// The discard type of the clusters this mode drops (QEMU's: guest requests, or
+    /// `make_empty`'s snapshot type).
+    fn free_reason(self) -> FreeReason {
+        match self {
+            ZeroMode::Zero | ZeroMode::Discard => FreeReason::Request,
+            ZeroMode::Unallocate => FreeReason::Snapshot,
+        }
+    }
 }
 
 /// Bitmap with bits `s0..=s1` set.
