@@ -257,6 +257,17 @@ fn device_add_hot_plugs_a_pci_disk_and_device_del_releases_it() {
     assert!(out.contains("virtio-blk-pci in slot 5\n"), "{out}");
     let stats = c.exec(r#"{"execute": "query-blockstats"}"#).to_string();
     assert!(stats.contains("hp0"), "{stats}");
+    // query-pci: the host bridge, and hp0 in slot 5 with its BAR and INTx line.
+    let pci = c.exec(r#"{"execute": "query-pci"}"#)["return"][0]["devices"].clone();
+    assert_eq!(pci[0]["class_info"]["desc"], "Host bridge", "{pci}");
+    assert_eq!(
+        pci[1],
+        json!({"bus": 0, "slot": 5, "function": 0, "irq": 11, "qdev_id": "hp0",
+               "class_info": {"desc": "SCSI controller", "class": 256},
+               "id": {"device": 0x1042, "vendor": 0x1af4},
+               "regions": [{"bar": 0, "type": "memory", "address": 0xc005_0000u32,
+                            "size": 32768, "prefetch": false, "mem_type_64": false}]})
+    );
 
     // Errors in QEMU's words.
     for (args, class, desc) in [
@@ -324,6 +335,12 @@ fn device_add_hot_plugs_a_pci_disk_and_device_del_releases_it() {
     // Its BlockBackend is gone: the node is free again.
     let r = c.exec(r#"{"execute": "device_del", "arguments": {"id": "hp0"}}"#);
     assert_eq!(r["error"]["class"], "DeviceNotFound", "{r}");
+    let pci = c.exec(r#"{"execute": "query-pci"}"#)["return"][0]["devices"].clone();
+    assert_eq!(
+        pci.as_array().unwrap().len(),
+        1,
+        "only the host bridge: {pci}"
+    );
     assert_eq!(
         c.exec(r#"{"execute": "blockdev-del", "arguments": {"node-name": "disk0"}}"#),
         json!({"return": {}})

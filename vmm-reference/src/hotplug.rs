@@ -15,10 +15,15 @@
 //! `id`, as QEMU does (its schema declares only those three and lets the
 //! rest through): the monitor sets them aside with [`stash_properties`]
 //! before the strict decoder sees the request.
+//!
+//! `query-pci` lists bus 0 as the guest sees it (BARs where they decode
+//! now), so management software can follow what was plugged where.
 
 use std::cell::RefCell;
 
-use qapi_types::{cmd, event, Dispatcher};
+use qapi_types::{
+    cmd, event, Dispatcher, PciDeviceClass, PciDeviceId, PciDeviceInfo, PciInfo, PciMemoryRegion,
+};
 use qmp_proto::{QmpError, Request};
 use serde_json::{Map, Value};
 
@@ -71,6 +76,95 @@ pub fn register(d: &mut Dispatcher<Vmm>) {
         device_add(vmm, &a.driver, a.bus.as_deref(), a.id.as_deref(), &props)
     });
     d.register::<cmd::DeviceDel>(|vmm, a| device_del(vmm, &a.id));
+    d.register::<cmd::QueryPci>(|vmm, _| Ok(query_pci(vmm)));
+}
+
+/// Registers with the event loop the queue notifiers it does not watch yet
+/// (the machine's at start, then those of hot-added devices); `watched`
+/// counts the ones already registered, whose tokens are `tokens.start + i`.
+pub fn watch_notifiers(
+    registry: &mio::Registry,
+    vmm: &Vmm,
+    watched: &mut usize,
+    tokens: std::ops::Range<usize>,
+) -> Result<(), String> {
+    let Some(machine) = &vmm.machine else {
+        return Ok(());
+    };
+    for n in machine.notifiers().iter().skip(*watched) {
+        let token = tokens.start + *watched;
+        if !tokens.contains(&token) {
+            return Err("too many virtqueue notifiers for the event loop".into());
+        }
+        registry
+            .register(
+                &mut mio::unix::SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&n.fd)),
+                mio::Token(token),
+                mio::Interest::READABLE,
+            )
+            .map_err(|e| format!("cannot watch a virtqueue notifier: {e}"))?;
+        *watched += 1;
+    }
+    Ok(())
+}
+
+/// QEMU's names of the PCI classes this bus has.
+fn class_desc(class: u16) -> Option<&'static str> {
+    match class {
+        0x0100 => Some("SCSI controller"),
+        0x0600 => Some("Host bridge"),
+        _ => None,
+    }
+}
+
+fn query_pci(vmm: &Vmm) -> Vec<PciInfo> {
+    let Some(machine) = &vmm.machine else {
+        return Vec::new();
+    };
+    let mut devices = Vec::new();
+    for (slot, dev) in machine.bus().pci().functions() {
+        let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cfg = [0u8; 64];
+        d.config_read(0, &mut cfg);
+        let word = |at: usize| i64::from(u16::from_le_bytes([cfg[at], cfg[at + 1]]));
+        let class = u16::from_le_bytes([cfg[0x0a], cfg[0x0b]]);
+        let regions = d
+            .bar0()
+            .map(|(address, size)| PciMemoryRegion {
+                bar: 0,
+                r#type: "memory".into(),
+                address: address as i64,
+                size: size as i64,
+                prefetch: Some(false),
+                mem_type_64: Some(false),
+            })
+            .into_iter()
+            .collect();
+        let qdev_id = machine
+            .pci_disks()
+            .iter()
+            .find(|p| usize::from(p.slot) == slot)
+            .map(|p| p.id.clone())
+            .unwrap_or_default();
+        devices.push(PciDeviceInfo {
+            bus: 0,
+            slot: slot as i64,
+            function: 0,
+            class_info: PciDeviceClass {
+                desc: class_desc(class).map(str::to_owned),
+                class: i64::from(class),
+            },
+            id: PciDeviceId {
+                device: word(2),
+                vendor: word(0),
+            },
+            irq: (cfg[0x3d] != 0).then_some(i64::from(cfg[0x3c])),
+            qdev_id,
+            pci_bridge: None,
+            regions,
+        });
+    }
+    vec![PciInfo { bus: 0, devices }]
 }
 
 /// A property value in the `-device` syntax: strings as they are, booleans

@@ -20,7 +20,6 @@ use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use crate::cli::{Cli, SerialSpec};
@@ -140,20 +139,19 @@ fn run(cli: Cli) -> Result<(), String> {
     }
     if !cli.no_guest {
         let machine = start_machine(&cli, &mut vmm.chardevs, &mut vmm.block, waker)?;
-        for (i, n) in machine.notifiers().iter().enumerate() {
-            poll.registry()
-                .register(
-                    &mut mio::unix::SourceFd(&n.fd.as_raw_fd()),
-                    Token(NOTIFIER_TOKENS + i),
-                    Interest::READABLE,
-                )
-                .map_err(|e| format!("cannot watch a virtqueue notifier: {e}"))?;
-        }
         vmm.machine = Some(machine);
     }
     let mut events = Events::with_capacity(256);
     log::info!("serving QMP on {:?}", cli.qmp);
+    // Queue notifiers registered with the loop (the machine's, then hot-added devices').
+    let mut watched = 0;
     'outer: loop {
+        hotplug::watch_notifiers(
+            poll.registry(),
+            &vmm,
+            &mut watched,
+            NOTIFIER_TOKENS..MACHINE_TOKEN.0,
+        )?;
         let timeout = vmm.chardevs.poll_timeout(Instant::now());
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == std::io::ErrorKind::Interrupted {

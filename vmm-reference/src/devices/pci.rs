@@ -277,6 +277,16 @@ impl PciBus {
         bus
     }
 
+    /// Every function on the bus: its slot and its device.
+    pub fn functions(&self) -> Vec<(usize, SharedPciDevice)> {
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s.dev.clone())))
+            .collect()
+    }
+
     /// The lowest free slot.
     pub fn free_slot(&self) -> Option<usize> {
         let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());

@@ -154,17 +154,15 @@ impl Machine {
     }
 
     /// Hot-plugs a virtio-blk-pci disk into its slot (or the lowest free one)
-    /// while the machine runs; returns its slot. Its queues are served on
-    /// the vCPU thread that notifies (the main loop watches the ioeventfds
-    /// of the disks it started with).
-    pub fn hot_add_pci_disk(&mut self, mut disk: BlockDeviceSpec) -> Result<u8, MachineError> {
+    /// while the machine runs; returns its slot. Its queue notifiers are
+    /// appended to [`Machine::notifiers`] for the main loop to watch.
+    pub fn hot_add_pci_disk(&mut self, disk: BlockDeviceSpec) -> Result<u8, MachineError> {
         if self.pci_disks.iter().any(|d| d.id == disk.id) {
             return Err(MachineError::Config(format!(
                 "Duplicate device ID '{}'",
                 disk.id
             )));
         }
-        disk.ioeventfd = false;
         let cx = PlugContext {
             vm: &self.vm,
             irqs: &self.irqs,
@@ -173,9 +171,10 @@ impl Machine {
             bus: Arc::downgrade(&self.bus),
         };
         let slot = disk.slot;
-        let (d, _) = plug(cx, disk, slot)?;
+        let (d, notifiers) = plug(cx, disk, slot)?;
         let slot = d.slot;
         self.pci_disks.push(d);
+        self.notifiers.extend(notifiers);
         Ok(slot)
     }
 
