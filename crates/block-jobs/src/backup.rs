@@ -365,7 +365,7 @@ impl JobDriver for Backup {
         let mut pool = Pool::new(
             &format!("backup {}", ctx.id()),
             threads,
-            Arc::new(move |r: Run| {
+            Arc::new(move |r: Run, _: &mut Vec<u8>| {
                 let _g = r2.root_info().gate().enter();
                 s2.copy_ex(r.offset, r.len, false).map(|_| ())
             }),

@@ -448,6 +448,9 @@ pub(crate) struct Run {
 /// A failed run: whether the read failed (else the write), and the error.
 pub(crate) type RunResult = std::result::Result<(), (bool, BlockError)>;
 
+/// What a copy thread does with a run (with its scratch buffer).
+pub(crate) type Work = Arc<dyn Fn(Run, &mut Vec<u8>) -> RunResult + Send + Sync>;
+
 /// A pool of copy threads fed with runs by the job's thread, which alone takes pause
 /// points, applies error policies and rate limits.
 pub(crate) struct Pool {
@@ -463,7 +466,7 @@ impl Pool {
     pub(crate) fn new(
         name: &str,
         n: usize,
-        work: Arc<dyn Fn(Run) -> RunResult + Send + Sync>,
+        work: Work,
     ) -> Result<Pool> {
         let (tx, rx) = mpsc::sync_channel::<Run>(n);
         let rx = Arc::new(Mutex::new(rx));
@@ -475,12 +478,16 @@ impl Pool {
             let work = work.clone();
             let h = std::thread::Builder::new()
                 .name(format!("{name} {i}"))
-                .spawn(move || loop {
-                    let r = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    let Ok(run) = r else { break };
-                    let res = work(run);
-                    if dtx.send((run, res)).is_err() {
-                        break;
+                .spawn(move || {
+                    // One buffer per thread, reused: no allocation (and page faults) per run.
+                    let mut scratch = Vec::new();
+                    loop {
+                        let r = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok(run) = r else { break };
+                        let res = work(run, &mut scratch);
+                        if dtx.send((run, res)).is_err() {
+                            break;
+                        }
                     }
                 })
                 .map_err(|e| JobError::generic(format!("cannot start a copy thread: {e}")))?;
@@ -547,10 +554,17 @@ impl Drop for Pool {
 }
 
 /// Copies one run from `src` to `tgt`.
-fn copy_run(src: &BlockBackend, tgt: &BlockBackend, r: Run, unmap: bool) -> RunResult {
-    let mut buf = vec![0u8; r.len as usize];
-    src.read_buf(r.offset, &mut buf).map_err(|e| (true, e))?;
-    let res = if block_graph::iov::is_zero(&[IoSlice::new(&buf)]) {
+fn copy_run(
+    src: &BlockBackend,
+    tgt: &BlockBackend,
+    r: Run,
+    unmap: bool,
+    scratch: &mut Vec<u8>,
+) -> RunResult {
+    scratch.resize(r.len as usize, 0);
+    let buf = &mut scratch[..];
+    src.read_buf(r.offset, buf).map_err(|e| (true, e))?;
+    let res = if block_graph::iov::is_zero(&[IoSlice::new(buf)]) {
         tgt.write_zeroes(
             r.offset,
             r.len,
@@ -560,7 +574,7 @@ fn copy_run(src: &BlockBackend, tgt: &BlockBackend, r: Run, unmap: bool) -> RunR
             },
         )
     } else {
-        tgt.write_buf(r.offset, &buf, WriteFlags::default())
+        tgt.write_buf(r.offset, buf, WriteFlags::default())
     };
     res.map_err(|e| (false, e))
 }
@@ -706,7 +720,7 @@ impl JobDriver for Mirror {
         let mut pool = Pool::new(
             &format!("mirror {}", ctx.id()),
             threads,
-            Arc::new(move |r| copy_run(&s2, &t2, r, unmap)),
+            Arc::new(move |r, buf: &mut Vec<u8>| copy_run(&s2, &t2, r, unmap, buf)),
         )?;
         let mut cursor = 0u64;
         let mut busy: Vec<Run> = Vec::new();

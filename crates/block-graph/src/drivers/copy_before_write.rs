@@ -286,11 +286,22 @@ impl BlockCopy {
     }
 
     fn copy_run(&self, offset: u64, len: u64) -> std::result::Result<(), (bool, BlockError)> {
-        let mut buf = vec![0u8; len as usize];
-        self.source
+        thread_local! {
+            // A buffer per thread, reused: no allocation (and page faults) per copy.
+            static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        // Taken out while in use, so a nested copy on this thread gets a fresh one.
+        let mut buf = SCRATCH.with(|c| c.take());
+        buf.resize(len as usize, 0);
+        let r = self
+            .source
             .read_buf(offset, &mut buf)
-            .map_err(|e| (true, e))?;
-        self.write_target(offset, &buf).map_err(|e| (false, e))?;
+            .map_err(|e| (true, e))
+            .and_then(|()| self.write_target(offset, &buf).map_err(|e| (false, e)));
+        if buf.capacity() <= 4 * MAX_CHUNK as usize {
+            SCRATCH.with(|c| c.set(buf));
+        }
+        r?;
         self.copied.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
