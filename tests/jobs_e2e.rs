@@ -230,9 +230,20 @@ impl Client {
     }
 }
 
+/// Negotiates with `vmm` once its monitor listens (the socket's path appears at `bind`, a
+/// moment before `listen`: a connection then is refused).
+fn negotiated(vmm: &Vmm) -> Client {
+    let end = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = std::os::unix::net::UnixStream::connect(&vmm.sock) {
+        assert!(Instant::now() < end, "monitor never listened: {e}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Client::new(vmm.negotiated())
+}
+
 fn start(chain: &Chain) -> (Vmm, Client) {
     let vmm = Vmm::start(&["--blockdev", &chain.top_arg("top")]);
-    let c = Client::new(vmm.negotiated());
+    let c = negotiated(&vmm);
     (vmm, c)
 }
 
@@ -487,7 +498,7 @@ fn pause_resume_verbs_and_cancel_at_random_moments() {
 /// `errno`; the nodes are added over QMP.
 fn start_with_blkdebug(chain: &Chain, errno: i32) -> (Vmm, Client) {
     let vmm = Vmm::start(&[]);
-    let mut c = Client::new(vmm.negotiated());
+    let mut c = negotiated(&vmm);
     c.ok(
         "blockdev-add",
         json!({"driver": "qcow2", "node-name": "base", "read-only": true,
@@ -688,7 +699,7 @@ fn guest_on_chain() -> (tempfile::TempDir, String, String, Vmm, Client, String) 
         "--serial",
         "chardev:con",
     ]);
-    let mut c = Client::new(vmm.negotiated());
+    let mut c = negotiated(&vmm);
     let mut out = String::new();
     console_until(&mut c, &mut out, "pass 1 done");
     (dir, base, top, vmm, c, out)

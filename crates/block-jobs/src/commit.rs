@@ -20,13 +20,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use block_graph::node::Parent;
-use block_graph::{BlockError, BlockGraph, DirtyBitmap, Node, Perm};
+use block_graph::{BlockGraph, DirtyBitmap, Node, Perm};
 use qapi_types::cmd::BlockCommitArguments;
 use qapi_types::{BlockdevOnError, JobType};
 
 use crate::chain::{
     chain_contains, chain_until, find_backing_image, find_base, Exclusive, JobRoot,
 };
+use crate::copy::{copy_range, OnIgnore, RunError};
 use crate::engine::{ErrorAction, JobContext, JobDriver};
 use crate::error::{JobError, Result};
 use crate::registry::Jobs;
@@ -63,9 +64,6 @@ impl std::fmt::Debug for CommitJob {
     }
 }
 
-/// Where a copy failed: reading the source (`true`) or writing `base`.
-type CopyError = (BlockError, bool);
-
 impl CommitJob {
     fn roots(&self) -> Result<(JobRoot, JobRoot)> {
         match (&self.top_root, &self.base_root) {
@@ -74,34 +72,49 @@ impl CommitJob {
         }
     }
 
-    /// Copies what `[off, off + len)` holds above base into base; returns the length
-    /// handled (a prefix) and whether data was written.
+    /// Copies what a prefix of `[off, off + len)` holds above base into base; returns the
+    /// prefix's length and whether data was written.
+    fn copy_prefix(
+        &self,
+        src: &JobRoot,
+        dst: &JobRoot,
+        buf: &mut Vec<u8>,
+        off: u64,
+        len: u64,
+    ) -> std::result::Result<(u64, bool), RunError> {
+        let st = self
+            .top
+            .block_status_above(Some(&self.base), off, len)
+            .map_err(RunError::read)?;
+        let n = st.len;
+        if !st.allocated {
+            return Ok((n, false));
+        }
+        if st.zero {
+            dst.write_zeroes(off, n).map_err(RunError::write)?;
+            return Ok((n, true));
+        }
+        if buf.len() < n as usize {
+            buf.resize(n as usize, 0);
+        }
+        let b = &mut buf[..n as usize];
+        src.read(off, b).map_err(RunError::read)?;
+        dst.write(off, b).map_err(RunError::write)?;
+        Ok((n, true))
+    }
+
+    /// [`CommitJob::copy_prefix`] with the job's own buffer.
     fn copy(
         &mut self,
         src: &JobRoot,
         dst: &JobRoot,
         off: u64,
         len: u64,
-    ) -> std::result::Result<(u64, bool), CopyError> {
-        let st = self
-            .top
-            .block_status_above(Some(&self.base), off, len)
-            .map_err(|e| (e, true))?;
-        let n = st.len;
-        if !st.allocated {
-            return Ok((n, false));
-        }
-        if st.zero {
-            dst.write_zeroes(off, n).map_err(|e| (e, false))?;
-            return Ok((n, true));
-        }
-        if self.buf.len() < n as usize {
-            self.buf.resize(n as usize, 0);
-        }
-        let b = &mut self.buf[..n as usize];
-        src.read(off, b).map_err(|e| (e, true))?;
-        dst.write(off, b).map_err(|e| (e, false))?;
-        Ok((n, true))
+    ) -> std::result::Result<(u64, bool), RunError> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let r = self.copy_prefix(src, dst, &mut buf, off, len);
+        self.buf = buf;
+        r
     }
 
     fn grow_base(&self, len: u64) -> Result<()> {
@@ -117,25 +130,25 @@ impl CommitJob {
         let len = src.length();
         ctx.progress_set_remaining(len);
         self.grow_base(len)?;
-        let mut off = 0;
-        while off < len {
-            ctx.pause_point()?;
-            let want = ctx.chunk_size(MAX_CHUNK).min(len - off);
-            match self.copy(&src, &dst, off, want) {
-                Ok((n, copied)) => {
-                    off += n;
-                    ctx.progress_done(n);
-                    if copied {
-                        ctx.rate_limit(n)?;
-                    }
+        let this = &*self;
+        // QEMU's commit retries a failed range for every action but report.
+        copy_range(
+            ctx,
+            len,
+            MAX_CHUNK,
+            &self.on_error,
+            OnIgnore::Retry,
+            |off, n, buf| {
+                let mut done = 0;
+                let mut copied = false;
+                while done < n {
+                    let (k, c) = this.copy_prefix(&src, &dst, buf, off + done, n - done)?;
+                    done += k;
+                    copied |= c;
                 }
-                Err((e, is_read)) => match ctx.error_action(&self.on_error, is_read, &e) {
-                    ErrorAction::Report => return Err(e.into()),
-                    // QEMU's commit retries the range for every other action.
-                    ErrorAction::Stop | ErrorAction::Ignore => continue,
-                },
-            }
-        }
+                Ok(copied)
+            },
+        )?;
         dst.flush()?;
         Ok(())
     }
@@ -173,7 +186,7 @@ impl CommitJob {
             while done < want {
                 match self.copy(&src, &dst, off + done, want - done) {
                     Ok((n, _)) => done += n,
-                    Err((e, is_read)) => {
+                    Err(RunError { err: e, is_read }) => {
                         bm.set_range(off + done, want - done);
                         let Some(ctx) = ctx else {
                             return Err(e.into());
@@ -411,11 +424,7 @@ fn setup(
         &desc,
     )?);
     if job.active {
-        let bm = Arc::new(DirtyBitmap::new(
-            "",
-            DIRTY_GRANULARITY,
-            job.top.length(),
-        )?);
+        let bm = Arc::new(DirtyBitmap::new("", DIRTY_GRANULARITY, job.top.length())?);
         bm.set_busy(true);
         job.top.add_bitmap(bm.clone())?;
         job.bitmap = Some(bm);
@@ -535,6 +544,7 @@ pub fn block_commit_with(
     }
     spec.nodes = nodes;
     jobs.check_spec(g, &spec)?;
+    let top_len = top.length();
     let mut job = CommitJob {
         top,
         base,
@@ -552,7 +562,9 @@ pub fn block_commit_with(
         undo_setup(g, &mut job);
         return Err(e);
     }
+    let len = if active { 0 } else { top_len };
     let j = jobs.create(g, spec, Box::new(job))?;
+    j.progress_set_remaining(len);
     jobs.start(&j);
     Ok(())
 }

@@ -326,6 +326,14 @@ impl Job {
         lock(&self.state).ret.clone().err()
     }
 
+    /// Sets the work still to do before the job starts (total = current + `remaining`),
+    /// so that `query-block-jobs` shows the length from the start, as QEMU's jobs do.
+    pub fn progress_set_remaining(&self, remaining: u64) {
+        let c = self.current.load(Ordering::Acquire);
+        self.total
+            .store(c.saturating_add(remaining), Ordering::Release);
+    }
+
     /// Whether the user paused the job (or an error policy did, as if the user had).
     pub fn is_user_paused(&self) -> bool {
         lock(&self.state).user_paused
@@ -475,6 +483,13 @@ impl JobContext {
         Ok(())
     }
 
+    /// Whether the job should reach a pause point soon (a pause or a cancel is pending):
+    /// a job with requests in flight stops issuing new ones and lets them finish first.
+    pub fn should_stop(&self) -> bool {
+        let st = lock(&self.job.state);
+        st.pause_count > 0 || st.force_cancel
+    }
+
     /// Sleeps up to `d` (cut short by any verb: cancel, pause, complete, set-speed), then a
     /// pause point.
     pub fn sleep(&self, d: Duration) -> Result<()> {
@@ -527,10 +542,7 @@ impl JobContext {
 
     /// Sets the work still to do: total = current + `remaining`.
     pub fn progress_set_remaining(&self, remaining: u64) {
-        let c = self.job.current.load(Ordering::Acquire);
-        self.job
-            .total
-            .store(c.saturating_add(remaining), Ordering::Release);
+        self.job.progress_set_remaining(remaining);
     }
 
     /// Adds `delta` to the work still to do.

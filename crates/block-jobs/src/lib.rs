@@ -16,6 +16,7 @@
 pub mod backup;
 pub mod chain;
 pub mod commit;
+pub mod copy;
 pub mod engine;
 pub mod error;
 pub mod mirror;

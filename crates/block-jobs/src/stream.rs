@@ -9,12 +9,13 @@
 
 use std::sync::Arc;
 
-use block_graph::{BlockError, BlockGraph, Node, Perm};
+use block_graph::{BlockGraph, Node, Perm};
 use qapi_types::cmd::BlockStreamArguments;
 use qapi_types::{BlockdevOnError, JobType};
 
 use crate::chain::{chain_contains, chain_until, find_backing_image, Exclusive, JobRoot};
-use crate::engine::{ErrorAction, JobContext, JobDriver, JobSpec};
+use crate::copy::{copy_range, OnIgnore, RunError};
+use crate::engine::{JobContext, JobDriver, JobSpec};
 use crate::error::{JobError, Result};
 use crate::registry::Jobs;
 
@@ -42,36 +43,36 @@ impl std::fmt::Debug for StreamJob {
 }
 
 impl StreamJob {
-    fn copy_range(
+    /// Copies what a prefix of `[off, off + len)` holds above base into the top; returns
+    /// the prefix's length and whether data was written.
+    fn copy_prefix(
         &self,
-        ctx: &JobContext,
         root: &JobRoot,
         buf: &mut Vec<u8>,
         off: u64,
         len: u64,
-    ) -> std::result::Result<(u64, bool), (BlockError, bool)> {
-        // Hold other writers of the top back, then look again: a guest write may have
+    ) -> std::result::Result<(u64, bool), RunError> {
+        // Hold other writers of the top back, then look: a guest write may have
         // allocated the range meanwhile.
         let _x = Exclusive::enter(&self.top, root.info());
         let st = self
             .top
             .block_status_above(self.base.as_ref(), off, len)
-            .map_err(|e| (e, true))?;
+            .map_err(RunError::read)?;
         let n = st.len;
         if !(st.allocated && st.depth > 0) {
             return Ok((n, false));
         }
         if st.zero {
-            root.write_zeroes(off, n).map_err(|e| (e, false))?;
+            root.write_zeroes(off, n).map_err(RunError::write)?;
             return Ok((n, true));
         }
-        let _ = ctx;
         if buf.len() < n as usize {
             buf.resize(n as usize, 0);
         }
         let b = &mut buf[..n as usize];
-        root.read(off, b).map_err(|e| (e, true))?;
-        root.write(off, b).map_err(|e| (e, false))?;
+        root.read(off, b).map_err(RunError::read)?;
+        root.write(off, b).map_err(RunError::write)?;
         Ok((n, true))
     }
 }
@@ -85,35 +86,24 @@ impl JobDriver for StreamJob {
         let root = self.root.clone().ok_or(JobError::Cancelled)?;
         let len = root.length();
         ctx.progress_set_remaining(len);
-        let mut buf: Vec<u8> = Vec::new();
-        let mut first_error: Option<BlockError> = None;
-        let mut off = 0u64;
-        while off < len {
-            ctx.pause_point()?;
-            let want = ctx.chunk_size(MAX_CHUNK).min(len - off);
-            match self.copy_range(ctx, &root, &mut buf, off, want) {
-                Ok((n, copied)) => {
-                    off += n;
-                    ctx.progress_done(n);
-                    if copied {
-                        ctx.rate_limit(n)?;
-                    }
+        let this = &*self;
+        copy_range(
+            ctx,
+            len,
+            MAX_CHUNK,
+            &self.on_error,
+            OnIgnore::SkipAndFail,
+            |off, n, buf| {
+                let mut done = 0;
+                let mut copied = false;
+                while done < n {
+                    let (k, c) = this.copy_prefix(&root, buf, off + done, n - done)?;
+                    done += k;
+                    copied |= c;
                 }
-                Err((e, is_read)) => match ctx.error_action(&self.on_error, is_read, &e) {
-                    ErrorAction::Stop => continue,
-                    ErrorAction::Report => return Err(e.into()),
-                    ErrorAction::Ignore => {
-                        // QEMU goes on, and fails the job at the end.
-                        first_error.get_or_insert(e);
-                        off += want;
-                        ctx.progress_done(want);
-                    }
-                },
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e.into());
-        }
+                Ok(copied)
+            },
+        )?;
         root.flush()?;
         Ok(())
     }
@@ -247,6 +237,7 @@ pub fn block_stream(jobs: &Jobs, g: &mut BlockGraph, a: &BlockStreamArguments) -
             return Err(e);
         }
     };
+    let len = bs.length();
     let job = StreamJob {
         top: bs,
         base,
@@ -256,6 +247,7 @@ pub fn block_stream(jobs: &Jobs, g: &mut BlockGraph, a: &BlockStreamArguments) -
         reopened,
     };
     let j = jobs.create(g, spec, Box::new(job))?;
+    j.progress_set_remaining(len);
     jobs.start(&j);
     Ok(())
 }
