@@ -89,7 +89,7 @@ def make_images(d, fmt_template):
     return fresh, full, raw
 
 
-def bench_case(entries, workdir, args, runs, copy_each):
+def bench_case(entries, workdir, args, runs, copy_each, sync_copies):
     """Median seconds, max RSS and median CPU per entry for one configuration.
 
     entries: (name, exe, image, extra args, copy): the entry runs on the copy of `image`
@@ -106,9 +106,10 @@ def bench_case(entries, workdir, args, runs, copy_each):
                 if os.path.exists(img):
                     os.unlink(img)
                 shutil.copy(src, img)
-        # Write the copies back now: their writeback would otherwise slow down whichever
+        # Write disk copies back now: their writeback would otherwise slow down whichever
         # run comes first (by up to 3x with O_DIRECT on a shared disk).
-        os.sync()
+        if sync_copies:
+            os.sync()
         for name, exe, _, extra, copy in order:
             img = os.path.join(workdir, f"run-{copy}.img")
             # Both tools report the time of the request loop ("Run completed in").
@@ -199,7 +200,8 @@ def main():
                             # data runs: they go to their own copy of the same image file.
                             entries.append(("raw", a.vmm_img, src, raw_args, "raw"))
                         r = bench_case(entries, d, args, a.runs,
-                                       copy_each=(kind == "write-fresh" or cache == "writeback"))
+                                       copy_each=(kind == "write-fresh" or cache == "writeback"),
+                                       sync_copies=(d == a.disk_dir))
                         raw_t = r.get("raw")
                         rows.append((label, count, r, raw_t))
                         print(fmt_row(rows[-1]), flush=True)
