@@ -446,24 +446,21 @@ impl PciDevice for VirtioPciBlk {
                 *b = bits.to_le_bytes()[at - ctrl];
             }
         }
-        // The PCI configuration access window into the BAR.
+        // The PCI configuration access window into the BAR: an access of
+        // the window's length (cap.length: 1, 2 or 4) at pci_cfg_data.
         let win = self.pci_cfg_cap + 16;
-        if offset == win && data.len() >= 4 {
-            let (bar, off, len) = self.pci_cfg_window();
-            data[..4].fill(0);
-            if bar == 0 && len > 0 {
-                self.bar_read(off, &mut data[..len]);
-            }
+        let (bar, off, len) = self.pci_cfg_window();
+        if offset == win && bar == 0 && len > 0 && data.len() >= len {
+            data.fill(0);
+            self.bar_read(off, &mut data[..len]);
         }
     }
 
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         let win = self.pci_cfg_cap + 16;
-        if offset == win && data.len() >= 4 {
-            let (bar, off, len) = self.pci_cfg_window();
-            if bar == 0 && len > 0 {
-                self.bar_write(off, &data[..len]);
-            }
+        let (bar, off, len) = self.pci_cfg_window();
+        if offset == win && bar == 0 && len > 0 && data.len() >= len {
+            self.bar_write(off, &data[..len]);
             return;
         }
         self.config.write(offset, data);

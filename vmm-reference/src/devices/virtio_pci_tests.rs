@@ -219,6 +219,12 @@ fn identity_capabilities_and_bar_layout() {
     d.cfg_write32(win + 8, (common + 0x12) as u32);
     d.cfg_write32(win + 12, 2);
     assert_eq!(d.cfg_read(win + 16) & 0xffff, 2);
+    // A 1-byte window writes through: device_status = ACKNOWLEDGE.
+    d.cfg_write32(win + 8, (common + 0x14) as u32);
+    d.cfg_write32(win + 12, 1);
+    d.cfg_write16(win + 16, 1);
+    assert_eq!(d.r(common + 0x14, 1), 1);
+    d.w(common + 0x14, 1, 0);
     // Vectors beyond the table read back as NO_VECTOR.
     d.w(common + 0x10, 2, 9);
     assert_eq!(d.r(common + 0x10, 2), u64::from(NO_VECTOR));
