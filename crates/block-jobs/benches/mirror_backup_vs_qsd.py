@@ -136,7 +136,7 @@ def make_source(workdir, size, half):
     return src
 
 
-def one(kind, vmm, workdir, src, size, job):
+def one(kind, vmm, workdir, src, size, job, buf_size=None):
     tgt = os.path.join(workdir, f"tgt-{kind}.qcow2")
     if os.path.exists(tgt):
         os.unlink(tgt)
@@ -150,8 +150,10 @@ def one(kind, vmm, workdir, src, size, job):
                                  "file": {"driver": "file", "filename": tgt}})
         t0 = time.monotonic()
         if job == "mirror":
-            q.cmd("blockdev-mirror", **{"job-id": "j", "device": "src", "target": "tgt",
-                                        "sync": "full"})
+            args = {"job-id": "j", "device": "src", "target": "tgt", "sync": "full"}
+            if buf_size:
+                args["buf-size"] = buf_size
+            q.cmd("blockdev-mirror", **args)
             q.wait_event("BLOCK_JOB_READY", "j")
             q.cmd("block-job-complete", device="j")
         else:
@@ -180,6 +182,7 @@ def main():
     ap.add_argument("--half", action="store_true",
                     help="half allocated over a backing file")
     ap.add_argument("--jobs", default="mirror,backup")
+    ap.add_argument("--buf-size", default=None, help="mirror's buf-size (both daemons)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     a = ap.parse_args()
     size = parse_size(a.size)
@@ -191,7 +194,8 @@ def main():
         for r in range(a.rounds):
             for job in a.jobs.split(","):
                 for kind in ("ours", "qemu"):
-                    dt = one(kind, a.vmm, workdir, src, size, job)
+                    buf = parse_size(a.buf_size) if a.buf_size else None
+                    dt = one(kind, a.vmm, workdir, src, size, job, buf)
                     results.setdefault((job, kind), []).append(dt)
                     print(f"round {r + 1} {job:6} {kind:4} {dt:7.3f} s "
                           f"{size / dt / 1e6:8.1f} MB/s", flush=True)
