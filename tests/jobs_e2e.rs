@@ -320,9 +320,16 @@ fn stream_with_speed_events_and_backing_file() {
     c.ok(
         "block-stream",
         json!({"device": "top", "job-id": "s1", "base": chain.path("base"),
-               "backing-file": "base.qcow2"}),
+               "backing-file": "base.qcow2", "speed": 8 * MIB}),
     );
-    c.wait_status("s1", "null");
+    // The job outlives the client that started it.
+    drop(c);
+    let mut c = negotiated(&vmm);
+    let end = Instant::now() + Duration::from_secs(30);
+    while c.ok("query-jobs", json!({})) != json!([]) {
+        assert!(Instant::now() < end, "the stream never finished");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     c.quit(vmm);
     chain.judge("top");
     assert_eq!(chain.backing_of("top").as_deref(), Some("base.qcow2"));
