@@ -44,6 +44,16 @@ struct Client {
 
 impl Client {
     fn new(vmm: &Vmm) -> Client {
+        // The socket file appears at bind(), a moment before listen(): under load a first
+        // connect can be refused.
+        let end = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&vmm.sock).is_err() {
+            assert!(
+                Instant::now() < end,
+                "the monitor never accepted a connection"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         Client {
             raw: vmm.negotiated(),
             events: Vec::new(),
