@@ -463,11 +463,7 @@ pub(crate) struct Pool {
 
 impl Pool {
     /// `n` threads running `work` on each run.
-    pub(crate) fn new(
-        name: &str,
-        n: usize,
-        work: Work,
-    ) -> Result<Pool> {
+    pub(crate) fn new(name: &str, n: usize, work: Work) -> Result<Pool> {
         let (tx, rx) = mpsc::sync_channel::<Run>(n);
         let rx = Arc::new(Mutex::new(rx));
         let (dtx, done) = mpsc::channel();
