@@ -621,3 +621,86 @@ fn backup_transaction_actions() {
     let t1 = e.g.find_node("t1").unwrap();
     assert!(same(&read_all(&mut e.g, &t1), &snapshot));
 }
+
+/// A raw target `name` whose first write fails with ENOSPC (blkdebug).
+fn failing_target(e: &mut Env, name: &str) -> String {
+    let t = e.path(&format!("{name}.raw"));
+    qemu_img(&["create", "-q", "-f", "raw", &t, "4M"]);
+    e.g.blockdev_add(&opts(json!({"driver": "raw", "node-name": name,
+        "file": {"driver": "blkdebug",
+            "inject-error": [{"event": "write_aio", "errno": 28, "once": true}],
+            "image": {"driver": "file", "filename": t}}})))
+        .unwrap();
+    t
+}
+
+#[test]
+fn mirror_on_target_error_stop_pauses_and_resume_retries() {
+    let mut e = env("qcow2", false);
+    failing_target(&mut e, "tgt");
+    let a = qapi_types::cmd::BlockdevMirrorArguments::from_qmp_strict(json!({
+        "device": "disk0", "target": "tgt", "sync": "full", "job-id": "m0",
+        "on-target-error": "stop"}))
+    .unwrap();
+    crate::mirror::blockdev_mirror(&mut e.g, &e.jobs, &a).unwrap();
+    wait_status(&mut e, "m0", JobStatus::Paused);
+    let ev = e.g.take_events();
+    let err = ev.iter().find(|x| x.event == "BLOCK_JOB_ERROR").unwrap();
+    let d = err.data.as_ref().unwrap();
+    assert_eq!(
+        (d["action"].as_str(), d["operation"].as_str()),
+        (Some("stop"), Some("write"))
+    );
+    let info = e.jobs.query_block_jobs();
+    assert_eq!(info[0].io_status, qapi_types::BlockDeviceIoStatus::Nospace);
+    e.jobs.resume("m0").unwrap();
+    wait_status(&mut e, "m0", JobStatus::Ready);
+    e.jobs.complete("m0").unwrap();
+    assert_eq!(
+        e.jobs
+            .wait_finished(&mut e.g, "m0", Duration::from_secs(30)),
+        Some(JobStatus::Null)
+    );
+    let src = e.g.find_node("src").unwrap();
+    let root = e.be.root_node().unwrap();
+    assert_eq!(root.name(), "tgt");
+    assert!(same(&read_all(&mut e.g, &root), &read_all(&mut e.g, &src)));
+}
+
+#[test]
+fn failed_incremental_backup_reports_and_keeps_the_bitmap() {
+    let mut e = env("qcow2", false);
+    let src = e.g.find_node("src").unwrap();
+    let bm = Arc::new(DirtyBitmap::new("b", 65536, LEN).unwrap());
+    src.add_bitmap(bm.clone()).unwrap();
+    e.be.write_buf(1 << 20, &[0x55; 8192], WriteFlags::default())
+        .unwrap();
+    let before = bm.snapshot_bits();
+    failing_target(&mut e, "tgt");
+    let a = qapi_types::BlockdevBackup::from_qmp_strict(json!({"device": "disk0",
+        "target": "tgt", "sync": "incremental", "bitmap": "b", "job-id": "b0"}))
+    .unwrap();
+    let job = crate::backup::blockdev_backup(&mut e.g, &e.jobs, &a, None).unwrap();
+    e.jobs.start(&job);
+    assert_eq!(
+        e.jobs
+            .wait_finished(&mut e.g, "b0", Duration::from_secs(30)),
+        Some(JobStatus::Null)
+    );
+    let ev = e.g.take_events();
+    let done = ev
+        .iter()
+        .find(|x| x.event == "BLOCK_JOB_COMPLETED")
+        .unwrap();
+    assert_eq!(
+        done.data.as_ref().unwrap()["error"],
+        "No space left on device",
+        "{:?}",
+        done.data
+    );
+    let err = ev.iter().find(|x| x.event == "BLOCK_JOB_ERROR").unwrap();
+    assert_eq!(err.data.as_ref().unwrap()["action"], "report");
+    assert_eq!(bm.snapshot_bits(), before, "the bitmap keeps its bits");
+    assert!(!bm.is_busy());
+    assert_eq!(e.be.root_node().unwrap().name(), "src");
+}
