@@ -333,9 +333,22 @@ fn blockdev_backup(e: &mut Env, target: &str, sync: &str, bitmap: Option<&str>) 
     if let Some(b) = bitmap {
         v["bitmap"] = json!(b);
     }
-    let a = qapi_types::BlockdevBackup::from_qmp_strict(v).unwrap();
-    let job = crate::backup::blockdev_backup(&mut e.g, &e.jobs, &a, None).unwrap();
+    let job = create_backup(e, v);
     e.jobs.start(&job);
+}
+
+fn create_backup(e: &mut Env, args: Value) -> Arc<crate::Job> {
+    let a = qapi_types::BlockdevBackup::from_qmp_strict(args).unwrap();
+    crate::backup::blockdev_backup(&mut e.g, &e.jobs, &a, None).unwrap()
+}
+
+/// Starts `job` and waits until it is gone.
+fn run_to_end(e: &mut Env, job: &Arc<crate::Job>) {
+    e.jobs.start(job);
+    let st = e
+        .jobs
+        .wait_finished(&mut e.g, job.id(), Duration::from_secs(30));
+    assert_eq!(st, Some(JobStatus::Null));
 }
 
 fn add_target(e: &mut Env, fmt: &str, name: &str) -> String {
@@ -353,10 +366,11 @@ fn backup_full_keeps_the_point_in_time_view_under_guest_writes() {
         let mut e = env(fmt, false);
         let src = e.g.find_node("src").unwrap();
         add_target(&mut e, fmt, "tgt");
-        let a = qapi_types::BlockdevBackup::from_qmp_strict(json!({"device": "disk0",
-            "target": "tgt", "sync": "full", "job-id": "b0", "speed": 8 << 20}))
-        .unwrap();
-        let job = crate::backup::blockdev_backup(&mut e.g, &e.jobs, &a, None).unwrap();
+        let job = create_backup(
+            &mut e,
+            json!({"device": "disk0",
+            "target": "tgt", "sync": "full", "job-id": "b0", "speed": 8 << 20}),
+        );
         // The point in time is the job's creation (the filter is in place from then on).
         let snapshot = read_all(&mut e.g, &src);
         let model = Arc::new(Mutex::new(snapshot.clone()));
@@ -409,11 +423,12 @@ fn incremental_backup_copies_the_bitmap_and_resets_it_on_success_only() {
     e.be.write_buf(1 << 20, &[0x66; 4096], WriteFlags::default())
         .unwrap();
     add_target(&mut e, "qcow2", "inc2");
-    let a = qapi_types::BlockdevBackup::from_qmp_strict(json!({"device": "disk0",
+    let job = create_backup(
+        &mut e,
+        json!({"device": "disk0",
         "target": "inc2", "sync": "incremental", "bitmap": "b", "job-id": "b1",
-        "speed": 1}))
-    .unwrap();
-    let job = crate::backup::blockdev_backup(&mut e.g, &e.jobs, &a, None).unwrap();
+        "speed": 1}),
+    );
     assert!(bm.is_busy());
     assert_eq!(bm.count(), 0, "frozen: the job's copy holds the bits");
     e.jobs.start(&job);
@@ -441,12 +456,7 @@ fn backup_top_and_none() {
         "target": t, "sync": "top", "job-id": "b0"}))
     .unwrap();
     let job = crate::backup::drive_backup(&mut e.g, &e.jobs, &a, None).unwrap();
-    e.jobs.start(&job);
-    assert_eq!(
-        e.jobs
-            .wait_finished(&mut e.g, "b0", Duration::from_secs(30)),
-        Some(JobStatus::Null)
-    );
+    run_to_end(&mut e, &job);
     assert_eq!(own_data(&t), 512 * 1024);
     qemu_img(&["check", "-q", &t]);
     let out = std::process::Command::new("qemu-img")
@@ -525,16 +535,12 @@ fn backup_checks_its_arguments() {
 fn compressed_backup_to_qcow2() {
     let mut e = env("qcow2", false);
     let t = add_target(&mut e, "qcow2", "c");
-    let a = qapi_types::BlockdevBackup::from_qmp_strict(json!({"device": "disk0",
-        "target": "c", "sync": "full", "compress": true, "job-id": "b0"}))
-    .unwrap();
-    let job = crate::backup::blockdev_backup(&mut e.g, &e.jobs, &a, None).unwrap();
-    e.jobs.start(&job);
-    assert_eq!(
-        e.jobs
-            .wait_finished(&mut e.g, "b0", Duration::from_secs(30)),
-        Some(JobStatus::Null)
+    let job = create_backup(
+        &mut e,
+        json!({"device": "disk0",
+        "target": "c", "sync": "full", "compress": true, "job-id": "b0"}),
     );
+    run_to_end(&mut e, &job);
     e.g.close_all();
     qemu_img(&["check", "-q", &t]);
     let out = std::process::Command::new("qemu-img")
@@ -677,16 +683,12 @@ fn failed_incremental_backup_reports_and_keeps_the_bitmap() {
         .unwrap();
     let before = bm.snapshot_bits();
     failing_target(&mut e, "tgt");
-    let a = qapi_types::BlockdevBackup::from_qmp_strict(json!({"device": "disk0",
-        "target": "tgt", "sync": "incremental", "bitmap": "b", "job-id": "b0"}))
-    .unwrap();
-    let job = crate::backup::blockdev_backup(&mut e.g, &e.jobs, &a, None).unwrap();
-    e.jobs.start(&job);
-    assert_eq!(
-        e.jobs
-            .wait_finished(&mut e.g, "b0", Duration::from_secs(30)),
-        Some(JobStatus::Null)
+    let job = create_backup(
+        &mut e,
+        json!({"device": "disk0",
+        "target": "tgt", "sync": "incremental", "bitmap": "b", "job-id": "b0"}),
     );
+    run_to_end(&mut e, &job);
     let ev = e.g.take_events();
     let done = ev
         .iter()
