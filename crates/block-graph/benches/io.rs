@@ -556,9 +556,10 @@ fn memory(dir: &str) {
 }
 
 /// Throttling accuracy over 10 s: 10 MB/s with 64 KiB writes, 1000 IOPS with 4 KiB reads,
-/// four threads keeping the limit saturated, on a null-co node.
+/// four threads keeping the limit saturated, on a null-co node: once with
+/// `block_set_io_throttle` on the backend, once through a `throttle` filter node.
 fn throttle_accuracy() {
-    for (label, bps, iops, bs, write) in [
+    let cases = [
         (
             "10 MB/s, 64 KiB writes",
             10_000_000i64,
@@ -567,13 +568,36 @@ fn throttle_accuracy() {
             true,
         ),
         ("1000 IOPS, 4 KiB reads", 0, 1000, 4096, false),
-    ] {
+    ];
+    for (filter, (label, bps, iops, bs, write)) in [false, true]
+        .into_iter()
+        .flat_map(|f| cases.into_iter().map(move |c| (f, c)))
+    {
         let mut g = BlockGraph::new();
         let o = BlockdevOptions::from_qmp_strict(serde_json::json!({
             "driver": "null-co", "node-name": "n", "size": 1u64 << 30
         }))
         .unwrap();
-        let n = g.blockdev_add(&o).unwrap();
+        let mut n = g.blockdev_add(&o).unwrap();
+        if filter {
+            // The same limits in a throttle-group object, applied by a throttle node.
+            let limits = if bps > 0 {
+                serde_json::json!({"bps-total": bps})
+            } else {
+                serde_json::json!({"iops-total": iops})
+            };
+            g.object_add(
+                "throttle-group",
+                "tg",
+                serde_json::json!({ "limits": limits }),
+            )
+            .unwrap();
+            let t = ThrottleNodeOptions::from_qmp_strict(serde_json::json!({
+                "driver": "throttle", "node-name": "t", "throttle-group": "tg", "file": "n"
+            }))
+            .unwrap();
+            n = g.blockdev_add_throttle(&t).unwrap();
+        }
         let be = g.create_backend("d", Some(&n), Default::default()).unwrap();
         g.attach_device(
             &be,
@@ -587,12 +611,22 @@ fn throttle_accuracy() {
             },
         )
         .unwrap();
-        let t = qapi_types::BlockIOThrottle::from_qmp_strict(serde_json::json!({
-            "device": "d", "bps": bps, "bps_rd": 0, "bps_wr": 0,
-            "iops": iops, "iops_rd": 0, "iops_wr": 0
-        }))
-        .unwrap();
-        g.set_io_throttle(&t).unwrap();
+        if !filter {
+            let t = qapi_types::BlockIOThrottle::from_qmp_strict(serde_json::json!({
+                "device": "d", "bps": bps, "bps_rd": 0, "bps_wr": 0,
+                "iops": iops, "iops_rd": 0, "iops_wr": 0
+            }))
+            .unwrap();
+            g.set_io_throttle(&t).unwrap();
+        }
+        let label = format!(
+            "{label} ({})",
+            if filter {
+                "throttle filter node"
+            } else {
+                "block_set_io_throttle"
+            }
+        );
         let secs = 10.0;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let start = Instant::now();
