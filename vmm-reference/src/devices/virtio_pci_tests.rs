@@ -353,3 +353,54 @@ fn ioeventfds_follow_the_bar() {
     );
     assert_eq!(hooks.freed.lock().unwrap().len(), 3, "3 vectors freed");
 }
+
+#[test]
+fn random_register_garbage_never_panics() {
+    let d = Driver::new(2);
+    let mock = MockSplitQueue::create(&d.mem, GuestAddress(0x1000), 16);
+    bring_up(&d, &mock, Some(0));
+    // A xorshift generator: the same garbage on every run.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..20_000 {
+        let r = next();
+        let len = [1usize, 2, 4, 8][(r & 3) as usize];
+        let value = next().to_le_bytes();
+        let mut buf = [0u8; 8];
+        match (r >> 2) % 4 {
+            0 => {
+                // Configuration space through the ports, any register.
+                let reg = ((r >> 8) & 0xff) as u32;
+                d.bus.pio_write(
+                    CONFIG_ADDRESS,
+                    &(0x8000_0000 | SLOT << 11 | (reg & 0xfc)).to_le_bytes(),
+                );
+                let port = CONFIG_DATA + (reg & 3) as u16;
+                d.bus.pio_write(port, &value[..len.min(4)]);
+                d.bus.pio_read(port, &mut buf[..len.min(4)]);
+            }
+            1 | 2 => {
+                // BAR 0, wherever it decodes now (or nowhere).
+                let off = (r >> 8) % u64::from(BAR_SIZE);
+                let base = d.dev.lock().unwrap().bar0().map_or(0, |(b, _)| b);
+                d.bus.mmio_write(base + off, &value[..len]);
+                d.bus.mmio_read(base + off, &mut buf[..len]);
+            }
+            _ => {
+                // A notification of any queue, served with whatever is in the rings.
+                d.dev.lock().unwrap().notify((r >> 8) as u32 % 4);
+            }
+        }
+    }
+    // Still the same function, and a reset brings it back to a clean state.
+    d.bus.reset();
+    assert_eq!(d.cfg_read(0), 0x1042_1af4);
+    let common = d.virtio_offset(1);
+    assert_eq!(d.r(common + 0x14, 1), 0);
+    assert_eq!(d.r(common + 0x12, 2), 2);
+}

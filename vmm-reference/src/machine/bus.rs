@@ -21,6 +21,9 @@ pub const COM1_IRQ: u32 = 4;
 const I8042_COMMAND: u16 = 0x64;
 const I8042_DATA: u16 = 0x60;
 const I8042_RESET: u8 = 0xfe;
+/// The reset control register (a byte at 0xCF9, beside the PCI address latch).
+const RESET_CONTROL: u16 = 0xcf9;
+const RESET_CPU: u8 = 0x04;
 
 /// Raises the serial port's interrupt through an irqfd.
 pub struct EventFdTrigger(pub EventFd);
@@ -113,6 +116,8 @@ impl IoBus {
                 }
             }
             (I8042_COMMAND, [I8042_RESET]) => self.request_reset(),
+            // The reset control register of PC chipsets (Linux's reboot=pci).
+            (RESET_CONTROL, [v]) if v & RESET_CPU != 0 => self.request_reset(),
             (CONFIG_ADDRESS..=0xcff, _) => self.pci.pio_write(port, data),
             _ => {}
         }
@@ -199,5 +204,45 @@ impl IoBus {
     /// Takes a pending shutdown request.
     pub fn take_shutdown(&self) -> bool {
         self.shutdown.swap(false, Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bus() -> (mio::Poll, IoBus) {
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let serial = Arc::new(Mutex::new(SerialPort::with_events(
+            EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+            InputReady(None),
+            Box::new(std::io::sink()),
+        )));
+        let bus = IoBus::new(serial, Vec::new(), Arc::new(PciBus::new()), waker);
+        (poll, bus)
+    }
+
+    #[test]
+    fn resets_from_the_i8042_and_the_reset_control_register() {
+        let (_poll, bus) = bus();
+        bus.pio_write(RESET_CONTROL, &[0x02]);
+        assert!(!bus.take_reset(), "bit 2 (reset CPU) not set");
+        bus.pio_write(RESET_CONTROL, &[0x06]);
+        assert!(bus.take_reset());
+        // A dword at 0xCF8 is the PCI address latch, not a reset.
+        bus.pio_write(CONFIG_ADDRESS, &0x8000_0000u32.to_le_bytes());
+        assert!(!bus.take_reset());
+        let mut v = [0u8; 4];
+        bus.pio_read(CONFIG_ADDRESS, &mut v);
+        assert_eq!(u32::from_le_bytes(v), 0x8000_0000);
+        bus.pio_write(I8042_COMMAND, &[I8042_RESET]);
+        assert!(bus.take_reset());
+        // Nothing claims these: all ones.
+        let mut b = [0u8; 2];
+        bus.pio_read(0x510, &mut b);
+        assert_eq!(b, [0xff; 2]);
+        bus.mmio_read(0xe000_0000, &mut v);
+        assert_eq!(v, [0xff; 4]);
     }
 }
