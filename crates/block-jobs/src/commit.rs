@@ -219,18 +219,37 @@ impl CommitJob {
         let bm = self.bitmap.clone().ok_or(JobError::Cancelled)?;
         let len = src.length();
         self.grow_base(len)?;
-        // What is allocated above base is dirty to begin with; the bitmap has been
-        // recording guest writes since the job was created.
-        let mut off = 0;
-        while off < len {
-            let st = self
-                .top
-                .block_status_above(Some(&self.base), off, len - off)?;
-            if st.allocated {
-                bm.set_range(off, st.len);
-            }
-            off += st.len;
-        }
+        // The first pass copies everything allocated above base, runs in parallel; the
+        // bitmap, recording guest writes since the job was created, is cleared for each
+        // run before it is copied, so a write that lands later is copied again below.
+        let (src2, dst2) = self.roots()?;
+        ctx.progress_set_remaining(len);
+        let this = &*self;
+        copy_range(
+            ctx,
+            len,
+            MAX_CHUNK,
+            &self.on_error,
+            OnIgnore::Retry,
+            |off, n, buf| {
+                bm.reset_range(off, n);
+                let mut done = 0;
+                let mut copied = false;
+                while done < n {
+                    match this.copy_prefix(&src2, &dst2, buf, off + done, n - done) {
+                        Ok((k, c)) => {
+                            done += k;
+                            copied |= c;
+                        }
+                        Err(e) => {
+                            bm.set_range(off, n);
+                            return Err(e);
+                        }
+                    }
+                }
+                Ok(copied)
+            },
+        )?;
         ctx.progress_set_remaining(bm.count());
         let mut cursor = 0u64;
         loop {
@@ -239,7 +258,6 @@ impl CommitJob {
                 continue;
             }
             if !ctx.is_ready() {
-                src.flush()?;
                 self.roots()?.1.flush()?;
                 ctx.progress_set_remaining(0);
                 ctx.set_ready();
