@@ -13,18 +13,19 @@
 //!
 //! `device_add` takes the device's properties beside `driver`, `bus` and
 //! `id`, as QEMU does (its schema declares only those three and lets the
-//! rest through): the monitor sets them aside with [`stash_properties`]
-//! before the strict decoder sees the request.
+//! rest through): it is registered with its own argument type,
+//! [`DeviceAddArgs`], which decodes the declared members strictly and keeps
+//! the others as the device's properties.
 //!
 //! `query-pci` lists bus 0 as the guest sees it (BARs where they decode
 //! now), so management software can follow what was plugged where.
 
-use std::cell::RefCell;
-
+use qapi_types::runtime::{CommandSpec, DecodeError, Decoder};
 use qapi_types::{
     cmd, event, Dispatcher, PciDeviceClass, PciDeviceId, PciDeviceInfo, PciInfo, PciMemoryRegion,
+    QapiType,
 };
-use qmp_proto::{QmpError, Request};
+use qmp_proto::QmpError;
 use serde_json::{Map, Value};
 
 use crate::cli::DeviceSpec;
@@ -37,43 +38,70 @@ const MMIO_BUS: &str = "virtio-mmio-bus.0";
 /// The members of device_add the schema declares.
 const DECLARED: [&str; 3] = ["driver", "bus", "id"];
 
-thread_local! {
-    /// Properties of the device_add being dispatched on this thread.
-    static PROPERTIES: RefCell<Map<String, Value>> = RefCell::new(Map::new());
+/// The arguments of `device_add`: the members the schema declares, decoded
+/// strictly, and every other member as a device property.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceAddArgs {
+    /// `driver`, `bus` and `id`.
+    pub declared: cmd::DeviceAddArguments,
+    /// The device's properties (`drive`, `num-queues`, ...).
+    pub properties: Map<String, Value>,
 }
 
-/// For a `device_add` request: keeps its device properties for the handler
-/// and returns the request with only the members the schema declares (so
-/// that the strict decoder checks those as QEMU does). Other requests: None.
-pub fn stash_properties(request: &Request) -> Option<Request> {
-    if request.command != "device_add" {
-        return None;
-    }
-    let mut declared = Map::new();
-    let mut props = Map::new();
-    for (k, v) in &request.arguments {
-        if DECLARED.contains(&k.as_str()) {
-            declared.insert(k.clone(), v.clone());
-        } else {
-            props.insert(k.clone(), v.clone());
+impl QapiType for DeviceAddArgs {
+    fn to_qmp(&self) -> Value {
+        let mut v = self.declared.to_qmp();
+        if let Value::Object(m) = &mut v {
+            m.extend(self.properties.clone());
         }
+        v
     }
-    PROPERTIES.with(|p| *p.borrow_mut() = props);
-    Some(Request {
-        arguments: declared,
-        ..request.clone()
-    })
+
+    fn from_qmp(v: Value, d: &mut Decoder) -> Result<Self, DecodeError> {
+        let Value::Object(all) = v else {
+            return cmd::DeviceAddArguments::from_qmp(v, d).map(|declared| DeviceAddArgs {
+                declared,
+                properties: Map::new(),
+            });
+        };
+        let (declared, properties): (Map<_, _>, Map<_, _>) = all
+            .into_iter()
+            .partition(|(k, _)| DECLARED.contains(&k.as_str()));
+        let declared = cmd::DeviceAddArguments::from_qmp(Value::Object(declared), d)?;
+        Ok(DeviceAddArgs {
+            declared,
+            properties,
+        })
+    }
 }
 
-fn take_properties() -> Map<String, Value> {
-    PROPERTIES.with(|p| std::mem::take(&mut *p.borrow_mut()))
+/// `device_add` with [`DeviceAddArgs`] (registered in place of the generated
+/// marker, whose strict decoder would refuse the device properties).
+pub struct DeviceAdd;
+
+impl CommandSpec for DeviceAdd {
+    const NAME: &'static str = "device_add";
+    type Args = DeviceAddArgs;
+    type Ret = ();
+    const ALLOW_OOB: bool = false;
+    const GROUP: &'static str = "misc";
+    const DEPRECATED: bool = false;
 }
 
 /// Registers `device_add` and `device_del` (with a guest only).
 pub fn register(d: &mut Dispatcher<Vmm>) {
-    d.register::<cmd::DeviceAdd>(|vmm, a| {
-        let props = take_properties();
-        device_add(vmm, &a.driver, a.bus.as_deref(), a.id.as_deref(), &props)
+    d.register::<DeviceAdd>(|vmm, a| {
+        let DeviceAddArgs {
+            declared,
+            properties,
+        } = a;
+        device_add(
+            vmm,
+            &declared.driver,
+            declared.bus.as_deref(),
+            declared.id.as_deref(),
+            &properties,
+        )
     });
     d.register::<cmd::DeviceDel>(|vmm, a| device_del(vmm, &a.id));
     d.register::<cmd::QueryPci>(|vmm, _| Ok(query_pci(vmm)));
@@ -351,36 +379,29 @@ mod tests {
 
     #[test]
     fn device_add_properties_are_set_aside_for_the_handler() {
-        let req = Request {
-            id: None,
-            command: "device_add".into(),
-            arguments: json!({"driver": "virtio-blk-pci", "id": "vd1", "drive": "d", "addr": 40})
-                .as_object()
-                .cloned()
-                .unwrap(),
-            oob: false,
-        };
-        let stripped = stash_properties(&req).unwrap();
+        let args = json!({"driver": "virtio-blk-pci", "id": "vd1", "drive": "d", "addr": 40});
+        let a = DeviceAddArgs::from_qmp(args.clone(), &mut Decoder::strict()).unwrap();
+        assert_eq!(a.declared.driver, "virtio-blk-pci");
+        assert_eq!(a.declared.id.as_deref(), Some("vd1"));
         assert_eq!(
-            Value::Object(stripped.arguments),
-            json!({"driver": "virtio-blk-pci", "id": "vd1"})
-        );
-        let props = take_properties();
-        assert_eq!(
-            Value::Object(props.clone()),
+            Value::Object(a.properties.clone()),
             json!({"drive": "d", "addr": 40})
         );
-        assert!(take_properties().is_empty(), "taken once");
+        assert_eq!(a.to_qmp(), args);
+        let props = a.properties;
         assert_eq!(property_text("addr", &props["addr"]).unwrap(), "5");
         assert_eq!(property_text("ioeventfd", &json!(false)).unwrap(), "off");
         assert_eq!(property_text("num-queues", &json!(2)).unwrap(), "2");
         assert!(property_text("addr", &json!(41)).is_err(), "function 1");
         assert!(property_text("drive", &json!("a,b")).is_err());
         assert!(property_text("drive", &json!({"x": 1})).is_err());
-        let other = Request {
-            command: "query-status".into(),
-            ..req
-        };
-        assert!(stash_properties(&other).is_none());
+    }
+
+    #[test]
+    fn device_add_declared_members_stay_strict() {
+        let e = DeviceAddArgs::from_qmp(json!({"id": "vd1"}), &mut Decoder::strict()).unwrap_err();
+        assert!(e.to_string().contains("driver"), "{e}");
+        let e = DeviceAddArgs::from_qmp(json!({"driver": 1}), &mut Decoder::strict()).unwrap_err();
+        assert!(e.to_string().contains("driver"), "{e}");
     }
 }

@@ -38,11 +38,7 @@ impl Handler for Call<'_> {
         // Descriptors that came with the request are there for getfd/add-fd;
         // whatever the command does not take is closed after it.
         self.vmm.fds.incoming = call.take_fds();
-        // device_add's device properties bypass the strict decoder.
-        let stashed = crate::hotplug::stash_properties(request);
-        let result = self
-            .dispatcher
-            .dispatch(self.vmm, stashed.as_ref().unwrap_or(request));
+        let result = self.dispatcher.dispatch(self.vmm, request);
         self.vmm.fds.incoming.clear();
         if self.vmm.quit {
             call.request_shutdown();
