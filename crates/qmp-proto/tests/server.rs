@@ -379,6 +379,35 @@ fn stale_sockets_are_replaced_live_ones_refused() {
 }
 
 #[test]
+fn the_socket_file_appears_only_once_it_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.sock");
+    let mut s = QmpServer::new(ServerConfig::new(SessionConfig::new(json!({}))));
+    s.add_unix_listener(&path).unwrap();
+    // Bound under a temporary name and renamed into place: only the socket
+    // is left, and it accepts connections.
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("q.sock")]);
+    std::os::unix::net::UnixStream::connect(&path).unwrap();
+    // A path too long for a temporary name is bound directly.
+    let long = dir
+        .path()
+        .join("l".repeat(100 - dir.path().as_os_str().len().min(99)));
+    let mut s2 = QmpServer::new(ServerConfig::new(SessionConfig::new(json!({}))));
+    if long.as_os_str().len() < 108 {
+        s2.add_unix_listener(&long).unwrap();
+        std::os::unix::net::UnixStream::connect(&long).unwrap();
+    }
+    drop(s);
+    drop(s2);
+    assert!(!path.exists());
+    assert!(!long.exists());
+}
+
+#[test]
 fn client_without_negotiation_sees_raw_errors() {
     let srv = TestServer::start();
     let mut c = Client::connect_unix_with(&srv.path, &no_negotiation()).unwrap();

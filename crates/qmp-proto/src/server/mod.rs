@@ -222,7 +222,7 @@ impl QmpServer {
                 ))
             }
         }
-        let listener = UnixListener::bind(path)?;
+        let listener = bind_then_publish(path)?;
         let md = std::fs::symlink_metadata(path)?;
         let unix_path = UnixPath {
             path: path.to_owned(),
@@ -774,4 +774,30 @@ impl Drop for QmpServer {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Binds a listening Unix socket at `path` so that the socket file appears
+/// only once it accepts connections: it is bound and listening under a
+/// temporary name in the same directory, then renamed into place (a client
+/// that waits for the file to exist is never refused). Where the temporary
+/// name would not fit in `sun_path`, it binds at `path` directly.
+fn bind_then_publish(path: &Path) -> io::Result<UnixListener> {
+    let Some(name) = path.file_name() else {
+        return UnixListener::bind(path);
+    };
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    // sun_path holds 108 bytes including the terminating NUL.
+    if tmp.as_os_str().len() >= 108 {
+        return UnixListener::bind(path);
+    }
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
 }
