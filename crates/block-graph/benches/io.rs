@@ -11,7 +11,7 @@
 //! and the table shows medians.
 //!
 //! `cargo bench -p block-graph --bench io -- [--quick] [--direct] [--dir DIR] [--rounds N]
-//! [--qemu-aio threads|native|io_uring]` (`--direct`: cache=none everywhere, on /var/tmp
+//! [--qemu-aio threads|native|io_uring] [--only TEXT]` (`--direct`: cache=none everywhere, on /var/tmp
 //! unless `--dir` says otherwise). Other modes: `--throttle` (accuracy at 10 MB/s and 1000
 //! IOPS over 10 s), `--mem [--vmm PATH]` (100 qcow2 nodes: this process, `vmm-reference
 //! --no-guest` and qemu-storage-daemon), `--uring`, `--one graph|crate read|write`.
@@ -335,6 +335,8 @@ fn main() {
         return;
     }
     let scale = if quick { 1 } else { 4 };
+    // `--only TEXT`: the cases whose name contains TEXT ("64k QD32", "write rand").
+    let only = arg_value(&args, "--only");
     let rounds: usize = arg_value(&args, "--rounds")
         .and_then(|v| v.parse().ok())
         .unwrap_or(5)
@@ -367,6 +369,12 @@ fn main() {
                         depth,
                         count: count / depth as u64 * depth as u64,
                     };
+                    if only
+                        .as_ref()
+                        .is_some_and(|o| !c.name().contains(o.as_str()))
+                    {
+                        continue;
+                    }
                     let (mut g, mut b, mut k, mut q) = (vec![], vec![], vec![], vec![]);
                     // Interleaved rounds: the machine is shared, so every path sees the
                     // same mix of load.

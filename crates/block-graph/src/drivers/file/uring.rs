@@ -54,7 +54,17 @@ pub fn run(ios: &[Io], out: &mut Vec<i32>) -> bool {
         };
         if slot.is_none() {
             match IoUring::new(ENTRIES as u32) {
-                Ok(r) => *slot = Some(r),
+                Ok(r) => {
+                    // I/O the kernel cannot start without blocking goes to the ring's
+                    // worker threads, by default at most 4 per CPU for files: allow one
+                    // per entry, so that the queue depth is real (QEMU's thread pool has
+                    // 64 workers). Older kernels lack the call; the default then stays.
+                    let mut max = [ENTRIES as u32, 0];
+                    if let Err(e) = r.submitter().register_iowq_max_workers(&mut max) {
+                        log::debug!("io_uring worker limit unchanged: {e}");
+                    }
+                    *slot = Some(r)
+                }
                 Err(e) => {
                     log::info!("io_uring unavailable ({e}): batches use preadv/pwritev");
                     UNAVAILABLE.store(true, Ordering::Relaxed);
@@ -110,7 +120,10 @@ fn submit_all(ring: &mut IoUring, ios: &[Io], out: &mut Vec<i32>) -> bool {
                 in_flight += 1;
             }
         }
-        match ring.submit_and_wait(1) {
+        // With nothing left to submit, wait for all that is in flight in one call;
+        // otherwise for the first completion, which frees a slot.
+        let want = if next == ios.len() { in_flight } else { 1 };
+        match ring.submit_and_wait(want) {
             Ok(_) => submitted = true,
             Err(e) if retryable(&e) => {}
             Err(e) if !submitted => {
