@@ -1,8 +1,10 @@
 //! End to end: drive-mirror, blockdev-mirror, drive-backup and blockdev-backup through QMP
 //! on a real socket of `vmm-reference --no-guest`, with the images judged by `qemu-img
-//! compare` and `qemu-img check`. Writes during the jobs are covered by the block-jobs unit
-//! tests (a BlockBackend writing while the job runs); here the point is the wire: commands,
-//! events, query-block after a pivot, transactions, incremental chains restored.
+//! compare` and `qemu-img check`: commands, events, query-block after a pivot, transactions,
+//! incremental chains restored. With KVM, the embedded guest writes (pass after pass of
+//! known patterns) during a mirror, which then pivots the guest to the target (whose content
+//! must be exactly a state of the guest's passes), and during a backup, which must equal a
+//! copy of the disk taken while the guest was stopped at the backup's start.
 
 mod common;
 
@@ -455,5 +457,202 @@ fn grouped_backup_transaction_and_blockdev_backup_errors() {
     assert!(
         check["compressed-clusters"].as_u64().unwrap_or(0) > 0,
         "{check}"
+    );
+}
+
+// ---- with the embedded guest writing ------------------------------------------------------
+
+const GUEST_DISK_CHUNKS: usize = 512; // the guest's 2 MiB disk in 4 KiB chunks
+
+/// A guest (KVM) writing pass after pass over its 2 MiB virtio-blk disk on `src.qcow2`
+/// (node `disk0`), its console on ringbuf `con`, after its first pass.
+fn guest_setup() -> (Setup, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.qcow2").to_str().unwrap().to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", &src, "2M"]);
+    let bd = format!("driver=qcow2,node-name=disk0,file.driver=file,file.filename={src}");
+    let vmm = Vmm::start_with(&[
+        "-m",
+        "32M",
+        "--blockdev",
+        &bd,
+        "--device",
+        "virtio-blk,drive=disk0,id=vd0",
+        "--chardev",
+        "ringbuf,id=con,size=65536",
+        "--serial",
+        "chardev:con",
+    ]);
+    let c = Client::new(&vmm);
+    let mut s = Setup { vmm, c, dir };
+    let mut out = String::new();
+    console_until(&mut s.c, &mut out, "pass 1 done");
+    (s, out)
+}
+
+/// Reads the guest's console until `text` appears, failing on a reported mismatch.
+fn console_until(c: &mut Client, out: &mut String, text: &str) {
+    let end = Instant::now() + Duration::from_secs(120);
+    while !out.contains(text) {
+        let r = c.ok("ringbuf-read", json!({"device": "con", "size": 65536}));
+        out.push_str(r.as_str().unwrap_or_default());
+        assert!(
+            !out.contains("MISMATCH") && !out.contains("I/O error"),
+            "{out}"
+        );
+        assert!(Instant::now() < end, "{text:?} not in 120 s:\n{out}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Passes the guest has finished according to its console.
+fn passes_done(out: &str) -> usize {
+    out.matches(" done, checksum").count()
+}
+
+/// The whole guest-visible content of `img` (qcow2), read by `qemu-img convert`.
+fn contents(img: &str, scratch: &std::path::Path) -> Vec<u8> {
+    let raw = scratch.join("contents.raw");
+    let raw = raw.to_str().unwrap();
+    qemu_img(&["convert", "-U", "-f", "qcow2", "-O", "raw", img, raw]);
+    let data = std::fs::read(raw).unwrap();
+    std::fs::remove_file(raw).unwrap();
+    data
+}
+
+/// Checks that `data` is a state the guest's disk went through: every 4 KiB chunk `i`
+/// filled with `(i + pass) & 0xff`, chunks `0..k` from some pass `p + 1` and the rest
+/// from pass `p` (the guest writes its chunks in order). Returns `(p, k)`.
+fn guest_state(data: &[u8]) -> (usize, usize) {
+    assert_eq!(data.len(), GUEST_DISK_CHUNKS * 4096);
+    let pass_of = |i: usize| -> usize {
+        let c = &data[i * 4096..(i + 1) * 4096];
+        assert!(
+            c.iter().all(|&b| b == c[0]),
+            "chunk {i} is not one pattern: a torn write"
+        );
+        (c[0] as usize + 256 - i % 256) % 256
+    };
+    let last = pass_of(GUEST_DISK_CHUNKS - 1);
+    let first = pass_of(0);
+    let k = (0..GUEST_DISK_CHUNKS)
+        .find(|&i| pass_of(i) != first)
+        .unwrap_or(GUEST_DISK_CHUNKS);
+    for i in 0..GUEST_DISK_CHUNKS {
+        let want = if i < k { first } else { last };
+        assert_eq!(
+            pass_of(i),
+            want,
+            "chunk {i}: not one point of the guest's passes"
+        );
+    }
+    if k < GUEST_DISK_CHUNKS {
+        assert_eq!(
+            first,
+            (last + 1) % 256,
+            "chunks 0..{k} are not the next pass"
+        );
+        (last, k)
+    } else {
+        (first, 0)
+    }
+}
+
+#[test]
+fn mirror_while_the_guest_writes_then_pivot() {
+    if !common::kvm_usable("mirror_while_the_guest_writes_then_pivot") {
+        return;
+    }
+    let (mut s, mut out) = guest_setup();
+    let t = s.path("t.qcow2");
+    // Slow enough that the guest rewrites chunks the job has already copied.
+    s.c.ok(
+        "drive-mirror",
+        json!({"device": "disk0", "target": t, "sync": "full", "format": "qcow2",
+               "job-id": "gm", "speed": 8 << 20}),
+    );
+    let before = passes_done(&out);
+    s.c.wait_event("BLOCK_JOB_READY", "gm");
+    // The guest keeps writing while the job is ready (writes mirrored to both).
+    console_until(&mut s.c, &mut out, &format!("pass {} done", before + 2));
+    assert!(
+        passes_done(&out) > before,
+        "the guest wrote nothing during the copy"
+    );
+    s.c.ok("block-job-complete", json!({"device": "gm"}));
+    let done = s.c.wait_event("BLOCK_JOB_COMPLETED", "gm");
+    assert!(done.get("error").is_none(), "{done}");
+    assert_eq!(s.c.device_file("vd0"), t);
+    // A whole pass after the pivot, written to the target and read back from it.
+    let pivot = passes_done(&out);
+    console_until(&mut s.c, &mut out, &format!("pass {} done", pivot + 2));
+    s.c.ok("stop", Value::Null);
+    std::thread::sleep(Duration::from_millis(200));
+    let r =
+        s.c.ok("ringbuf-read", json!({"device": "con", "size": 65536}));
+    out.push_str(r.as_str().unwrap_or_default());
+    assert!(!out.contains("MISMATCH"), "{out}");
+    let passes = passes_done(&out);
+    let src = s.path("src.qcow2");
+    let dir = quit(s);
+    qemu_img(&["check", "-q", &t]);
+    // The target holds exactly what the guest wrote: its last finished pass, and
+    // possibly part of the next one.
+    let (p, k) = guest_state(&contents(&t, dir.path()));
+    assert!(
+        p == passes % 256 || (p == (passes + 1) % 256 && k == 0),
+        "target holds pass {p} (+{k} chunks), the guest finished {passes}"
+    );
+    // The source stopped at the pivot: it is behind the target.
+    qemu_img(&["check", "-q", &src]);
+    assert!(!identical(&src, &t));
+}
+
+#[test]
+fn backup_while_the_guest_writes_is_point_in_time() {
+    if !common::kvm_usable("backup_while_the_guest_writes_is_point_in_time") {
+        return;
+    }
+    let (mut s, mut out) = guest_setup();
+    // A copy of the stopped guest's disk, made while nothing writes.
+    s.c.ok("stop", Value::Null);
+    std::thread::sleep(Duration::from_millis(100));
+    let (still, pit) = (s.path("still.qcow2"), s.path("pit.qcow2"));
+    s.c.ok(
+        "drive-backup",
+        json!({"device": "disk0", "target": still, "sync": "full", "format": "qcow2",
+               "job-id": "still"}),
+    );
+    let done = s.c.wait_event("BLOCK_JOB_COMPLETED", "still");
+    assert!(done.get("error").is_none(), "{done}");
+    // The backup under test starts at the same point, and the guest writes through it.
+    s.c.ok(
+        "transaction",
+        json!({"actions": [{"type": "drive-backup", "data": {"device": "disk0",
+            "target": pit, "sync": "full", "format": "qcow2", "job-id": "pit",
+            "speed": 1 << 20}}]}),
+    );
+    let before = passes_done(&out);
+    s.c.ok("cont", Value::Null);
+    let done = s.c.wait_event("BLOCK_JOB_COMPLETED", "pit");
+    assert!(done.get("error").is_none(), "{done}");
+    console_until(&mut s.c, &mut out, &format!("pass {} done", before + 1));
+    s.c.ok("stop", Value::Null);
+    let src = s.path("src.qcow2");
+    let dir = quit(s);
+    for img in [&still, &pit, &src] {
+        qemu_img(&["check", "-q", img]);
+    }
+    // The stopped state is a state of the guest's passes, the backup is exactly it,
+    // and the guest has moved on since.
+    let (p, k) = guest_state(&contents(&still, dir.path()));
+    assert!(p >= 1 && p + 1 >= before, "pass {p} (+{k}) before {before}");
+    assert!(
+        identical(&still, &pit),
+        "the backup is not the point in time"
+    );
+    assert!(
+        !identical(&src, &pit),
+        "the guest wrote nothing during the backup"
     );
 }
