@@ -460,6 +460,15 @@ fn pause_resume_verbs_and_cancel_at_random_moments() {
     );
     c.ok("block-job-resume", json!({"device": "p0"}));
     c.wait_status("p0", "running");
+    // Progress only grows, and never past the length.
+    let mut last = 0;
+    for _ in 0..10 {
+        let j = c.ok("query-block-jobs", json!({}))[0].clone();
+        let (o, l) = (j["offset"].as_u64().unwrap(), j["len"].as_u64().unwrap());
+        assert!(o >= last && o <= l, "offset {o} after {last}, len {l}");
+        last = o;
+        std::thread::sleep(Duration::from_millis(20));
+    }
     c.ok("block-job-set-speed", json!({"device": "p0", "speed": 0}));
     c.wait_status("p0", "null");
     c.quit(vmm);
