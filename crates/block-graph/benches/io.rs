@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use block_graph::batch::BatchReq;
-use block_graph::drivers::throttle::ThrottleNodeOptions;
 use block_graph::{BlockBackend, BlockGraph, DeviceAttach, WriteFlags};
 use qapi_types::{BlockdevOptions, QapiType};
 
@@ -112,11 +111,11 @@ fn open_graph(img: &str) -> (BlockGraph, Arc<BlockBackend>) {
     }))
     .unwrap();
     g.blockdev_add(&o).unwrap();
-    let t = ThrottleNodeOptions::from_qmp_strict(serde_json::json!({
+    let t = BlockdevOptions::from_qmp_strict(serde_json::json!({
         "driver": "throttle", "node-name": "t", "throttle-group": "unlimited", "file": "q"
     }))
     .unwrap();
-    let n = g.blockdev_add_throttle(&t).unwrap();
+    let n = g.blockdev_add(&t).unwrap();
     let be = g.create_backend("d", Some(&n), Default::default()).unwrap();
     g.attach_device(
         &be,
@@ -600,11 +599,11 @@ fn throttle_accuracy() {
                 serde_json::json!({ "limits": limits }),
             )
             .unwrap();
-            let t = ThrottleNodeOptions::from_qmp_strict(serde_json::json!({
+            let t = BlockdevOptions::from_qmp_strict(serde_json::json!({
                 "driver": "throttle", "node-name": "t", "throttle-group": "tg", "file": "n"
             }))
             .unwrap();
-            n = g.blockdev_add_throttle(&t).unwrap();
+            n = g.blockdev_add(&t).unwrap();
         }
         let be = g.create_backend("d", Some(&n), Default::default()).unwrap();
         g.attach_device(

@@ -199,6 +199,11 @@ pub(crate) fn open_driver(
         }
         BlockdevOptionsBranch::Qcow2(q) => qcow2::open(ctx, q),
         BlockdevOptionsBranch::CopyBeforeWrite(c) => copy_before_write::open(ctx, c),
+        BlockdevOptionsBranch::Throttle(t) => Ok(Box::new(throttle::ThrottleDriver::open(
+            ctx,
+            &t.throttle_group,
+            &t.file,
+        )?)),
         BlockdevOptionsBranch::Blkdebug(b) => blkdebug::open(ctx, b),
         BlockdevOptionsBranch::Quorum(q) => quorum::open(ctx, q),
         BlockdevOptionsBranch::Blkverify(b) => quorum::open_blkverify(ctx, b),

@@ -4,9 +4,8 @@
 //! `throttle-group`), or by `block_set_io_throttle` with that `group` (the node then shares
 //! the buckets with those BlockBackends, as in QEMU).
 //!
-//! The schema's `BlockdevDriver` does not list `throttle` yet, so the options come in a type
-//! of this module, [`ThrottleNodeOptions`], which `blockdev-add` decodes when `driver` is
-//! `throttle` (see `crate::qmp`), and [`BlockGraph::blockdev_add_throttle`] opens.
+//! Its options are the schema's `BlockdevOptionsThrottle`, so a throttle node is created like
+//! any other: `blockdev-add`, `--blockdev`, or an inline child definition.
 //!
 //! A request that must wait sleeps on its own thread. While a root above the node is drained,
 //! waiting requests pass at once (QEMU's `throttle_co_drain_begin`), so drain completes.
@@ -14,8 +13,7 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::{Arc, OnceLock, Weak};
 
-use qapi_types::runtime::{DecodeError, Decoder};
-use qapi_types::{BlockdevOptions, BlockdevOptionsBranch, BlockdevRef, QapiType};
+use qapi_types::BlockdevRef;
 use serde_json::Value;
 
 use crate::driver::{
@@ -26,7 +24,6 @@ use crate::error::{BlockError, Result};
 use crate::graph::BlockGraph;
 use crate::iov::{iov_len, iov_len_mut};
 use crate::node::{Edge, Node, Parent};
-use crate::options::Inherit;
 use crate::perm::ChildRole;
 use crate::throttle::ThrottleGroup;
 
@@ -150,98 +147,7 @@ impl BlockDriver for ThrottleDriver {
     }
 }
 
-/// The options of a `throttle` node: the generic options of every node (`node-name`,
-/// `read-only`, `cache`, ...), `file` and `throttle-group`, as QEMU 7.x's
-/// `BlockdevOptionsThrottle`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ThrottleNodeOptions {
-    /// The generic options; the driver branch carries `file` (it is decoded as `raw`
-    /// without `offset` and `size`, which has the same members).
-    generic: BlockdevOptions,
-    /// The group's name.
-    pub throttle_group: String,
-}
-
-impl ThrottleNodeOptions {
-    /// The `file` child's reference or definition.
-    pub fn file(&self) -> &BlockdevRef {
-        match &self.generic.driver {
-            BlockdevOptionsBranch::Raw(r) => &r.file,
-            _ => unreachable!("decoded as raw"),
-        }
-    }
-
-    /// The generic options (`node-name`, `read-only`, `cache`, ...).
-    pub fn generic(&self) -> &BlockdevOptions {
-        &self.generic
-    }
-
-    /// Decodes `{"driver": "throttle", "throttle-group": ..., "file": ..., ...}` with QEMU's
-    /// error messages.
-    pub fn from_qmp_strict(v: Value) -> std::result::Result<Self, DecodeError> {
-        Self::from_qmp(v, &mut Decoder::strict())
-    }
-}
-
-impl QapiType for ThrottleNodeOptions {
-    fn to_qmp(&self) -> Value {
-        let mut v = self.generic.to_qmp();
-        if let Value::Object(m) = &mut v {
-            m.insert("driver".into(), "throttle".into());
-            m.insert("throttle-group".into(), self.throttle_group.clone().into());
-        }
-        v
-    }
-
-    fn from_qmp(v: Value, d: &mut Decoder) -> std::result::Result<Self, DecodeError> {
-        let mut m = d.object(v)?;
-        let group: String = d.member(&mut m, "throttle-group")?;
-        for k in ["offset", "size"] {
-            if m.contains_key(k) {
-                return Err(DecodeError(format!("Parameter '{k}' is unexpected")));
-            }
-        }
-        if m.get("driver").and_then(Value::as_str) != Some("throttle") {
-            return Err(d.invalid_type("throttle options"));
-        }
-        m.insert("driver".into(), "raw".into());
-        let generic = BlockdevOptions::from_qmp(Value::Object(m), d)?;
-        Ok(ThrottleNodeOptions {
-            generic,
-            throttle_group: group,
-        })
-    }
-}
-
-/// Whether blockdev-add arguments name the `throttle` driver.
-pub fn is_throttle_options(v: &Value) -> bool {
-    v.get("driver").and_then(Value::as_str) == Some("throttle")
-}
-
 impl BlockGraph {
-    /// `blockdev-add` of a `throttle` node (`node-name` is mandatory; the monitor owns the
-    /// node until `blockdev-del`).
-    pub fn blockdev_add_throttle(&mut self, opts: &ThrottleNodeOptions) -> Result<Arc<Node>> {
-        if opts.generic.id.is_some() {
-            return Err(BlockError::generic(
-                "'id' is not supported with driver 'throttle': create the node, then a \
-                 backend or device on it",
-            ));
-        }
-        if opts.generic.node_name.is_none() {
-            return Err(BlockError::generic(
-                "'node-name' must be specified for the root node",
-            ));
-        }
-        let group = opts.throttle_group.clone();
-        let file = opts.file().clone();
-        let node = self.open_node_with(&opts.generic, &Inherit::top(), false, |ctx, _| {
-            Ok(Box::new(ThrottleDriver::open(ctx, &group, &file)?))
-        })?;
-        self.monitor_owned.push(node.clone());
-        Ok(node)
-    }
-
     /// `object-add`: creates a `throttle-group` object `id` from its QOM properties
     /// (`limits`, or the legacy `x-` members). Other object types are refused.
     pub fn object_add(&mut self, qom_type: &str, id: &str, props: Value) -> Result<()> {
@@ -283,6 +189,7 @@ impl BlockGraph {
 mod tests {
     use super::*;
     use crate::WriteFlags;
+    use qapi_types::{BlockdevOptions, BlockdevOptionsBranch, QapiType};
     use serde_json::json;
     use std::time::{Duration, Instant};
 
@@ -296,13 +203,13 @@ mod tests {
         g
     }
 
-    fn topts(v: Value) -> ThrottleNodeOptions {
-        ThrottleNodeOptions::from_qmp_strict(v).unwrap()
+    fn topts(v: Value) -> BlockdevOptions {
+        BlockdevOptions::from_qmp_strict(v).unwrap()
     }
 
     #[test]
     fn options_decode_with_qemus_errors() {
-        let e = |v| ThrottleNodeOptions::from_qmp_strict(v).unwrap_err().0;
+        let e = |v| BlockdevOptions::from_qmp_strict(v).unwrap_err().0;
         assert_eq!(
             e(json!({"driver": "throttle", "node-name": "t", "file": "n0"})),
             "Parameter 'throttle-group' is missing"
@@ -323,8 +230,11 @@ mod tests {
             json!({"driver": "throttle", "throttle-group": "g", "file": "n0",
                              "node-name": "t", "read-only": true}),
         );
-        assert_eq!(o.throttle_group, "g");
-        assert_eq!(o.generic().read_only, Some(true));
+        match &o.driver {
+            BlockdevOptionsBranch::Throttle(t) => assert_eq!(t.throttle_group, "g"),
+            other => panic!("decoded as {other:?}"),
+        }
+        assert_eq!(o.read_only, Some(true));
         assert_eq!(o.to_qmp()["driver"], "throttle");
         assert_eq!(o.to_qmp()["throttle-group"], "g");
     }
@@ -335,7 +245,7 @@ mod tests {
         let t = topts(json!({"driver": "throttle", "node-name": "t0",
                              "throttle-group": "tg0", "file": "n0"}));
         assert_eq!(
-            g.blockdev_add_throttle(&t).unwrap_err().to_string(),
+            g.blockdev_add(&t).unwrap_err().to_string(),
             "Throttle group 'tg0' does not exist"
         );
         assert_eq!(
@@ -386,7 +296,7 @@ mod tests {
                 .to_string(),
             "attempt to add duplicate property 'tg0' to object (type 'container')"
         );
-        let n = g.blockdev_add_throttle(&t).unwrap();
+        let n = g.blockdev_add(&t).unwrap();
         assert_eq!(n.driver_name(), "throttle");
         assert!(n.driver().is_filter());
         assert_eq!(n.length(), 1 << 20);
@@ -415,7 +325,7 @@ mod tests {
         .unwrap();
         let t = topts(json!({"driver": "throttle", "node-name": "t",
                              "throttle-group": "tg", "file": "n0"}));
-        let n = g.blockdev_add_throttle(&t).unwrap();
+        let n = g.blockdev_add(&t).unwrap();
         let be = g.create_backend("d", Some(&n), Default::default()).unwrap();
         g.attach_device(
             &be,
@@ -468,7 +378,7 @@ mod tests {
         g.object_add("throttle-group", "free", json!({})).unwrap();
         let t = topts(json!({"driver": "throttle", "node-name": "t",
                              "throttle-group": "free", "file": "n0"}));
-        let n = g.blockdev_add_throttle(&t).unwrap();
+        let n = g.blockdev_add(&t).unwrap();
         let be = g
             .new_root(&n, crate::Perm::CONSISTENT_READ, crate::Perm::ALL, "test")
             .unwrap();

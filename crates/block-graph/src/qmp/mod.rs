@@ -62,60 +62,12 @@ impl QapiType for BlockdevAddArgs {
     }
 }
 
-/// The arguments `blockdev-add` takes: [`BlockdevAddArgs`], or the options of a `throttle`
-/// node (a driver QEMU 7.x has and the schema's `BlockdevDriver` does not list yet).
-#[derive(Debug, Clone, PartialEq)]
-pub enum BlockdevAddRequest {
-    /// Options of a driver the schema declares.
-    Options(BlockdevOptions),
-    /// A `throttle` filter node.
-    Throttle(crate::drivers::throttle::ThrottleNodeOptions),
-}
-
-impl QapiType for BlockdevAddRequest {
-    fn to_qmp(&self) -> Value {
-        match self {
-            BlockdevAddRequest::Options(o) => o.to_qmp(),
-            BlockdevAddRequest::Throttle(t) => t.to_qmp(),
-        }
-    }
-
-    fn from_qmp(v: Value, d: &mut Decoder) -> Result<Self, DecodeError> {
-        use crate::drivers::throttle::{is_throttle_options, ThrottleNodeOptions};
-        if let Value::Object(m) = &v {
-            if m.len() == 1 && m.get("options").is_some_and(Value::is_object) {
-                let mut m = m.clone();
-                if m.get("options").is_some_and(is_throttle_options) {
-                    let t: ThrottleNodeOptions = d.member(&mut m, "options")?;
-                    return Ok(BlockdevAddRequest::Throttle(t));
-                }
-            }
-        }
-        if is_throttle_options(&v) {
-            return ThrottleNodeOptions::from_qmp(v, d).map(BlockdevAddRequest::Throttle);
-        }
-        BlockdevAddArgs::from_qmp(v, d).map(|a| BlockdevAddRequest::Options(a.0))
-    }
-}
-
 /// `blockdev-add` with [`BlockdevAddArgs`] (registered in place of the generated marker).
 pub struct BlockdevAdd;
 
 impl CommandSpec for BlockdevAdd {
     const NAME: &'static str = "blockdev-add";
     type Args = BlockdevAddArgs;
-    type Ret = ();
-    const ALLOW_OOB: bool = false;
-    const GROUP: &'static str = "block-core";
-    const DEPRECATED: bool = false;
-}
-
-/// `blockdev-add` with [`BlockdevAddRequest`] (what [`register`] installs).
-pub struct BlockdevAddAny;
-
-impl CommandSpec for BlockdevAddAny {
-    const NAME: &'static str = "blockdev-add";
-    type Args = BlockdevAddRequest;
     type Ret = ();
     const ALLOW_OOB: bool = false;
     const GROUP: &'static str = "block-core";
@@ -214,10 +166,7 @@ pub const COMMANDS: &[&str] = &[
 
 /// Registers the block commands on `d`; `get` finds the graph in the dispatcher's context.
 pub fn register<C: 'static>(d: &mut Dispatcher<C>, get: fn(&mut C) -> &mut BlockGraph) {
-    d.register::<BlockdevAddAny>(move |c, a| match a {
-        BlockdevAddRequest::Options(o) => q(get(c).blockdev_add(&o).map(|_| ())),
-        BlockdevAddRequest::Throttle(t) => q(get(c).blockdev_add_throttle(&t).map(|_| ())),
-    });
+    d.register::<BlockdevAdd>(move |c, a| q(get(c).blockdev_add(&a.0).map(|_| ())));
     d.register::<ObjectAdd>(move |c, a| q(get(c).object_add(&a.qom_type, &a.id, a.props)));
     d.register::<cmd::ObjectDel>(move |c, a| q(get(c).object_del(&a.id)));
     d.register::<cmd::BlockdevDel>(move |c, a| q(get(c).blockdev_del(&a.node_name)));
