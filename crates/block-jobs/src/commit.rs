@@ -27,7 +27,7 @@ use qapi_types::{BlockdevOnError, JobType};
 use crate::chain::{
     chain_contains, chain_until, find_backing_image, find_base, Exclusive, JobRoot,
 };
-use crate::copy::{copy_range, OnIgnore, RunError};
+use crate::copy::{copy_data, copy_range, whole_run, OnIgnore, RunError};
 use crate::engine::{ErrorAction, JobContext, JobDriver};
 use crate::error::{JobError, Result};
 use crate::registry::Jobs;
@@ -90,16 +90,7 @@ impl CommitJob {
         if !st.allocated {
             return Ok((n, false));
         }
-        if st.zero {
-            dst.write_zeroes(off, n).map_err(RunError::write)?;
-            return Ok((n, true));
-        }
-        if buf.len() < n as usize {
-            buf.resize(n as usize, 0);
-        }
-        let b = &mut buf[..n as usize];
-        src.read(off, b).map_err(RunError::read)?;
-        dst.write(off, b).map_err(RunError::write)?;
+        copy_data(src, dst, buf, off, n, st.zero)?;
         Ok((n, true))
     }
 
@@ -138,16 +129,7 @@ impl CommitJob {
             MAX_CHUNK,
             &self.on_error,
             OnIgnore::Retry,
-            |off, n, buf| {
-                let mut done = 0;
-                let mut copied = false;
-                while done < n {
-                    let (k, c) = this.copy_prefix(&src, &dst, buf, off + done, n - done)?;
-                    done += k;
-                    copied |= c;
-                }
-                Ok(copied)
-            },
+            |off, n, buf| whole_run(off, n, |o, l| this.copy_prefix(&src, &dst, buf, o, l)),
         )?;
         dst.flush()?;
         Ok(())
@@ -233,21 +215,8 @@ impl CommitJob {
             OnIgnore::Retry,
             |off, n, buf| {
                 bm.reset_range(off, n);
-                let mut done = 0;
-                let mut copied = false;
-                while done < n {
-                    match this.copy_prefix(&src2, &dst2, buf, off + done, n - done) {
-                        Ok((k, c)) => {
-                            done += k;
-                            copied |= c;
-                        }
-                        Err(e) => {
-                            bm.set_range(off, n);
-                            return Err(e);
-                        }
-                    }
-                }
-                Ok(copied)
+                whole_run(off, n, |o, l| this.copy_prefix(&src2, &dst2, buf, o, l))
+                    .inspect_err(|_| bm.set_range(off, n))
             },
         )?;
         ctx.progress_set_remaining(bm.count());

@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use block_graph::BlockError;
 use qapi_types::BlockdevOnError;
 
+use crate::chain::JobRoot;
 use crate::engine::{ErrorAction, JobContext};
 use crate::error::Result;
 
@@ -158,4 +159,48 @@ fn drive(
         Some(e) => Err(e.into()),
         None => Ok(()),
     }
+}
+
+/// Copies `[off, off + n)` from `src` to `dst` as block-status described it: write-zeroes
+/// when it reads as zero, else read and write through `buf` (grown once to the largest
+/// run).
+pub fn copy_data(
+    src: &JobRoot,
+    dst: &JobRoot,
+    buf: &mut Vec<u8>,
+    off: u64,
+    n: u64,
+    zero: bool,
+) -> std::result::Result<(), RunError> {
+    if zero {
+        return dst.write_zeroes(off, n).map_err(RunError::write);
+    }
+    if buf.len() < n as usize {
+        buf.resize(n as usize, 0);
+    }
+    let b = &mut buf[..n as usize];
+    src.read(off, b).map_err(RunError::read)?;
+    dst.write(off, b).map_err(RunError::write)
+}
+
+/// Runs `step(offset, len)`, which handles a prefix of the range it is given (returning
+/// the prefix's length and whether it wrote), until `[off, off + n)` is done; returns
+/// whether anything was written.
+pub fn whole_run(
+    off: u64,
+    n: u64,
+    mut step: impl FnMut(u64, u64) -> std::result::Result<(u64, bool), RunError>,
+) -> std::result::Result<bool, RunError> {
+    let mut done = 0;
+    let mut copied = false;
+    while done < n {
+        let (k, c) = step(off + done, n - done)?;
+        if k == 0 {
+            // Block-status never answers an empty prefix; refuse to loop forever.
+            return Err(RunError::read(BlockError::errno(libc::EIO)));
+        }
+        done += k.min(n - done);
+        copied |= c;
+    }
+    Ok(copied)
 }

@@ -581,20 +581,30 @@ fn grouped_transaction_aborts_together() {
 
 #[test]
 fn rate_limit_through_the_engine_within_five_percent() {
+    // 4 MB at 4 MB/s in 40 kB steps: 1 s. Never faster than 5 % above the rate; slower
+    // only when the machine starves the job's thread, so a slow run is measured again.
     let (mut g, jobs) = setup();
-    // 4 MB at 4 MB/s in 40 kB steps: 1 s.
-    let mut d = Steps::new(100);
-    d.step = 40_000;
-    let mut spec = JobSpec::new("rl");
-    spec.speed = 4_000_000;
-    let t = Instant::now();
-    start(&jobs, &g, spec, d);
-    jobs.wait_finished(&mut g, "rl", Duration::from_secs(10));
-    let rate = 4_000_000.0 / t.elapsed().as_secs_f64();
-    assert!(
-        (rate - 4_000_000.0).abs() / 4_000_000.0 < 0.05,
-        "measured {rate} B/s for 4000000"
-    );
+    let mut rates = Vec::new();
+    for round in 0..3 {
+        let mut d = Steps::new(100);
+        d.step = 40_000;
+        let id = format!("rl{round}");
+        let mut spec = JobSpec::new(id.clone());
+        spec.speed = 4_000_000;
+        let t = Instant::now();
+        start(&jobs, &g, spec, d);
+        jobs.wait_finished(&mut g, &id, Duration::from_secs(10));
+        let rate = 4_000_000.0 / t.elapsed().as_secs_f64();
+        assert!(
+            rate < 4_000_000.0 * 1.05,
+            "too fast: {rate} B/s for 4000000"
+        );
+        rates.push(rate);
+        if rate > 4_000_000.0 * 0.95 {
+            return;
+        }
+    }
+    panic!("slower than 5 % below the rate in every round: {rates:?}");
 }
 
 #[test]

@@ -14,7 +14,7 @@ use qapi_types::cmd::BlockStreamArguments;
 use qapi_types::{BlockdevOnError, JobType};
 
 use crate::chain::{chain_contains, chain_until, find_backing_image, Exclusive, JobRoot};
-use crate::copy::{copy_range, OnIgnore, RunError};
+use crate::copy::{copy_data, copy_range, whole_run, OnIgnore, RunError};
 use crate::engine::{JobContext, JobDriver, JobSpec};
 use crate::error::{JobError, Result};
 use crate::registry::Jobs;
@@ -64,16 +64,7 @@ impl StreamJob {
         if !(st.allocated && st.depth > 0) {
             return Ok((n, false));
         }
-        if st.zero {
-            root.write_zeroes(off, n).map_err(RunError::write)?;
-            return Ok((n, true));
-        }
-        if buf.len() < n as usize {
-            buf.resize(n as usize, 0);
-        }
-        let b = &mut buf[..n as usize];
-        root.read(off, b).map_err(RunError::read)?;
-        root.write(off, b).map_err(RunError::write)?;
+        copy_data(root, root, buf, off, n, st.zero)?;
         Ok((n, true))
     }
 }
@@ -94,16 +85,7 @@ impl JobDriver for StreamJob {
             MAX_CHUNK,
             &self.on_error,
             OnIgnore::SkipAndFail,
-            |off, n, buf| {
-                let mut done = 0;
-                let mut copied = false;
-                while done < n {
-                    let (k, c) = this.copy_prefix(&root, buf, off + done, n - done)?;
-                    done += k;
-                    copied |= c;
-                }
-                Ok(copied)
-            },
+            |off, n, buf| whole_run(off, n, |o, l| this.copy_prefix(&root, buf, o, l)),
         )?;
         root.flush()?;
         Ok(())
