@@ -116,3 +116,50 @@ impl BlockGraph {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::DeviceAttach;
+    use serde_json::json;
+
+    #[test]
+    fn filter_shares_everything_below_a_device_and_goes_away() {
+        let mut g = BlockGraph::new();
+        let o = qapi_types::BlockdevOptions::from_qmp_strict(
+            json!({"driver": "null-co", "node-name": "n0", "size": 1 << 20}),
+        )
+        .unwrap();
+        let n0 = g.blockdev_add(&o).unwrap();
+        let be = g
+            .create_backend("disk0", Some(&n0), Default::default())
+            .unwrap();
+        g.attach_device(
+            &be,
+            DeviceAttach {
+                id: "vd0".into(),
+                read_only: false,
+                share_rw: false,
+                resizable: false,
+                removable: false,
+                has_tray: false,
+            },
+        )
+        .unwrap();
+        // The device does not share write: a second writer is refused...
+        assert!(g.new_root(&n0, Perm::WRITE, Perm::ALL, "job").is_err());
+        // ...until the filter stands between them.
+        let f = g.insert_job_filter(&n0, "mirror_top").unwrap();
+        assert!(f.is_implicit() && f.driver().is_filter());
+        assert!(Arc::ptr_eq(&be.root_node().unwrap(), &f));
+        let job = g.new_root(&n0, Perm::WRITE, Perm::ALL, "job").unwrap();
+        be.write_buf(0, &[7u8; 512], WriteFlags::default()).unwrap();
+        let mut b = [0u8; 512];
+        job.read_buf(0, &mut b).unwrap();
+        g.release_root(&job);
+        g.replace_job_filter(&f, &n0).unwrap();
+        assert!(Arc::ptr_eq(&be.root_node().unwrap(), &n0));
+        drop(f);
+        assert!(g.nodes().iter().all(|n| n.name() == "n0"));
+    }
+}
