@@ -341,4 +341,42 @@ pub trait BlockDriver: Send + Sync {
     fn close(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Copy offload, source side (QEMU's `bdrv_co_copy_range_from`): finds where the data
+    /// of `[offset, offset + len)` lives in a host file, for as many bytes from `offset` as
+    /// are contiguous there, and hands that extent to `to` (the target side) while the
+    /// mapping is held valid. Returns the bytes copied from `offset`: 0 when the kernel
+    /// cannot copy them (zeros, backing data, compressed clusters, `O_DIRECT`, drivers
+    /// without the support: the default). See [`crate::copy_range`].
+    fn copy_range_from(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _to: &mut dyn FnMut(&CopyExtent) -> Result<()>,
+    ) -> Result<u64> {
+        Ok(0)
+    }
+
+    /// Whether [`BlockDriver::copy_range_to`] can be called (the default: no).
+    fn can_copy_range_to(&self) -> bool {
+        false
+    }
+
+    /// Copy offload, target side (QEMU's `bdrv_co_copy_range_to`): writes the whole of
+    /// `src` at `offset`, or fails. The default refuses with `ENOTSUP`.
+    fn copy_range_to(&self, _offset: u64, _src: &CopyExtent) -> Result<()> {
+        Err(BlockError::errno(libc::ENOTSUP))
+    }
+}
+
+/// A range of a host file that a copy offload reads (see
+/// [`BlockDriver::copy_range_from`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyExtent {
+    /// The file's descriptor, valid while the node that returned it stays open.
+    pub fd: std::os::fd::RawFd,
+    /// Offset of the range in the file.
+    pub offset: u64,
+    /// Length of the range in bytes.
+    pub len: u64,
 }

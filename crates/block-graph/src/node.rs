@@ -460,6 +460,42 @@ impl Node {
         Ok(())
     }
 
+    /// Copy offload, source side, through this node's generic layer (see
+    /// [`crate::copy_range`]): 0 bytes past the end or where the driver can't.
+    pub(crate) fn copy_range_from(
+        &self,
+        offset: u64,
+        len: u64,
+        to: &mut dyn FnMut(&crate::driver::CopyExtent) -> Result<()>,
+    ) -> Result<u64> {
+        Self::check_request(offset, len)?;
+        let _f = InFlight::new(&self.in_flight);
+        if len == 0 || offset + len > self.length() {
+            return Ok(0);
+        }
+        self.driver.copy_range_from(offset, len, to)
+    }
+
+    /// Copy offload, target side: writes `src` at `offset` as [`Node::write`] would write
+    /// its data (drain tracking, threshold, dirty bitmaps, growth).
+    pub(crate) fn copy_range_to(&self, offset: u64, src: &crate::driver::CopyExtent) -> Result<()> {
+        let len = src.len;
+        Self::check_request(offset, len)?;
+        if self.is_read_only() {
+            return Err(BlockError::errno(libc::EACCES));
+        }
+        let _f = InFlight::new(&self.in_flight);
+        if len == 0 {
+            return Ok(());
+        }
+        self.check_threshold(offset, len);
+        let r = self.driver.copy_range_to(offset, src);
+        self.mark_dirty(offset, len);
+        r?;
+        self.finish_write(offset, len, offset + len > self.length());
+        Ok(())
+    }
+
     fn run_one(&self, r: &mut BatchReq<'_>) -> Result<()> {
         let offset = r.offset;
         match &mut r.buf {

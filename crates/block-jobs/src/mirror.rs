@@ -557,6 +557,16 @@ fn copy_run(
     unmap: bool,
     scratch: &mut Vec<u8>,
 ) -> RunResult {
+    // The kernel copies what it can (copy offload), the rest is read and written.
+    let n = block_graph::copy_range::copy_range_backends(src, tgt, r.offset, r.len)
+        .map_err(|e| (e.is_read, e.error))?;
+    if n == r.len {
+        return Ok(());
+    }
+    let r = Run {
+        offset: r.offset + n,
+        len: r.len - n,
+    };
     scratch.resize(r.len as usize, 0);
     let buf = &mut scratch[..];
     src.read_buf(r.offset, buf).map_err(|e| (true, e))?;

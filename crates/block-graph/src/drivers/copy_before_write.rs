@@ -286,6 +286,22 @@ impl BlockCopy {
     }
 
     fn copy_run(&self, offset: u64, len: u64) -> std::result::Result<(), (bool, BlockError)> {
+        // The kernel copies what it can (copy offload), the rest is read and written.
+        let off = if self.compress.load(Ordering::Relaxed) {
+            0
+        } else {
+            crate::copy_range::copy_range(&self.source, &self.target, offset, len)
+                .map_err(|e| (e.is_read, e.error))?
+        };
+        if off < len {
+            self.copy_buffered(offset + off, len - off)?;
+        }
+        self.copied.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Copies by reading into a buffer and writing it (zeros as write-zeroes).
+    fn copy_buffered(&self, offset: u64, len: u64) -> std::result::Result<(), (bool, BlockError)> {
         thread_local! {
             // A buffer per thread, reused: no allocation (and page faults) per copy.
             static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
@@ -301,9 +317,7 @@ impl BlockCopy {
         if buf.capacity() <= 4 * MAX_CHUNK as usize {
             SCRATCH.with(|c| c.set(buf));
         }
-        r?;
-        self.copied.fetch_add(len, Ordering::Relaxed);
-        Ok(())
+        r
     }
 
     fn write_target(&self, offset: u64, buf: &[u8]) -> Result<()> {

@@ -15,7 +15,7 @@ use qcow2::AlignedBuf;
 pub(crate) mod uring;
 
 use crate::batch::{run_one, BatchBuf, BatchReq};
-use crate::driver::{BlockDriver, DriverStatus, StatusKind, WriteFlags, ZeroFlags};
+use crate::driver::{BlockDriver, CopyExtent, DriverStatus, StatusKind, WriteFlags, ZeroFlags};
 use crate::error::{BlockError, Result};
 use crate::iov::{copy_from_iov, copy_to_iov, iov_len, iov_len_mut};
 use crate::node::mlock;
@@ -513,6 +513,35 @@ impl BlockDriver for FileDriver {
         for (r, &res) in reqs.iter_mut().filter(|r| r.is_pending()).zip(&out) {
             r.result = Some(self.finish_batched(r, res));
         }
+    }
+
+    fn copy_range_from(
+        &self,
+        offset: u64,
+        len: u64,
+        to: &mut dyn FnMut(&CopyExtent) -> Result<()>,
+    ) -> Result<u64> {
+        // Through the page cache only: O_DIRECT files keep their bounce-buffer paths.
+        if self.align != 1 {
+            return Ok(0);
+        }
+        to(&CopyExtent {
+            fd: self.file.as_raw_fd(),
+            offset,
+            len,
+        })?;
+        Ok(len)
+    }
+
+    fn can_copy_range_to(&self) -> bool {
+        self.align == 1
+    }
+
+    fn copy_range_to(&self, offset: u64, src: &CopyExtent) -> Result<()> {
+        if self.align != 1 {
+            return Err(BlockError::errno(libc::ENOTSUP));
+        }
+        crate::copy_range::copy_file_range_full(src, self.file.as_raw_fd(), offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {

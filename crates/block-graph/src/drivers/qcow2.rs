@@ -21,7 +21,7 @@ use qapi_types::{
 use super::OpenCtx;
 use crate::bitmap::StoredBitmap;
 use crate::driver::{
-    BlockDriver, DriverImageInfo, DriverStatus, StatusKind, WriteFlags, ZeroFlags,
+    BlockDriver, CopyExtent, DriverImageInfo, DriverStatus, StatusKind, WriteFlags, ZeroFlags,
 };
 use crate::error::{BlockError, Result};
 use crate::events::EventQueue;
@@ -439,6 +439,55 @@ impl BlockDriver for Qcow2Driver {
         }
         if flags.fua {
             self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn copy_range_from(
+        &self,
+        offset: u64,
+        len: u64,
+        to: &mut dyn FnMut(&CopyExtent) -> Result<()>,
+    ) -> Result<u64> {
+        // Held while the data file range is copied: no exclusive operation moves it.
+        let _g = self.img.io_guard();
+        let m = self.img.map(offset, len).map_err(BlockError::from)?;
+        match m.kind {
+            MappingKind::Data { host_offset } => {
+                self.file.debug_event(BlkdebugEvent::ReadAio);
+                self.data
+                    .with_node(|n| n.copy_range_from(host_offset, m.len, to))
+            }
+            _ => Ok(0),
+        }
+    }
+
+    fn can_copy_range_to(&self) -> bool {
+        self.data.with_node(|n| n.driver().can_copy_range_to())
+    }
+
+    fn copy_range_to(&self, offset: u64, src: &CopyExtent) -> Result<()> {
+        let mut done = 0u64;
+        while done < src.len {
+            // Clusters allocated (or found) as for a write, the data copied by the data
+            // file's driver, then the mapping published.
+            let plan = self
+                .img
+                .prepare_write(offset + done, src.len - done)
+                .map_err(BlockError::from)?;
+            let part = CopyExtent {
+                fd: src.fd,
+                offset: src.offset + done,
+                len: plan.len,
+            };
+            self.file.debug_event(BlkdebugEvent::WriteAio);
+            for (h, b) in &plan.cow {
+                self.data.write_buf(*h, b, WriteFlags::default())?;
+            }
+            self.data
+                .with_node(|n| n.copy_range_to(plan.host_offset, &part))?;
+            done += plan.len;
+            self.img.commit_write(plan).map_err(BlockError::from)?;
         }
         Ok(())
     }
