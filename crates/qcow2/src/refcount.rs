@@ -598,6 +598,9 @@ impl Refcounts {
                 "the header cluster has refcount 0".into(),
             ));
         }
+        // Clusters freed since the last batch may be among those handed out now: their
+        // discards must reach the file before the new owner writes them.
+        self.finish_frees();
         let fresh = start >= self.fresh_from;
         let n_all = n + self.create_blocks_for(start, n)?;
         for c in start..start + n {
@@ -659,8 +662,8 @@ impl Refcounts {
     }
 
     /// Reports the clusters freed since the last call to the freed hook and discards those
-    /// whose reason passes. Runs under the refcount lock, so the allocator cannot hand them
-    /// out again before the discard reached the file.
+    /// whose reason passes. Runs under the refcount lock, and every allocation runs it first,
+    /// so no cluster is handed out again before its discard reached the file.
     pub fn finish_frees(&mut self) {
         if !self.freed.is_empty() {
             self.freed
