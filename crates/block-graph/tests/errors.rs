@@ -257,3 +257,68 @@ fn qcow2_corruption_raises_block_image_corrupted() {
     let info: Value = serde_json::from_str(&qemu_img(&["info", "--output=json", path])).unwrap();
     assert_eq!(info["format-specific"]["data"]["corrupt"], true);
 }
+
+#[test]
+fn blkdebug_rules_fire_on_qcow2_metadata_events() {
+    // QEMU's iotests inject errors on the format's metadata events; here `l2_load`
+    // (an L2 table read from the file on a cache miss) fails the read that needed it.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("m.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"]);
+    qemu_io(&img, "qcow2", &["write -P 0x44 0 64k"]);
+    let mut g = BlockGraph::new();
+    let n = g
+        .blockdev_add(&opts(json!({"driver": "qcow2", "node-name": "q", "file": {
+            "driver": "blkdebug",
+            "inject-error": [{"event": "l2_load", "errno": 5, "once": true}],
+            "image": {"driver": "file", "filename": img.to_str().unwrap()}}})))
+        .unwrap();
+    let be = g.create_backend("d", Some(&n), Default::default()).unwrap();
+    g.attach_device(&be, disk("vd")).unwrap();
+    let mut buf = [0u8; 512];
+    assert_eq!(
+        be.read_buf(0, &mut buf).unwrap_err().errno_value(),
+        libc::EIO
+    );
+    // `once`: the retry loads the table and reads the data.
+    be.read_buf(0, &mut buf).unwrap();
+    assert_eq!(buf, [0x44; 512]);
+    drop((n, be));
+    g.close_all();
+    assert_clean(&img);
+}
+
+#[test]
+fn qcow2_discards_reach_the_file_with_discard_unmap_only() {
+    use std::os::unix::fs::MetadataExt;
+    let allocated = |p: &std::path::Path| std::fs::metadata(p).unwrap().blocks() * 512;
+    for unmap in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("d.qcow2");
+        let path = img.to_str().unwrap();
+        qemu_img(&["create", "-q", "-f", "qcow2", path, "8M"]);
+        qemu_io(&img, "qcow2", &["write -P 0x55 0 4M"]);
+        let before = allocated(&img);
+        let mut o = json!({"driver": "qcow2", "id": "disk0", "node-name": "q",
+                           "file": {"driver": "file", "filename": path}});
+        if unmap {
+            o["discard"] = "unmap".into();
+            o["file"]["discard"] = "unmap".into();
+        }
+        let mut g = BlockGraph::new();
+        g.blockdev_add(&opts(o)).unwrap();
+        let be = g.find_backend("disk0").unwrap();
+        g.attach_device(&be, disk("vd")).unwrap();
+        be.discard(0, 4 << 20).unwrap();
+        be.flush().unwrap();
+        drop(be);
+        g.close_all();
+        let after = allocated(&img);
+        if unmap {
+            assert!(after + (3 << 20) <= before, "{before} -> {after}: not punched");
+        } else {
+            assert!(after + (1 << 20) > before, "{before} -> {after}: punched");
+        }
+        assert_clean(&img);
+    }
+}

@@ -282,6 +282,16 @@ pub(crate) fn open(
             ctx.node_cell(),
             ctx.node_name().to_string(),
         )),
+        on_debug_event: debug_event_forwarder(&file),
+        // QEMU's defaults: guest discards pass down with discard=unmap, snapshot frees
+        // always, other frees never.
+        discard_passing: ::qcow2::DiscardPassing {
+            request: q
+                .pass_discard_request
+                .unwrap_or(ctx.options().discard_unmap),
+            snapshot: q.pass_discard_snapshot.unwrap_or(true),
+            other: q.pass_discard_other.unwrap_or(false),
+        },
         ..OpenOptions::default()
     };
     let img = Qcow2::open(storage, opts).map_err(BlockError::from)?;
@@ -291,6 +301,22 @@ pub(crate) fn open(
         file,
         data,
         backing,
+    }))
+}
+
+/// Forwards the image's blkdebug events (`l2_load`, `refblock_alloc`, ...) to its `file`
+/// child when that is a `blkdebug` node, so rules on those events fire as in QEMU. Other
+/// children get no listener: with one, the image takes its locked path on L2 cache misses.
+fn debug_event_forwarder(file: &Arc<Edge>) -> Option<::qcow2::DebugEventCallback> {
+    if file.node().driver_name() != "blkdebug" {
+        return None;
+    }
+    let file = Arc::downgrade(file);
+    Some(Arc::new(move |e: ::qcow2::DebugEvent| {
+        let (Some(file), Some(ev)) = (file.upgrade(), BlkdebugEvent::from_wire(e.name())) else {
+            return;
+        };
+        file.debug_event(ev);
     }))
 }
 
@@ -653,9 +679,9 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn reopen_read_only(&self) -> Result<()> {
-        // Writes the metadata, applies deferred frees and clears the dirty bit: the image is
-        // clean and nothing is left to write.
-        self.img.close().map_err(BlockError::from)
+        // Waits for requests in flight, writes the metadata, applies deferred frees, clears
+        // the dirty bit, then refuses writes (and can be made writable again).
+        self.img.reopen_read_only().map_err(BlockError::from)
     }
 
     fn reopen_read_write(&self) -> Result<()> {
