@@ -31,12 +31,25 @@ fn crash_rounds(rounds: u64, opts: CreateOptions, with_backing: bool) {
     }
     let bin = writer_bin();
     if !bin.exists() {
-        // `cargo test --test crash` does not build examples; `cargo test` does.
+        // `cargo test --test crash` does not build examples; `cargo test` does. Build it
+        // into the target directory this test runs from (cargo-llvm-cov uses its own).
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "-p", "qcow2", "--example", "crash_writer"])
-            .status()
-            .unwrap();
+        let profile_dir = bin.parent().and_then(Path::parent).unwrap();
+        let target_dir = profile_dir.parent().unwrap();
+        let mut build = Command::new(cargo);
+        build.args([
+            "build",
+            "-p",
+            "qcow2",
+            "--example",
+            "crash_writer",
+            "--target-dir",
+        ]);
+        build.arg(target_dir);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let st = build.status().unwrap();
         assert!(st.success());
     }
     assert!(bin.exists(), "crash_writer not found at {}", bin.display());
