@@ -14,7 +14,7 @@
 //! [--qemu-aio threads|native|io_uring] [--only TEXT]` (`--direct`: cache=none everywhere, on /var/tmp
 //! unless `--dir` says otherwise). Other modes: `--throttle` (accuracy at 10 MB/s and 1000
 //! IOPS over 10 s), `--mem [--vmm PATH]` (100 qcow2 nodes: this process, `vmm-reference
-//! --no-guest` and qemu-storage-daemon), `--uring`, `--one graph|crate read|write`.
+//! --no-guest` and qemu-storage-daemon), `--uring`, `--one graph|crate read|write [--count N]`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -297,12 +297,17 @@ fn main() {
         // One case on one path, for profilers: --one graph|crate read|write
         let which = args.get(i + 1).map(String::as_str).unwrap_or("graph");
         let write = args.get(i + 2).map(String::as_str) == Some("write");
+        // `--count N` (default 400000): few requests for instruction counters such as
+        // `valgrind --tool=callgrind` (run two counts and divide the difference).
+        let count = arg_value(&args, "--count")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(400_000);
         let c = Case {
             write,
             rand: false,
             bs: 4096,
             depth: 1,
-            count: 400_000,
+            count,
         };
         let t = if which == "crate" {
             crate_path(&img, c)

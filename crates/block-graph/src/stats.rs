@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use qapi_types::{BlockDeviceStats, BlockDeviceTimedStats};
 
@@ -105,10 +105,26 @@ struct Interval {
     latency: [TimedAverage; 3],
 }
 
+/// Nanoseconds on the monotonic clock (the clock of [`std::time::Instant`]), read with one
+/// `clock_gettime` and no conversion through `Duration`: every request reads it twice.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass, which lives for the call;
+    // CLOCK_MONOTONIC always exists on Linux, so it cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(ts.tv_nsec as u64)
+}
+
 /// The accounting of one BlockBackend.
 #[derive(Debug)]
 pub struct Stats {
-    epoch: Instant,
+    /// [`monotonic_ns`] when the statistics started.
+    epoch: u64,
     bytes: [AtomicU64; 3],
     ops: [AtomicU64; 3],
     merged: [AtomicU64; 3],
@@ -143,7 +159,7 @@ impl Stats {
     /// `stats-intervals` (seconds).
     pub fn new(account_invalid: bool, account_failed: bool, intervals: &[u64]) -> Self {
         let s = Stats {
-            epoch: Instant::now(),
+            epoch: monotonic_ns(),
             bytes: Default::default(),
             ops: Default::default(),
             merged: Default::default(),
@@ -164,7 +180,7 @@ impl Stats {
 
     fn now(&self) -> u64 {
         // Never 0, so that 0 can mean "no access yet".
-        self.epoch.elapsed().as_nanos() as u64 + 1
+        monotonic_ns().wrapping_sub(self.epoch) + 1
     }
 
     /// Adds a timed-statistics interval of `seconds`.
