@@ -308,10 +308,15 @@ impl BlockBackend {
         *wlock(&self.throttle) = g;
     }
 
+    #[inline]
     fn throttle(&self, write: bool, bytes: u64) {
-        if !self.throttled.load(Ordering::Relaxed) {
-            return;
+        if self.throttled.load(Ordering::Relaxed) {
+            self.throttle_in_group(write, bytes);
         }
+    }
+
+    #[cold]
+    fn throttle_in_group(&self, write: bool, bytes: u64) {
         let g = rlock(&self.throttle).clone();
         if let Some(g) = g {
             g.intercept(write, bytes, || self.info.gate.is_quiesced());

@@ -207,23 +207,29 @@ impl Edge {
         self.read(offset, &mut [IoSliceMut::new(buf)])
     }
 
+    #[inline]
     fn check_write(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
         let p = self.perm();
         if !p.contains(Perm::WRITE) && !p.contains(Perm::WRITE_UNCHANGED) {
-            return Err(BlockError::io(
-                libc::EPERM,
-                format!(
-                    "'{}' child of {} has no write permission on node '{}'",
-                    self.name,
-                    self.parent_desc(),
-                    node.name()
-                ),
-            ));
+            return Err(self.no_write_perm(node));
         }
         if offset.saturating_add(len) > node.length() && !p.contains(Perm::RESIZE) {
             return Err(BlockError::errno(libc::EIO));
         }
         Ok(())
+    }
+
+    #[cold]
+    fn no_write_perm(&self, node: &Node) -> BlockError {
+        BlockError::io(
+            libc::EPERM,
+            format!(
+                "'{}' child of {} has no write permission on node '{}'",
+                self.name,
+                self.parent_desc(),
+                node.name()
+            ),
+        )
     }
 
     /// Writes to the child (needs the write permission; past the end, the resize one).

@@ -31,17 +31,28 @@ impl RootGate {
     }
 
     /// Enters the gate, waiting while the root is quiesced.
+    #[inline]
     pub fn enter(&self) -> GateGuard<'_> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if self.quiesce.load(Ordering::SeqCst) == 0 {
+            return GateGuard { gate: self };
+        }
+        self.enter_quiesced()
+    }
+
+    /// [`RootGate::enter`] that met a drain: steps back out and waits for its end.
+    #[cold]
+    fn enter_quiesced(&self) -> GateGuard<'_> {
         loop {
-            self.in_flight.fetch_add(1, Ordering::SeqCst);
-            if self.quiesce.load(Ordering::SeqCst) == 0 {
-                return GateGuard { gate: self };
-            }
-            // A drain is under way: step back out and wait for its end.
             self.leave();
             let mut g = self.guard();
             while self.quiesce.load(Ordering::SeqCst) > 0 {
                 g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            drop(g);
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
+            if self.quiesce.load(Ordering::SeqCst) == 0 {
+                return GateGuard { gate: self };
             }
         }
     }
@@ -53,13 +64,19 @@ impl RootGate {
         GateGuard { gate: self }
     }
 
+    #[inline]
     fn leave(&self) {
         if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
             && self.quiesce.load(Ordering::SeqCst) > 0
         {
-            let _g = self.guard();
-            self.cv.notify_all();
+            self.wake();
         }
+    }
+
+    #[cold]
+    fn wake(&self) {
+        let _g = self.guard();
+        self.cv.notify_all();
     }
 
     /// Requests in flight.
@@ -101,6 +118,7 @@ impl RootGate {
 }
 
 impl Drop for GateGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.gate.leave();
     }

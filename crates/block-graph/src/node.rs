@@ -104,6 +104,7 @@ pub struct RangeStatus {
 struct InFlight<'a>(&'a AtomicUsize);
 
 impl<'a> InFlight<'a> {
+    #[inline]
     fn new(c: &'a AtomicUsize) -> Self {
         c.fetch_add(1, Ordering::Relaxed);
         InFlight(c)
@@ -111,6 +112,7 @@ impl<'a> InFlight<'a> {
 }
 
 impl Drop for InFlight<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Release);
     }
@@ -309,7 +311,16 @@ impl Node {
         self.write_threshold.store(t, Ordering::SeqCst);
     }
 
+    #[inline]
     fn check_threshold(&self, offset: u64, len: u64) {
+        // One load when no threshold is set (the usual case).
+        if self.write_threshold.load(Ordering::Relaxed) != 0 {
+            self.check_threshold_set(offset, len);
+        }
+    }
+
+    #[cold]
+    fn check_threshold_set(&self, offset: u64, len: u64) {
         let end = offset.saturating_add(len);
         loop {
             let t = self.write_threshold.load(Ordering::SeqCst);
@@ -369,11 +380,17 @@ impl Node {
         Some(bm)
     }
 
+    #[inline]
     fn mark_dirty(&self, offset: u64, len: u64) {
         if self.has_bitmaps.load(Ordering::Acquire) {
-            for b in rlock(&self.bitmaps).iter() {
-                b.record_write(offset, len);
-            }
+            self.mark_dirty_bitmaps(offset, len);
+        }
+    }
+
+    #[cold]
+    fn mark_dirty_bitmaps(&self, offset: u64, len: u64) {
+        for b in rlock(&self.bitmaps).iter() {
+            b.record_write(offset, len);
         }
     }
 
@@ -403,18 +420,32 @@ impl Node {
             return Ok(());
         }
         if offset + len > size {
-            let avail = (size - offset) as usize;
-            {
-                let mut head = slice_iov_mut(iov, 0, avail);
-                self.driver.read(offset, &mut head)?;
-            }
-            let mut tail = slice_iov_mut(iov, avail, len as usize - avail);
-            zero_iov(&mut tail);
-            return Ok(());
+            return self.read_past_end(offset, len, size, iov);
         }
         self.driver.read(offset, iov)
     }
 
+    /// [`Node::read`] of a range that starts inside the node and ends past its end: the
+    /// rest reads as zero.
+    #[cold]
+    fn read_past_end(
+        &self,
+        offset: u64,
+        len: u64,
+        size: u64,
+        iov: &mut [IoSliceMut<'_>],
+    ) -> Result<()> {
+        let avail = (size - offset) as usize;
+        {
+            let mut head = slice_iov_mut(iov, 0, avail);
+            self.driver.read(offset, &mut head)?;
+        }
+        let mut tail = slice_iov_mut(iov, avail, len as usize - avail);
+        zero_iov(&mut tail);
+        Ok(())
+    }
+
+    #[inline]
     fn finish_write(&self, offset: u64, len: u64, grew: bool) {
         let end = offset + len;
         if grew {
@@ -425,7 +456,11 @@ impl Node {
             };
             self.len.fetch_max(end, Ordering::AcqRel);
         }
-        self.wr_highest_offset.fetch_max(end, Ordering::Relaxed);
+        // A load first: most writes are below the highest offset and need no locked
+        // read-modify-write.
+        if end > self.wr_highest_offset.load(Ordering::Relaxed) {
+            self.wr_highest_offset.fetch_max(end, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn write(&self, offset: u64, iov: &[IoSlice<'_>], flags: WriteFlags) -> Result<()> {
@@ -439,16 +474,7 @@ impl Node {
             return Ok(());
         }
         if self.opts.detect_zeroes != DetectZeroes::Off && is_zero(iov) {
-            let may_unmap =
-                self.opts.detect_zeroes == DetectZeroes::Unmap && self.opts.discard_unmap;
-            return self.zeroes_inner(
-                offset,
-                len,
-                ZeroFlags {
-                    may_unmap,
-                    fua: flags.fua,
-                },
-            );
+            return self.write_detected_zeroes(offset, len, flags);
         }
         self.check_threshold(offset, len);
         self.debug_event(BlkdebugEvent::Pwritev);
@@ -552,6 +578,20 @@ impl Node {
                 self.finish_write(r.offset, len, r.offset + len > size);
             }
         }
+    }
+
+    /// `detect-zeroes` found a write of zeroes: it becomes a write-zeroes request.
+    #[cold]
+    fn write_detected_zeroes(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+        let may_unmap = self.opts.detect_zeroes == DetectZeroes::Unmap && self.opts.discard_unmap;
+        self.zeroes_inner(
+            offset,
+            len,
+            ZeroFlags {
+                may_unmap,
+                fua: flags.fua,
+            },
+        )
     }
 
     fn zeroes_inner(&self, offset: u64, len: u64, mut flags: ZeroFlags) -> Result<()> {
