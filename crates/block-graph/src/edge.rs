@@ -300,10 +300,15 @@ impl Edge {
     }
 
     /// Raises a debug event at the child (for `blkdebug` below).
+    #[inline]
     pub fn debug_event(&self, ev: qapi_types::BlkdebugEvent) {
-        if crate::drivers::blkdebug::LIVE.load(Ordering::Relaxed) == 0 {
-            return;
+        if crate::drivers::blkdebug::LIVE.load(Ordering::Relaxed) != 0 {
+            self.debug_event_live(ev);
         }
+    }
+
+    #[cold]
+    fn debug_event_live(&self, ev: qapi_types::BlkdebugEvent) {
         rlock(&self.child).driver().debug_event(&ev);
     }
 
