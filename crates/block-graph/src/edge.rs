@@ -198,6 +198,7 @@ impl Edge {
     }
 
     /// Reads from the child.
+    #[inline]
     pub fn read(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
         rlock(&self.child).read(offset, iov)
     }

@@ -415,18 +415,14 @@ impl Node {
             return Ok(());
         }
         let size = self.length();
-        if offset >= size {
-            zero_iov(iov);
-            return Ok(());
-        }
         if offset + len > size {
             return self.read_past_end(offset, len, size, iov);
         }
         self.driver.read(offset, iov)
     }
 
-    /// [`Node::read`] of a range that starts inside the node and ends past its end: the
-    /// rest reads as zero.
+    /// [`Node::read`] of a range that ends past the end of the node: what lies past the
+    /// end reads as zero.
     #[cold]
     fn read_past_end(
         &self,
@@ -435,6 +431,10 @@ impl Node {
         size: u64,
         iov: &mut [IoSliceMut<'_>],
     ) -> Result<()> {
+        if offset >= size {
+            zero_iov(iov);
+            return Ok(());
+        }
         let avail = (size - offset) as usize;
         {
             let mut head = slice_iov_mut(iov, 0, avail);
