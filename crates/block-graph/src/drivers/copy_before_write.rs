@@ -15,6 +15,9 @@
 //! a writer is copying. So no write can overtake the copy of the data it overwrites, and each
 //! cluster is copied once.
 //!
+//! A copy goes by the kernel where it can ([`crate::copy_range`]), unless the target is
+//! written compressed; the rest is read into a buffer and written (zeros as write-zeroes).
+//!
 //! # Errors
 //!
 //! When copying fails, the policy decides (QEMU's `on-cbw-error`): with
