@@ -6,9 +6,10 @@
 //! maps the guest range to its data file; the file node hands out its descriptor), then calls
 //! the target side, which goes down with [`BlockDriver::copy_range_to`] (a qcow2 node
 //! allocates the clusters as for a write, the file node copies, the qcow2 node publishes the
-//! mapping). Each node on the way does what its generic layer does for a write (drain
-//! tracking, dirty bitmaps, write threshold, growth). Where a side cannot (zeros, backing
-//! data, compressed clusters, filters, `O_DIRECT`), nothing is copied and the caller reads
+//! mapping). A qcow2 range its backing node provides is copied from there. Each node on the
+//! way does what its generic layer does for a write (drain tracking, dirty bitmaps, write
+//! threshold, growth). Where a side cannot (zeros, compressed clusters, filters,
+//! `O_DIRECT`), nothing is copied and the caller reads
 //! and writes as before; a kernel that refuses `copy_file_range` between two files (`EXDEV`,
 //! `EOPNOTSUPP`, `EINVAL`, `ENOSYS`) gets `pread`/`pwrite` instead.
 //!
@@ -275,7 +276,7 @@ mod tests {
     }
 
     #[test]
-    fn qcow2_to_qcow2_offloads_data_and_leaves_the_rest_to_the_caller() {
+    fn qcow2_to_qcow2_offloads_data_and_backing_data_and_leaves_zeros_to_the_caller() {
         use crate::{BlockGraph, DirtyBitmap};
         use qapi_types::{BlockdevOptions, QapiType};
         let dir = tempfile::tempdir().unwrap();
@@ -324,18 +325,21 @@ mod tests {
             let db = g
                 .new_root(&d, Perm::WRITE | Perm::CONSISTENT_READ, Perm::ALL, "a job")
                 .unwrap();
-            // The data clusters (1M + 64k: the cluster with 0x22 holds backing data after
-            // it, copied by qcow2's copy-on-write into the source) go by the kernel.
+            // The source's own data clusters and, after them, the backing file's data
+            // (from base.qcow2's data) go by the kernel, up to the zero clusters at 2M.
             let n = copy_range_backends(&sb, &db, 0, 4 << 20).unwrap();
-            assert_eq!(n, (1 << 20) + 65536);
+            assert_eq!(n, 2 << 20);
             assert_eq!(
                 bm.count(),
                 n,
                 "the target's bitmap sees the offloaded writes"
             );
-            // Zeros and backing data are the caller's: nothing is offloaded there.
+            // Zero clusters are the caller's; backing data further on goes by the kernel.
             assert_eq!(copy_range_backends(&sb, &db, 2 << 20, 65536).unwrap(), 0);
-            assert_eq!(copy_range_backends(&sb, &db, 3 << 20, 65536).unwrap(), 0);
+            assert_eq!(
+                copy_range_backends(&sb, &db, 3 << 20, 65536).unwrap(),
+                65536
+            );
             // The caller's read+write for the rest, as the jobs do.
             let mut buf = vec![0u8; (4 << 20) - n as usize];
             sb.read_buf(n, &mut buf).unwrap();

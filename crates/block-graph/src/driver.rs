@@ -346,7 +346,7 @@ pub trait BlockDriver: Send + Sync {
     /// of `[offset, offset + len)` lives in a host file, for as many bytes from `offset` as
     /// are contiguous there, and hands that extent to `to` (the target side) while the
     /// mapping is held valid. Returns the bytes copied from `offset`: 0 when the kernel
-    /// cannot copy them (zeros, backing data, compressed clusters, `O_DIRECT`, drivers
+    /// cannot copy them (zeros, compressed clusters, `O_DIRECT`, drivers
     /// without the support: the default). See [`crate::copy_range`].
     fn copy_range_from(
         &self,

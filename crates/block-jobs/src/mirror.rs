@@ -13,8 +13,8 @@
 //! bits are cleared before its source is read: a guest write that lands meanwhile sets them
 //! again (the node marks the bitmap after its write completed), so the run is copied again.
 //! A run is first offered to the kernel ([`block_graph::copy_range`]: `copy_file_range(2)`
-//! where source and target resolve to host files); what it leaves (zeros, backing data,
-//! compressed clusters, other drivers) is read and written. Runs that read as zero become
+//! where source and target resolve to host files); what it leaves (zeros, compressed
+//! clusters, other drivers) is read and written. Runs that read as zero become
 //! write-zeroes requests (unmapping with `unmap`), and the first pass skips what the source
 //! does not allocate and the target already reads as zero.
 

@@ -484,6 +484,15 @@ impl BlockDriver for Qcow2Driver {
                 self.data
                     .with_node(|n| n.copy_range_from(host_offset, m.len, to))
             }
+            // Backing data is copied from where the backing node keeps it (past its end,
+            // or without one, the range reads as zeros: the caller's).
+            MappingKind::Unallocated => match self.backing.get() {
+                Some(b) => {
+                    self.file.debug_event(BlkdebugEvent::ReadBackingAio);
+                    b.with_node(|n| n.copy_range_from(offset, m.len, to))
+                }
+                None => Ok(0),
+            },
             _ => Ok(0),
         }
     }
