@@ -234,12 +234,14 @@ impl Edge {
     }
 
     /// Writes to the child (needs the write permission; past the end, the resize one).
+    #[inline]
     pub fn write(&self, offset: u64, iov: &[IoSlice<'_>], flags: WriteFlags) -> Result<()> {
         let n = rlock(&self.child);
         self.write_on(&n, offset, iov, flags)
     }
 
     /// [`Edge::write`] to `n`, the node the caller already holds through this edge.
+    #[inline]
     pub(crate) fn write_on(
         &self,
         n: &Node,
