@@ -107,6 +107,7 @@ struct Interval {
 
 /// Nanoseconds on the monotonic clock (the clock of [`std::time::Instant`]), read with one
 /// `clock_gettime` and no conversion through `Duration`: every request reads it twice.
+#[inline]
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -178,6 +179,7 @@ impl Stats {
         s
     }
 
+    #[inline]
     fn now(&self) -> u64 {
         // Never 0, so that 0 can mean "no access yet".
         monotonic_ns().wrapping_sub(self.epoch) + 1
@@ -207,6 +209,7 @@ impl Stats {
     }
 
     /// Starts accounting a request of `bytes`.
+    #[inline]
     pub fn start(&self, ty: AcctType, bytes: u64) -> AcctCookie {
         AcctCookie {
             ty,
@@ -216,6 +219,7 @@ impl Stats {
     }
 
     /// Finishes a request; `ok` says whether it succeeded.
+    #[inline]
     pub fn done(&self, c: AcctCookie, ok: bool) {
         let now = self.now();
         self.finish(c, ok, now);
@@ -239,6 +243,7 @@ impl Stats {
         }
     }
 
+    #[inline]
     fn finish(&self, c: AcctCookie, ok: bool, now: u64) {
         let latency = now.saturating_sub(c.start);
         let t = c.ty as usize;
@@ -252,10 +257,15 @@ impl Stats {
             self.total_time[t].fetch_add(latency, Ordering::Relaxed);
             self.last_access.store(now, Ordering::Relaxed);
             if self.has_intervals.load(Ordering::Acquire) {
-                for i in mlock(&self.intervals).iter_mut() {
-                    i.latency[t].account(latency, now);
-                }
+                self.account_intervals(t, latency, now);
             }
+        }
+    }
+
+    #[cold]
+    fn account_intervals(&self, t: usize, latency: u64, now: u64) {
+        for i in mlock(&self.intervals).iter_mut() {
+            i.latency[t].account(latency, now);
         }
     }
 
