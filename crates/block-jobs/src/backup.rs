@@ -373,7 +373,9 @@ impl JobDriver for Backup {
         let mut cursor = 0u64;
         let mut failed: Option<JobError> = None;
         loop {
-            if failed.is_none() {
+            // Like QEMU's block-copy, pause only once the runs in flight are done: one
+            // failing after a resume would pause the job again.
+            if failed.is_none() && (pool.in_flight() == 0 || !ctx.should_stop()) {
                 if let Err(e) = ctx.pause_point() {
                     failed = Some(e);
                 } else if st.is_broken() {
@@ -389,7 +391,7 @@ impl JobDriver for Backup {
                 pool.next(Duration::from_millis(100));
                 continue;
             }
-            while pool.in_flight() < threads {
+            while pool.in_flight() < threads && !ctx.should_stop() {
                 let Some(d) = st.next_dirty(cursor) else {
                     break;
                 };
@@ -422,10 +424,10 @@ impl JobDriver for Backup {
                             failed = Some(e.into());
                             break;
                         }
-                        // The range stays without its copy.
-                        ErrorAction::Ignore => st.skip(run.offset, run.len),
-                        // Retried after the resume.
-                        ErrorAction::Stop => cursor = cursor.min(run.offset),
+                        // Retried: at once for ignore (QEMU's backup_loop starts a new
+                        // block-copy call), after the resume for stop. Never skipped:
+                        // the backup would end "successfully" with the range missing.
+                        ErrorAction::Ignore | ErrorAction::Stop => cursor = cursor.min(run.offset),
                     }
                 }
                 if pool.in_flight() < threads {

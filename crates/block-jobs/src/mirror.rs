@@ -737,7 +737,9 @@ impl JobDriver for Mirror {
         loop {
             let remaining = self.remaining();
             ctx.progress_set_remaining(remaining + pool.bytes());
-            if failed.is_none() {
+            // Like QEMU's mirror_pause, pause only once the runs in flight are done:
+            // one failing after a resume would pause the job again.
+            if failed.is_none() && (pool.in_flight() == 0 || !ctx.should_stop()) {
                 if let Err(e) = ctx.pause_point() {
                     failed = Some(e);
                 }
@@ -752,7 +754,8 @@ impl JobDriver for Mirror {
             }
             // Fill the pipeline.
             let mut submitted = 0;
-            while pool.in_flight() < threads && pool.bytes() < self.p.buf_size {
+            while pool.in_flight() < threads && pool.bytes() < self.p.buf_size && !ctx.should_stop()
+            {
                 let Some(run) = self.claim(&mut cursor, max_run, &busy) else {
                     break;
                 };

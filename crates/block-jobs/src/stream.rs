@@ -85,7 +85,12 @@ impl JobDriver for StreamJob {
             MAX_CHUNK,
             &self.on_error,
             OnIgnore::SkipAndFail,
-            |off, n, buf| whole_run(off, n, |o, l| this.copy_prefix(&root, buf, o, l)),
+            // QEMU's stream_run reports every error as a read (it passes is_read = true
+            // to block_job_error_action), a failed write into the top too.
+            |off, n, buf| {
+                whole_run(off, n, |o, l| this.copy_prefix(&root, buf, o, l))
+                    .map_err(|e| RunError::read(e.err))
+            },
         )?;
         root.flush()?;
         Ok(())
