@@ -8,11 +8,10 @@
 
 mod common;
 
-use std::collections::VecDeque;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Qsd, Raw, Vmm};
+use common::{Qsd, Vmm};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -128,81 +127,10 @@ impl Chain {
     }
 }
 
-/// A QMP client that keeps the events it reads while waiting for replies.
-struct Client {
-    raw: Raw,
-    pending: VecDeque<Value>,
-    log: Vec<Value>,
-}
+/// The shared job client, with this file's views of its event log.
+type Client = common::JobClient;
 
 impl Client {
-    fn new(raw: Raw) -> Client {
-        Client {
-            raw,
-            pending: VecDeque::new(),
-            log: Vec::new(),
-        }
-    }
-
-    fn cmd(&mut self, name: &str, args: Value) -> Result<Value, Value> {
-        let line = json!({"execute": name, "arguments": args}).to_string();
-        self.raw.send(&format!("{line}\n"));
-        loop {
-            let m = self.raw.recv();
-            if m.get("event").is_some() {
-                self.log.push(m.clone());
-                self.pending.push_back(m);
-                continue;
-            }
-            if let Some(r) = m.get("return") {
-                return Ok(r.clone());
-            }
-            return Err(m["error"].clone());
-        }
-    }
-
-    fn ok(&mut self, name: &str, args: Value) -> Value {
-        self.cmd(name, args.clone())
-            .unwrap_or_else(|e| panic!("{name} {args}: {e}"))
-    }
-
-    fn err(&mut self, name: &str, args: Value) -> String {
-        let e = self
-            .cmd(name, args.clone())
-            .expect_err(&format!("{name} {args} should fail"));
-        e["desc"].as_str().unwrap().to_string()
-    }
-
-    /// The next event matching `pred` (earlier ones that do not match stay logged).
-    fn wait_event(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let end = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(i) = self.pending.iter().position(&pred) {
-                let e = self.pending.remove(i).unwrap();
-                self.pending.drain(..i);
-                return e;
-            }
-            assert!(Instant::now() < end, "no {what}; log: {:?}", self.log);
-            let m = self.raw.recv();
-            if m.get("event").is_some() {
-                self.log.push(m.clone());
-                self.pending.push_back(m);
-            }
-        }
-    }
-
-    fn wait_status(&mut self, id: &str, status: &str) {
-        self.wait_event(&format!("{id} {status}"), |e| {
-            e["event"] == "JOB_STATUS_CHANGE"
-                && e["data"]["id"] == id
-                && e["data"]["status"] == status
-        });
-    }
-
-    fn wait_job_event(&mut self, name: &str, id: &str) -> Value {
-        self.wait_event(name, |e| e["event"] == name && e["data"]["device"] == id)
-    }
-
     /// The statuses `id` went through, in order, as logged so far.
     fn statuses(&self, id: &str) -> Vec<String> {
         self.log

@@ -10,11 +10,10 @@
 
 mod common;
 
-use std::collections::VecDeque;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Qsd, Raw, Vmm};
+use common::{Qsd, Vmm};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -156,64 +155,13 @@ fn nix_statvfs(path: &std::path::Path) -> u64 {
     it.next().unwrap() * it.next().unwrap()
 }
 
-/// A QMP client that keeps the events it reads while waiting for replies.
-struct Client {
-    raw: Raw,
-    pending: VecDeque<Value>,
-    log: Vec<Value>,
-}
+/// The shared job client, with this file's helpers.
+type Client = common::JobClient;
 
 impl Client {
-    fn cmd(&mut self, name: &str, args: Value) -> Result<Value, Value> {
-        let line = json!({"execute": name, "arguments": args}).to_string();
-        self.raw.send(&format!("{line}\n"));
-        loop {
-            let m = self.raw.recv();
-            if m.get("event").is_some() {
-                self.log.push(m.clone());
-                self.pending.push_back(m);
-                continue;
-            }
-            if let Some(r) = m.get("return") {
-                return Ok(r.clone());
-            }
-            return Err(m["error"].clone());
-        }
-    }
-
-    fn ok(&mut self, name: &str, args: Value) -> Value {
-        self.cmd(name, args.clone())
-            .unwrap_or_else(|e| panic!("{name} {args}: {e}"))
-    }
-
-    /// The next event matching `pred` (earlier ones that do not match stay logged).
-    fn wait_event(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let end = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(i) = self.pending.iter().position(&pred) {
-                let e = self.pending.remove(i).unwrap();
-                self.pending.drain(..i);
-                return e;
-            }
-            assert!(Instant::now() < end, "no {what}; log: {:?}", self.log);
-            let m = self.raw.recv();
-            if m.get("event").is_some() {
-                self.log.push(m.clone());
-                self.pending.push_back(m);
-            }
-        }
-    }
-
-    fn wait_status(&mut self, id: &str, status: &str) {
-        self.wait_event(&format!("{id} {status}"), |e| {
-            e["event"] == "JOB_STATUS_CHANGE"
-                && e["data"]["id"] == id
-                && e["data"]["status"] == status
-        });
-    }
-
-    fn wait_job_event(&mut self, name: &str, id: &str) -> Value {
-        self.wait_event(name, |e| e["event"] == name && e["data"]["device"] == id)["data"].clone()
+    /// The data of the next block job event `name` of job `id`.
+    fn job_data(&mut self, name: &str, id: &str) -> Value {
+        self.wait_job_event(name, id)["data"].clone()
     }
 
     /// The job events of `id` as short strings, consecutive duplicates folded.
@@ -305,12 +253,7 @@ impl Daemon {
             let raw = v.negotiated();
             (Daemon::Ours(v), raw)
         };
-        let c = Client {
-            raw,
-            pending: VecDeque::new(),
-            log: Vec::new(),
-        };
-        (d, c)
+        (d, Client::new(raw))
     }
 
     /// Quits (QEMU writes its qcow2 metadata at exit) and waits for the exit.
@@ -395,7 +338,7 @@ fn mirror_scenario(
                    "on-target-error": policy}),
         );
     }
-    let err = c.wait_job_event("BLOCK_JOB_ERROR", "m");
+    let err = c.job_data("BLOCK_JOB_ERROR", "m");
     let mut paused = None;
     match policy {
         "stop" | "enospc" => {
@@ -417,7 +360,7 @@ fn mirror_scenario(
             );
             // The failed range stays dirty and is tried again and again: the job neither
             // pauses nor gets ready while the filesystem is full.
-            c.wait_job_event("BLOCK_JOB_ERROR", "m");
+            c.job_data("BLOCK_JOB_ERROR", "m");
             let j = &c.jobs()[0];
             assert_eq!(j["status"], "running", "{who}: {j}");
             assert_eq!(j["ready"], false, "{who}: {j}");
@@ -430,7 +373,7 @@ fn mirror_scenario(
                 json!({"device": "m", "operation": "write", "action": "report"}),
                 "{who}"
             );
-            let done = c.wait_job_event("BLOCK_JOB_COMPLETED", "m");
+            let done = c.job_data("BLOCK_JOB_COMPLETED", "m");
             assert_eq!(done["error"], "No space left on device", "{who}: {done}");
             c.wait_status("m", "null");
             assert!(c.jobs().is_empty(), "{who}");
@@ -441,9 +384,9 @@ fn mirror_scenario(
             return (events, None);
         }
     }
-    c.wait_job_event("BLOCK_JOB_READY", "m");
+    c.job_data("BLOCK_JOB_READY", "m");
     c.ok("block-job-complete", json!({"device": "m"}));
-    let done = c.wait_job_event("BLOCK_JOB_COMPLETED", "m");
+    let done = c.job_data("BLOCK_JOB_COMPLETED", "m");
     assert!(done.get("error").is_none(), "{who}: {done}");
     assert_eq!(done["offset"], done["len"], "{who}: {done}");
     c.wait_status("m", "null");
@@ -502,7 +445,7 @@ fn backup_scenario(qemu: bool, fs: &Tmpfs, policy: &str) -> (Vec<String>, Option
         json!({"device": "src", "job-id": "b", "target": "tgt", "sync": "full",
                "on-target-error": policy}),
     );
-    let err = c.wait_job_event("BLOCK_JOB_ERROR", "b");
+    let err = c.job_data("BLOCK_JOB_ERROR", "b");
     let action = if policy == "enospc" { "stop" } else { policy };
     assert_eq!(
         err,
@@ -513,23 +456,23 @@ fn backup_scenario(qemu: bool, fs: &Tmpfs, policy: &str) -> (Vec<String>, Option
     let done = if action == "ignore" {
         // QEMU's backup_loop starts a new block-copy call at once: the job goes on
         // failing, unpaused, until there is space, then finishes the copy.
-        c.wait_job_event("BLOCK_JOB_ERROR", "b");
+        c.job_data("BLOCK_JOB_ERROR", "b");
         let j = &c.jobs()[0];
         assert_eq!(j["status"], "running", "{who}: {j}");
         assert_eq!(j["io-status"], "ok", "{who}: {j}");
         fs.free();
-        let done = c.wait_job_event("BLOCK_JOB_COMPLETED", "b");
+        let done = c.job_data("BLOCK_JOB_COMPLETED", "b");
         assert!(done.get("error").is_none(), "{who}: {done}");
         done
     } else if action == "stop" {
         paused = Some(c.wait_paused("b"));
         fs.free();
         c.ok("block-job-resume", json!({"device": "b"}));
-        let done = c.wait_job_event("BLOCK_JOB_COMPLETED", "b");
+        let done = c.job_data("BLOCK_JOB_COMPLETED", "b");
         assert!(done.get("error").is_none(), "{who}: {done}");
         done
     } else {
-        let done = c.wait_job_event("BLOCK_JOB_COMPLETED", "b");
+        let done = c.job_data("BLOCK_JOB_COMPLETED", "b");
         assert_eq!(done["error"], "No space left on device", "{who}: {done}");
         fs.free();
         done
@@ -603,7 +546,7 @@ fn incremental_backup_failing_on_a_full_filesystem_keeps_its_bitmap() {
         json!({"device": "src", "job-id": "i", "target": "tgt", "sync": "incremental",
                "bitmap": "b0"}),
     );
-    let done = c.wait_job_event("BLOCK_JOB_COMPLETED", "i");
+    let done = c.job_data("BLOCK_JOB_COMPLETED", "i");
     assert_eq!(done["error"], "No space left on device", "{done}");
     c.wait_status("i", "null");
     assert_eq!(
@@ -626,7 +569,7 @@ fn incremental_backup_failing_on_a_full_filesystem_keeps_its_bitmap() {
         json!({"device": "src", "job-id": "i2", "target": "tgt", "sync": "incremental",
                "bitmap": "b0"}),
     );
-    let done = c.wait_job_event("BLOCK_JOB_COMPLETED", "i2");
+    let done = c.job_data("BLOCK_JOB_COMPLETED", "i2");
     assert!(done.get("error").is_none(), "{done}");
     assert_eq!(c.bitmap_count("b0"), 0);
     daemon.quit(c);
@@ -658,7 +601,7 @@ fn stream_scenario(qemu: bool, fs: &Tmpfs, policy: &str) -> Vec<String> {
         "block-stream",
         json!({"device": "top", "job-id": "s", "on-error": policy}),
     );
-    let err = c.wait_job_event("BLOCK_JOB_ERROR", "s");
+    let err = c.job_data("BLOCK_JOB_ERROR", "s");
     // QEMU's stream reports every error as a read (stream_run passes is_read = true).
     let action = if policy == "enospc" { "stop" } else { policy };
     assert_eq!(
@@ -674,7 +617,7 @@ fn stream_scenario(qemu: bool, fs: &Tmpfs, policy: &str) -> Vec<String> {
     } else {
         false
     };
-    let done = c.wait_job_event("BLOCK_JOB_COMPLETED", "s");
+    let done = c.job_data("BLOCK_JOB_COMPLETED", "s");
     if ok {
         assert!(done.get("error").is_none(), "{who}: {done}");
     } else {
@@ -732,7 +675,7 @@ fn commit_scenario(qemu: bool, fs: &Tmpfs, policy: Option<&str>) -> Vec<String> 
         args["on-error"] = json!(p);
     }
     c.ok("block-commit", args);
-    let err = c.wait_job_event("BLOCK_JOB_ERROR", "c");
+    let err = c.job_data("BLOCK_JOB_ERROR", "c");
     let action = match policy {
         None | Some("report") => "report",
         Some("enospc") | Some("stop") => "stop",
@@ -752,14 +695,14 @@ fn commit_scenario(qemu: bool, fs: &Tmpfs, policy: Option<&str>) -> Vec<String> 
         "ignore" => {
             // QEMU's commit_run tries the failed range again at once: the job goes on
             // failing, unpaused, until there is space.
-            c.wait_job_event("BLOCK_JOB_ERROR", "c");
+            c.job_data("BLOCK_JOB_ERROR", "c");
             let j = &c.jobs()[0];
             assert_eq!(j["status"], "running", "{who}: {j}");
             fs.free();
         }
         _ => {}
     }
-    let done = c.wait_job_event("BLOCK_JOB_COMPLETED", "c");
+    let done = c.job_data("BLOCK_JOB_COMPLETED", "c");
     let ok = action != "report";
     if ok {
         assert!(done.get("error").is_none(), "{who}: {done}");

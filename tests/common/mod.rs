@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -226,5 +227,88 @@ impl Drop for Qsd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A QMP client for the job tests: keeps the events it reads while waiting for replies,
+/// both still to be waited for (`pending`) and all of them in order (`log`).
+pub struct JobClient {
+    pub raw: Raw,
+    pub pending: VecDeque<Value>,
+    pub log: Vec<Value>,
+}
+
+impl JobClient {
+    /// A client on a negotiated connection.
+    pub fn new(raw: Raw) -> JobClient {
+        JobClient {
+            raw,
+            pending: VecDeque::new(),
+            log: Vec::new(),
+        }
+    }
+
+    /// Runs a command: its `return`, or its `error` object.
+    pub fn cmd(&mut self, name: &str, args: Value) -> Result<Value, Value> {
+        let line = serde_json::json!({"execute": name, "arguments": args}).to_string();
+        self.raw.send(&format!("{line}\n"));
+        loop {
+            let m = self.raw.recv();
+            if m.get("event").is_some() {
+                self.log.push(m.clone());
+                self.pending.push_back(m);
+                continue;
+            }
+            if let Some(r) = m.get("return") {
+                return Ok(r.clone());
+            }
+            return Err(m["error"].clone());
+        }
+    }
+
+    /// Runs a command that must succeed.
+    pub fn ok(&mut self, name: &str, args: Value) -> Value {
+        self.cmd(name, args.clone())
+            .unwrap_or_else(|e| panic!("{name} {args}: {e}"))
+    }
+
+    /// Runs a command that must fail; returns its error's description.
+    pub fn err(&mut self, name: &str, args: Value) -> String {
+        let e = self
+            .cmd(name, args.clone())
+            .expect_err(&format!("{name} {args} should fail"));
+        e["desc"].as_str().unwrap().to_string()
+    }
+
+    /// The next event matching `pred` (earlier ones that do not match stay logged).
+    pub fn wait_event(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(i) = self.pending.iter().position(&pred) {
+                let e = self.pending.remove(i).unwrap();
+                self.pending.drain(..i);
+                return e;
+            }
+            assert!(Instant::now() < end, "no {what}; log: {:?}", self.log);
+            let m = self.raw.recv();
+            if m.get("event").is_some() {
+                self.log.push(m.clone());
+                self.pending.push_back(m);
+            }
+        }
+    }
+
+    /// Waits for job `id`'s JOB_STATUS_CHANGE to `status`.
+    pub fn wait_status(&mut self, id: &str, status: &str) {
+        self.wait_event(&format!("{id} {status}"), |e| {
+            e["event"] == "JOB_STATUS_CHANGE"
+                && e["data"]["id"] == id
+                && e["data"]["status"] == status
+        });
+    }
+
+    /// Waits for the block job event `name` of job `id`; returns the whole event.
+    pub fn wait_job_event(&mut self, name: &str, id: &str) -> Value {
+        self.wait_event(name, |e| e["event"] == name && e["data"]["device"] == id)
     }
 }
