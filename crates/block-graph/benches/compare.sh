@@ -7,6 +7,7 @@
 #      (/var/tmp), medians of interleaved rounds and their ratios;
 #   2. throttling accuracy at 10 MB/s and 1000 IOPS over 10 s;
 #   3. peak memory of vmm-reference --no-guest and qemu-storage-daemon with 100 qcow2 nodes.
+# Instructions per request without timing noise: benches/callgrind.sh (needs valgrind).
 # Usage: crates/block-graph/benches/compare.sh [--quick] [--rounds N] [--qemu-aio MODE]
 set -eu
 cd "$(dirname "$0")/../../.."
