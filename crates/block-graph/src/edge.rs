@@ -153,6 +153,7 @@ impl Edge {
     }
 
     /// Runs `f` on the node behind the edge without taking a reference.
+    #[inline]
     pub fn with_node<R>(&self, f: impl FnOnce(&Node) -> R) -> R {
         f(&rlock(&self.child))
     }
