@@ -214,8 +214,8 @@ impl Client {
         j
     }
 
-    /// The dirty count of bitmap `name` as query-block reports it.
-    fn bitmap_count(&mut self, name: &str) -> u64 {
+    /// Bitmap `name` as query-named-block-nodes reports it.
+    fn bitmap(&mut self, name: &str) -> Value {
         let blocks = self.ok("query-named-block-nodes", json!({}));
         blocks
             .as_array()
@@ -223,9 +223,12 @@ impl Client {
             .iter()
             .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
             .find(|b| b["name"] == name)
-            .unwrap_or_else(|| panic!("no bitmap {name}: {blocks}"))["count"]
-            .as_u64()
-            .unwrap()
+            .unwrap_or_else(|| panic!("no bitmap {name}: {blocks}"))
+    }
+
+    /// The dirty count of bitmap `name`.
+    fn bitmap_count(&mut self, name: &str) -> u64 {
+        self.bitmap(name)["count"].as_u64().unwrap()
     }
 }
 
@@ -550,7 +553,21 @@ fn incremental_backup_failing_on_a_full_filesystem_keeps_its_bitmap() {
     let Some(fs) = Tmpfs::mount("incremental_backup_failing_on_a_full_filesystem") else {
         return;
     };
-    // A persistent bitmap that qemu-io's writes mark: 3 MiB dirty.
+    for policy in ["report", "stop"] {
+        let ours = incremental_scenario(false, &fs, policy);
+        let mut qemu = incremental_scenario(true, &fs, policy);
+        // QEMU's transaction drain at the start (see the full backup test).
+        assert_eq!(qemu[2..4], ["status:paused", "status:running"], "{qemu:?}");
+        qemu.drain(2..4);
+        assert_eq!(ours, qemu, "{policy}: events");
+    }
+}
+
+/// An incremental backup of 3 MiB dirty in a persistent bitmap to a target on the full
+/// tmpfs: the bitmap is kept while the job is failed or paused, reset once it succeeds.
+fn incremental_scenario(qemu: bool, fs: &Tmpfs, policy: &str) -> Vec<String> {
+    let who = name(qemu);
+    // A persistent bitmap that qemu-io's writes mark.
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.qcow2").to_str().unwrap().to_string();
     run("qemu-img", &["create", "-q", "-f", "qcow2", &src, "4M"]);
@@ -559,8 +576,8 @@ fn incremental_backup_failing_on_a_full_filesystem_keeps_its_bitmap() {
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 0x61 0 3M", &src],
     );
-    let (daemon, mut c) = Daemon::start(false, &file_node("qcow2", "src", &src));
-    assert_eq!(c.bitmap_count("b0"), 3 * MIB);
+    let (daemon, mut c) = Daemon::start(qemu, &file_node("qcow2", "src", &src));
+    assert_eq!(c.bitmap_count("b0"), 3 * MIB, "{who}");
     let t = fs.path("inc.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", &t, "4M"]);
     c.ok("blockdev-add", file_node("qcow2", "tgt", &t));
@@ -568,37 +585,44 @@ fn incremental_backup_failing_on_a_full_filesystem_keeps_its_bitmap() {
     c.ok(
         "blockdev-backup",
         json!({"device": "src", "job-id": "i", "target": "tgt", "sync": "incremental",
-               "bitmap": "b0"}),
+               "bitmap": "b0", "on-target-error": policy}),
     );
-    let done = c.job_data("BLOCK_JOB_COMPLETED", "i");
-    assert_eq!(done["error"], "No space left on device", "{done}");
-    c.wait_status("i", "null");
-    assert_eq!(
-        c.job_events("i"),
-        [
-            "status:created",
-            "status:running",
-            "ERROR:write:report",
-            "status:aborting",
-            "COMPLETED:No space left on device",
-            "status:concluded",
-            "status:null"
-        ]
-    );
-    // Kept on failure: the next incremental backup copies everything again.
-    assert_eq!(c.bitmap_count("b0"), 3 * MIB);
-    fs.free();
-    c.ok(
-        "blockdev-backup",
-        json!({"device": "src", "job-id": "i2", "target": "tgt", "sync": "incremental",
-               "bitmap": "b0"}),
-    );
-    let done = c.job_data("BLOCK_JOB_COMPLETED", "i2");
-    assert!(done.get("error").is_none(), "{done}");
-    assert_eq!(c.bitmap_count("b0"), 0);
+    if policy == "stop" {
+        let err = c.job_data("BLOCK_JOB_ERROR", "i");
+        assert_eq!(err["action"], "stop", "{who}: {err}");
+        c.wait_paused("i");
+        // Busy while the job holds it. (Its count differs meanwhile: QEMU's stays frozen
+        // at 3 MiB, its successor taking new writes; ours moves the bits into the job and
+        // counts only new writes until the job ends.)
+        assert_eq!(c.bitmap("b0")["busy"], true, "{who}: busy while paused");
+        fs.free();
+        c.ok("block-job-resume", json!({"device": "i"}));
+        let done = c.job_data("BLOCK_JOB_COMPLETED", "i");
+        assert!(done.get("error").is_none(), "{who}: {done}");
+        c.wait_status("i", "null");
+    } else {
+        let done = c.job_data("BLOCK_JOB_COMPLETED", "i");
+        assert_eq!(done["error"], "No space left on device", "{who}: {done}");
+        c.wait_status("i", "null");
+        // Kept on failure: the next incremental backup copies everything again.
+        assert_eq!(c.bitmap_count("b0"), 3 * MIB, "{who}: kept on failure");
+        fs.free();
+        c.ok(
+            "blockdev-backup",
+            json!({"device": "src", "job-id": "i2", "target": "tgt", "sync": "incremental",
+                   "bitmap": "b0"}),
+        );
+        let done = c.job_data("BLOCK_JOB_COMPLETED", "i2");
+        assert!(done.get("error").is_none(), "{who}: {done}");
+        c.wait_status("i2", "null");
+    }
+    assert_eq!(c.bitmap_count("b0"), 0, "{who}: reset on success");
+    let events = c.job_events("i");
     daemon.quit(c);
     check(&t);
-    assert!(identical(&src, &t));
+    assert!(identical(&src, &t), "{who} {policy}");
+    fs.clear();
+    events
 }
 
 /// `base` (4 MiB of data) <- `top` (empty) with `top` on the tmpfs: block-stream writes
