@@ -91,7 +91,11 @@ impl Tmpfs {
             Ok(o) => {
                 eprintln!(
                     "{test}: skipped: cannot mount a tmpfs ({})",
-                    String::from_utf8_lossy(&o.stderr).trim()
+                    String::from_utf8_lossy(&o.stderr)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .trim()
                 );
                 None
             }
@@ -108,7 +112,7 @@ impl Tmpfs {
 
     /// Fills the filesystem but for `FREE_KIB` (what is there stays).
     fn fill(&self) {
-        let st = nix_statvfs(self.dir.path());
+        let st = free_bytes(self.dir.path());
         let want_free = FREE_KIB * 1024;
         assert!(st > want_free, "the tmpfs has only {st} bytes free");
         std::fs::write(self.path("filler"), vec![0xffu8; (st - want_free) as usize])
@@ -149,7 +153,7 @@ impl Drop for Tmpfs {
 }
 
 /// Free bytes of the filesystem holding `path`.
-fn nix_statvfs(path: &std::path::Path) -> u64 {
+fn free_bytes(path: &std::path::Path) -> u64 {
     let out = run("stat", &["-f", "-c", "%a %S", path.to_str().unwrap()]);
     let mut it = out.split_whitespace().map(|x| x.parse::<u64>().unwrap());
     it.next().unwrap() * it.next().unwrap()
