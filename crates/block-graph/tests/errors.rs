@@ -315,7 +315,10 @@ fn qcow2_discards_reach_the_file_with_discard_unmap_only() {
         g.close_all();
         let after = allocated(&img);
         if unmap {
-            assert!(after + (3 << 20) <= before, "{before} -> {after}: not punched");
+            assert!(
+                after + (3 << 20) <= before,
+                "{before} -> {after}: not punched"
+            );
         } else {
             assert!(after + (1 << 20) > before, "{before} -> {after}: punched");
         }
