@@ -423,11 +423,13 @@ fn setup(
 /// creates and starts an intermediate or active commit job (on-error `report`, as the
 /// schema has no `on-error` for it).
 pub fn block_commit(jobs: &Jobs, g: &mut BlockGraph, a: &BlockCommitArguments) -> Result<()> {
-    block_commit_with(jobs, g, a, BlockdevOnError::Report)
+    let on_error = a.on_error.clone().unwrap_or(BlockdevOnError::Report);
+    block_commit_with(jobs, g, a, on_error)
 }
 
-/// [`block_commit`] with an `on-error` policy (QEMU 7.2's `on-error` of `block-commit`):
-/// `stop` and `enospc` pause the job on errors, `ignore` retries the range.
+/// [`block_commit`] with the `on-error` policy given apart from the arguments (whose
+/// `on-error` it ignores): `stop` and `enospc` pause the job on errors, `ignore` retries
+/// the range.
 pub fn block_commit_with(
     jobs: &Jobs,
     g: &mut BlockGraph,

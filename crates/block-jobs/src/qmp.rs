@@ -33,11 +33,8 @@
 //! ```
 
 use block_graph::BlockGraph;
-use qapi_types::cmd::BlockCommitArguments;
-use qapi_types::{cmd, BlockdevOnError, Dispatcher};
-use qapi_types::{CommandSpec, DecodeError, Decoder, QapiType};
+use qapi_types::{cmd, Dispatcher};
 use qmp_proto::QmpError;
-use serde_json::Value;
 
 use crate::error::{JobError, Result};
 use crate::registry::Jobs;
@@ -67,43 +64,6 @@ pub const COMMANDS: &[&str] = &[
     "query-jobs",
 ];
 
-/// `block-commit` as QEMU 7.2's binary takes it: the schema's arguments plus `on-error`
-/// (which this tree's schema does not list; QEMU 7.2 accepts and validates it, default
-/// `report`).
-struct BlockCommitOnError;
-
-/// The arguments of [`BlockCommitOnError`].
-struct BlockCommitOnErrorArgs {
-    args: BlockCommitArguments,
-    on_error: Option<BlockdevOnError>,
-}
-
-impl QapiType for BlockCommitOnErrorArgs {
-    fn to_qmp(&self) -> Value {
-        let mut v = self.args.to_qmp();
-        if let (Some(m), Some(e)) = (v.as_object_mut(), &self.on_error) {
-            m.insert("on-error".to_string(), e.to_qmp());
-        }
-        v
-    }
-
-    fn from_qmp(v: Value, d: &mut Decoder) -> std::result::Result<Self, DecodeError> {
-        let mut m = d.object(v)?;
-        let on_error = d.optional::<BlockdevOnError>(&mut m, "on-error")?;
-        let args = BlockCommitArguments::from_qmp(Value::Object(m), d)?;
-        Ok(BlockCommitOnErrorArgs { args, on_error })
-    }
-}
-
-impl CommandSpec for BlockCommitOnError {
-    const NAME: &'static str = <cmd::BlockCommit as CommandSpec>::NAME;
-    type Args = BlockCommitOnErrorArgs;
-    type Ret = ();
-    const ALLOW_OOB: bool = <cmd::BlockCommit as CommandSpec>::ALLOW_OOB;
-    const GROUP: &'static str = <cmd::BlockCommit as CommandSpec>::GROUP;
-    const DEPRECATED: bool = <cmd::BlockCommit as CommandSpec>::DEPRECATED;
-}
-
 fn q<T>(r: Result<T>) -> std::result::Result<T, QmpError> {
     r.map_err(QmpError::from)
 }
@@ -115,10 +75,9 @@ pub fn register<C: 'static>(d: &mut Dispatcher<C>, get: fn(&mut C) -> (&Jobs, &m
         let (j, g) = get(c);
         q(crate::stream::block_stream(j, g, &a))
     });
-    d.register::<BlockCommitOnError>(move |c, a| {
+    d.register::<cmd::BlockCommit>(move |c, a| {
         let (j, g) = get(c);
-        let on_error = a.on_error.unwrap_or(BlockdevOnError::Report);
-        q(crate::commit::block_commit_with(j, g, &a.args, on_error))
+        q(crate::commit::block_commit(j, g, &a))
     });
     d.register::<cmd::DriveMirror>(move |c, a| {
         let (j, g) = get(c);
