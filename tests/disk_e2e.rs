@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{kvm_usable, Raw, Vmm};
+use common::{chunk_has, kvm_usable, Raw, Vmm};
 use serde_json::json;
 
 fn console(c: &mut Raw) -> String {
@@ -31,20 +31,8 @@ fn guest_with_device(size: &str, model: &str, dev_opts: &str) -> (tempfile::Temp
         .status()
         .unwrap();
     assert!(st.success());
-    let bd = format!("driver=qcow2,node-name=disk0,file.driver=file,file.filename={img}");
     let dev = format!("{model},drive=disk0,id=vd0{dev_opts}");
-    let vmm = Vmm::start_with(&[
-        "-m",
-        "32M",
-        "--blockdev",
-        &bd,
-        "--device",
-        &dev,
-        "--chardev",
-        "ringbuf,id=con,size=65536",
-        "--serial",
-        "chardev:con",
-    ]);
+    let vmm = Vmm::start_guest_with_disk(&img, &dev);
     (dir, img, vmm)
 }
 
@@ -79,20 +67,6 @@ fn assert_clean(img: &str) {
         "qemu-img check: {}",
         String::from_utf8_lossy(&check.stdout)
     );
-}
-
-/// Whether the 4 KiB chunk at `chunk` holds the byte `pattern`, read by qemu-io.
-fn chunk_has(img: &str, chunk: u64, pattern: u64) -> bool {
-    let cmd = format!("read -P {} {} 4k", pattern & 0xff, chunk * 4096);
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-r", "-c", &cmd, img])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    out.status.success()
-        && !text.contains("Pattern verification failed")
-        && text.contains("read 4096/4096")
 }
 
 #[test]

@@ -11,7 +11,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Qsd, Vmm};
+use common::{chunk_has, Qsd, Vmm};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -587,20 +587,6 @@ fn console_until(c: &mut Client, out: &mut String, text: &str) {
     }
 }
 
-/// Whether the 4 KiB chunk `chunk` of `img` holds the byte `pattern` (qemu-io).
-fn chunk_has(img: &str, chunk: u64, pattern: u64) -> bool {
-    let cmd = format!("read -P {} {} 4k", pattern & 0xff, chunk * 4096);
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-r", "-c", &cmd, img])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    out.status.success()
-        && !text.contains("Pattern verification failed")
-        && text.contains("read 4096/4096")
-}
-
 /// A guest on a 2 MiB disk `top.qcow2` over `base.qcow2` (filled with 0x77), its console on
 /// ringbuf `con`, after its first pass.
 fn guest_on_chain() -> (tempfile::TempDir, String, String, Vmm, Client, String) {
@@ -624,19 +610,7 @@ fn guest_on_chain() -> (tempfile::TempDir, String, String, Vmm, Client, String) 
 /// A guest on the qcow2 disk `top` (node `disk0`, device `vd0`), its console on ringbuf
 /// `con`.
 fn start_guest(top: &str) -> (Vmm, Client) {
-    let bd = format!("driver=qcow2,node-name=disk0,file.driver=file,file.filename={top}");
-    let vmm = Vmm::start_with(&[
-        "-m",
-        "32M",
-        "--blockdev",
-        &bd,
-        "--device",
-        "virtio-blk,drive=disk0,id=vd0",
-        "--chardev",
-        "ringbuf,id=con,size=65536",
-        "--serial",
-        "chardev:con",
-    ]);
+    let vmm = Vmm::start_guest_with_disk(top, "virtio-blk,drive=disk0,id=vd0");
     let c = negotiated(&vmm);
     (vmm, c)
 }

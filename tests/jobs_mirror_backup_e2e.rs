@@ -470,19 +470,7 @@ fn guest_setup() -> (Setup, String) {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.qcow2").to_str().unwrap().to_string();
     qemu_img(&["create", "-q", "-f", "qcow2", &src, "2M"]);
-    let bd = format!("driver=qcow2,node-name=disk0,file.driver=file,file.filename={src}");
-    let vmm = Vmm::start_with(&[
-        "-m",
-        "32M",
-        "--blockdev",
-        &bd,
-        "--device",
-        "virtio-blk,drive=disk0,id=vd0",
-        "--chardev",
-        "ringbuf,id=con,size=65536",
-        "--serial",
-        "chardev:con",
-    ]);
+    let vmm = Vmm::start_guest_with_disk(&src, "virtio-blk,drive=disk0,id=vd0");
     let c = Client::new(&vmm);
     let mut s = Setup { vmm, c, dir };
     let mut out = String::new();

@@ -46,6 +46,25 @@ impl Vmm {
         Vmm { child, dir, sock }
     }
 
+    /// Starts the embedded guest (32 MiB) with the qcow2 image `img` as node `disk0`
+    /// behind the virtio-blk device `device` (e.g. `virtio-blk,drive=disk0,id=vd0`) and its
+    /// console on the ringbuf chardev `con`.
+    pub fn start_guest_with_disk(img: &str, device: &str) -> Vmm {
+        let bd = format!("driver=qcow2,node-name=disk0,file.driver=file,file.filename={img}");
+        Vmm::start_with(&[
+            "-m",
+            "32M",
+            "--blockdev",
+            &bd,
+            "--device",
+            device,
+            "--chardev",
+            "ringbuf,id=con,size=65536",
+            "--serial",
+            "chardev:con",
+        ])
+    }
+
     /// Connects a raw client and reads the greeting.
     pub fn connect(&self) -> (Raw, Value) {
         let mut raw = Raw::connect(&self.sock);
@@ -311,4 +330,19 @@ impl JobClient {
     pub fn wait_job_event(&mut self, name: &str, id: &str) -> Value {
         self.wait_event(name, |e| e["event"] == name && e["data"]["device"] == id)
     }
+}
+
+/// Whether the 4 KiB chunk `chunk` of the qcow2 image `img` holds the byte `pattern`
+/// (checked by qemu-io, as the embedded guest writes its passes).
+pub fn chunk_has(img: &str, chunk: u64, pattern: u64) -> bool {
+    let cmd = format!("read -P {} {} 4k", pattern & 0xff, chunk * 4096);
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-r", "-c", &cmd, img])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    out.status.success()
+        && !text.contains("Pattern verification failed")
+        && text.contains("read 4096/4096")
 }
