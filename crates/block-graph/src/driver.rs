@@ -85,6 +85,20 @@ pub struct DriverStatus {
     pub kind: StatusKind,
 }
 
+impl DriverStatus {
+    /// The whole queried range of `len` bytes passes through to `child` at `offset` (what
+    /// a filter answers).
+    pub fn delegate(child: &Arc<Edge>, offset: u64, len: u64) -> DriverStatus {
+        DriverStatus {
+            len,
+            kind: StatusKind::Delegate {
+                child: child.clone(),
+                offset,
+            },
+        }
+    }
+}
+
 /// What a node reports about its image for `query-named-block-nodes` and `query-block`
 /// (QEMU's `ImageInfo`, minus what the generic layer fills in).
 #[derive(Debug, Clone, Default)]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use qapi_types::QapiType;
 
-use crate::driver::{BlockDriver, DriverStatus, StatusKind, WriteFlags, ZeroFlags};
+use crate::driver::{BlockDriver, DriverStatus, WriteFlags, ZeroFlags};
 use crate::error::{BlockError, Result};
 use crate::graph::BlockGraph;
 use crate::node::{Edge, Node};
@@ -57,13 +57,7 @@ impl BlockDriver for JobFilter {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<DriverStatus> {
-        Ok(DriverStatus {
-            len,
-            kind: StatusKind::Delegate {
-                child: self.file.clone(),
-                offset,
-            },
-        })
+        Ok(DriverStatus::delegate(&self.file, offset, len))
     }
 
     fn truncate(&self, len: u64) -> Result<()> {

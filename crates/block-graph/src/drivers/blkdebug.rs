@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use qapi_types::{BlkdebugEvent, BlockdevOptionsBlkdebug};
 
 use super::OpenCtx;
-use crate::driver::{BlockDriver, DriverStatus, StatusKind, WriteFlags, ZeroFlags};
+use crate::driver::{BlockDriver, DriverStatus, WriteFlags, ZeroFlags};
 use crate::error::{BlockError, Result};
 use crate::iov::{iov_len, iov_len_mut};
 use crate::node::{mlock, Edge};
@@ -212,13 +212,7 @@ impl BlockDriver for BlkdebugDriver {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<DriverStatus> {
-        Ok(DriverStatus {
-            len,
-            kind: StatusKind::Delegate {
-                child: self.image.clone(),
-                offset,
-            },
-        })
+        Ok(DriverStatus::delegate(&self.image, offset, len))
     }
 
     fn truncate(&self, len: u64) -> Result<()> {

@@ -34,7 +34,7 @@ use qapi_types::{BlockdevOptionsCbw, QapiType};
 
 use super::OpenCtx;
 use crate::bitmap::DirtyBitmap;
-use crate::driver::{BlockDriver, DriverStatus, StatusKind, WriteFlags, ZeroFlags};
+use crate::driver::{BlockDriver, DriverStatus, WriteFlags, ZeroFlags};
 use crate::error::{BlockError, Result};
 use crate::graph::BlockGraph;
 use crate::iov::{iov_len, is_zero};
@@ -465,13 +465,7 @@ impl BlockDriver for CopyBeforeWrite {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<DriverStatus> {
-        Ok(DriverStatus {
-            len,
-            kind: StatusKind::Delegate {
-                child: self.file.clone(),
-                offset,
-            },
-        })
+        Ok(DriverStatus::delegate(&self.file, offset, len))
     }
 
     fn child_perm(

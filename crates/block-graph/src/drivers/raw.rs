@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use qapi_types::BlkdebugEvent;
 
-use crate::driver::{BlockDriver, DriverStatus, StatusKind, WriteFlags, ZeroFlags};
+use crate::driver::{BlockDriver, DriverStatus, WriteFlags, ZeroFlags};
 use crate::error::{BlockError, Result};
 use crate::iov::iov_len;
 use crate::node::Edge;
@@ -128,13 +128,11 @@ impl BlockDriver for RawDriver {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<DriverStatus> {
-        Ok(DriverStatus {
+        Ok(DriverStatus::delegate(
+            &self.file,
+            self.offset + offset,
             len,
-            kind: StatusKind::Delegate {
-                child: self.file.clone(),
-                offset: self.offset + offset,
-            },
-        })
+        ))
     }
 
     fn truncate(&self, len: u64) -> Result<()> {

@@ -16,9 +16,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use qapi_types::BlockdevRef;
 use serde_json::Value;
 
-use crate::driver::{
-    BlockDriver, DriverImageInfo, DriverStatus, StatusKind, WriteFlags, ZeroFlags,
-};
+use crate::driver::{BlockDriver, DriverImageInfo, DriverStatus, WriteFlags, ZeroFlags};
 use crate::drivers::OpenCtx;
 use crate::error::{BlockError, Result};
 use crate::graph::BlockGraph;
@@ -125,13 +123,7 @@ impl BlockDriver for ThrottleDriver {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<DriverStatus> {
-        Ok(DriverStatus {
-            len,
-            kind: StatusKind::Delegate {
-                child: self.file.clone(),
-                offset,
-            },
-        })
+        Ok(DriverStatus::delegate(&self.file, offset, len))
     }
 
     fn truncate(&self, len: u64) -> Result<()> {
