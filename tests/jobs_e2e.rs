@@ -531,33 +531,31 @@ fn on_error_policies_with_injected_errors() {
     }
 }
 
-#[test]
-fn events_and_query_shapes_match_qemu_storage_daemon() {
-    let ours = Chain::new();
-    let (vmm, mut c) = start(&ours);
+/// Streams `top` with auto-finalize off: query-block-jobs while pending, then finalize;
+/// returns that reply and the job's events.
+fn stream_pending_then_finalize(c: &mut Client) -> (Value, Vec<String>) {
     c.ok(
         "block-stream",
         json!({"device": "top", "job-id": "q0", "auto-finalize": false}),
     );
     c.wait_status("q0", "pending");
-    let mine = c.ok("query-block-jobs", json!({}));
+    let query = c.ok("query-block-jobs", json!({}));
     c.ok("job-finalize", json!({"id": "q0"}));
     c.wait_status("q0", "null");
-    let our_events = c.job_events("q0");
+    (query, c.job_events("q0"))
+}
+
+#[test]
+fn events_and_query_shapes_match_qemu_storage_daemon() {
+    let ours = Chain::new();
+    let (vmm, mut c) = start(&ours);
+    let (mine, our_events) = stream_pending_then_finalize(&mut c);
     c.quit(vmm);
 
     let theirs = Chain::new();
     let qsd = Qsd::start(&["--blockdev", &theirs.top_arg("top")]);
     let mut q = Client::new(qsd.negotiated());
-    q.ok(
-        "block-stream",
-        json!({"device": "top", "job-id": "q0", "auto-finalize": false}),
-    );
-    q.wait_status("q0", "pending");
-    let qemu = q.ok("query-block-jobs", json!({}));
-    q.ok("job-finalize", json!({"id": "q0"}));
-    q.wait_status("q0", "null");
-    let qemu_events = q.job_events("q0");
+    let (qemu, qemu_events) = stream_pending_then_finalize(&mut q);
     assert_eq!(our_events, qemu_events);
     assert_eq!(mine, qemu, "query-block-jobs while pending");
     // QEMU writes its qcow2 metadata at exit: quit, don't kill.
