@@ -18,7 +18,6 @@ against the chain's flattened content. Prints medians and the ratio QEMU time / 
   python3 crates/block-jobs/benches/jobs_vs_qsd.py --size 1G --rounds 3
 """
 
-import argparse
 import os
 import shutil
 import statistics
@@ -29,7 +28,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from mirror_backup_vs_qsd import ROOT, Daemon, parse_size, run  # noqa: E402
+from mirror_backup_vs_qsd import Daemon, check_vmm, common_args, parse_size, run  # noqa: E402
 
 
 def make_template(d, size):
@@ -92,18 +91,9 @@ def one(kind, vmm, workdir, template, expected, job):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--vmm", default=os.path.join(
-        os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")),
-        "release", "vmm-reference"))
-    ap.add_argument("--size", default="1G")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--jobs", default="stream,commit,active")
-    ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
-    a = ap.parse_args()
+    a = common_args(__doc__, "stream,commit,active").parse_args()
     size = parse_size(a.size)
-    if not os.access(a.vmm, os.X_OK):
-        sys.exit(f"no vmm-reference at {a.vmm}: cargo build --release -p vmm-reference")
+    check_vmm(a.vmm)
     # Bytes each job copies, for MB/s.
     copied = {"stream": size - size // 16, "commit": size // 2, "active": size // 2}
     with tempfile.TemporaryDirectory(dir=a.dir) as workdir:

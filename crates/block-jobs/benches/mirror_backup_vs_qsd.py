@@ -199,18 +199,29 @@ def one(kind, vmm, workdir, src, size, job, buf_size=None, speed=None):
     return dt
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_args(doc, jobs):
+    """The options both job benches take: --vmm, --size, --rounds, --jobs, --dir."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--vmm", default=os.path.join(
         os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")),
         "release", "vmm-reference"))
     ap.add_argument("--size", default="1G")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--jobs", default=jobs)
+    ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
+    return ap
+
+
+def check_vmm(path):
+    if not os.access(path, os.X_OK):
+        sys.exit(f"no vmm-reference at {path}: cargo build --release -p vmm-reference")
+
+
+def main():
+    ap = common_args(__doc__, "mirror,backup")
     ap.add_argument("--half", action="store_true",
                     help="half allocated over a backing file")
-    ap.add_argument("--jobs", default="mirror,backup")
     ap.add_argument("--buf-size", default=None, help="mirror's buf-size (both daemons)")
-    ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--speed", default=None,
                     help="the jobs' speed limit in bytes per second (e.g. 100M = 100 MB/s); "
                          "the achieved rate is printed against it")
@@ -219,8 +230,7 @@ def main():
                          "(A/B of a change; ratios are QEMU time / its time)")
     a = ap.parse_args()
     size = parse_size(a.size)
-    if not os.access(a.vmm, os.X_OK):
-        sys.exit(f"no vmm-reference at {a.vmm}: cargo build --release -p vmm-reference")
+    check_vmm(a.vmm)
     with tempfile.TemporaryDirectory(dir=a.dir) as workdir:
         src = make_source(workdir, size, a.half)
         results = {}
