@@ -740,16 +740,17 @@ fn devices_on_nodes_without_a_backend_name() {
     let mut m = Monitor::new();
     let o = block_graph::parse_blockdev_arg("null-co,node-name=n0,size=1048576").unwrap();
     let n = m.vmm.block.blockdev_add(&o).unwrap();
-    let be = m
-        .vmm
-        .block
-        .new_root(
+    // A root as vmm-reference makes for a device on a node without a backend name.
+    let unnamed_root = |g: &mut block_graph::BlockGraph| {
+        g.new_root(
             &n,
             block_graph::Perm::NONE,
             block_graph::Perm::ALL,
             "an unnamed block device",
         )
-        .unwrap();
+        .unwrap()
+    };
+    let be = unnamed_root(&mut m.vmm.block);
     m.vmm.block.attach_device(&be, disk("vd0")).unwrap();
     let qb = m.ok("query-block", json!({}));
     assert_eq!(qb.as_array().unwrap().len(), 1);
@@ -759,16 +760,7 @@ fn devices_on_nodes_without_a_backend_name() {
     let st = m.ok("query-blockstats", json!({}));
     assert_eq!(st[0]["device"], "");
     // The device is named in permission errors.
-    let be2 = m
-        .vmm
-        .block
-        .new_root(
-            &n,
-            block_graph::Perm::NONE,
-            block_graph::Perm::ALL,
-            "an unnamed block device",
-        )
-        .unwrap();
+    let be2 = unnamed_root(&mut m.vmm.block);
     let e = m.vmm.block.attach_device(&be2, disk("vd1")).unwrap_err();
     assert!(e.to_string().contains("block device 'vd0'"), "{e}");
     // Media commands address it by its device id.
