@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use crate::driver::{WriteFlags, ZeroFlags};
 use crate::error::{BlockError, Result};
-use crate::gate::RootGate;
+use crate::gate::{GateGuard, RootGate};
 use crate::iov::iov_len;
 use crate::node::{mlock, rlock, wlock, Node};
 use crate::perm::{ChildRole, Perm};
@@ -198,9 +198,22 @@ impl Edge {
         }
     }
 
+    /// Counts a request made through this edge when a root holds it (a job's or a
+    /// temporary user's edge used directly), so that draining waits for it. Requests of a
+    /// node's own children run inside a request of the node, already counted at the root
+    /// above; BlockBackends count theirs at their own gate.
+    #[inline]
+    fn root_request(&self) -> Option<GateGuard<'_>> {
+        match self.parent.get() {
+            Some(Parent::Root(r)) => Some(r.gate.enter_unchecked()),
+            _ => None,
+        }
+    }
+
     /// Reads from the child.
     #[inline]
     pub fn read(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
+        let _r = self.root_request();
         rlock(&self.child).read(offset, iov)
     }
 
@@ -237,6 +250,7 @@ impl Edge {
     /// Writes to the child (needs the write permission; past the end, the resize one).
     #[inline]
     pub fn write(&self, offset: u64, iov: &[IoSlice<'_>], flags: WriteFlags) -> Result<()> {
+        let _r = self.root_request();
         let n = rlock(&self.child);
         self.write_on(&n, offset, iov, flags)
     }
@@ -257,6 +271,7 @@ impl Edge {
     /// Runs a batch of reads and writes on the child (see [`crate::batch`]); writes need
     /// the write permission, as with [`Edge::write`].
     pub fn submit_batch(&self, reqs: &mut [crate::batch::BatchReq<'_>]) {
+        let _r = self.root_request();
         let n = rlock(&self.child);
         self.submit_batch_on(&n, reqs)
     }
@@ -278,6 +293,7 @@ impl Edge {
 
     /// Makes a range of the child read as zero.
     pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let _r = self.root_request();
         let n = rlock(&self.child);
         self.write_zeroes_on(&n, offset, len, flags)
     }
@@ -296,6 +312,7 @@ impl Edge {
 
     /// Discards a range of the child.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _r = self.root_request();
         let n = rlock(&self.child);
         if !self.perm().contains(Perm::WRITE) {
             return Err(BlockError::errno(libc::EPERM));
@@ -318,6 +335,7 @@ impl Edge {
 
     /// Flushes the child.
     pub fn flush(&self) -> Result<()> {
+        let _r = self.root_request();
         rlock(&self.child).flush()
     }
 
@@ -331,6 +349,7 @@ impl Edge {
         if !self.perm().contains(Perm::RESIZE) {
             return Err(BlockError::errno(libc::EPERM));
         }
+        let _r = self.root_request();
         rlock(&self.child).truncate(len)
     }
 }

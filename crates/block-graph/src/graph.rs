@@ -386,28 +386,7 @@ impl BlockGraph {
     /// The roots (BlockBackends, jobs, temporary users) whose requests can reach any of
     /// `nodes`.
     pub fn roots_above(&self, nodes: &[Arc<Node>]) -> Vec<Arc<RootInfo>> {
-        let mut roots: Vec<Arc<RootInfo>> = Vec::new();
-        let mut stack: Vec<Arc<Node>> = nodes.to_vec();
-        let mut seen = HashSet::new();
-        while let Some(n) = stack.pop() {
-            if !seen.insert(Arc::as_ptr(&n)) {
-                continue;
-            }
-            for e in n.parents() {
-                match e.parent() {
-                    Some(Parent::Node(w)) => {
-                        if let Some(p) = w.upgrade() {
-                            stack.push(p);
-                        }
-                    }
-                    Some(Parent::Root(r)) if !roots.iter().any(|x| Arc::ptr_eq(x, r)) => {
-                        roots.push(r.clone());
-                    }
-                    _ => {}
-                }
-            }
-        }
-        roots
+        crate::node::roots_above(nodes)
     }
 
     /// Begins a drained section of `nodes`: every root above them stops admitting requests,
@@ -420,11 +399,8 @@ impl BlockGraph {
         for r in &roots {
             r.gate.wait_idle();
         }
-        for n in nodes {
-            while n.in_flight() > 0 {
-                std::thread::sleep(std::time::Duration::from_micros(100));
-            }
-        }
+        // Every request is counted at the root it entered by (a BlockBackend's gate, or the
+        // gate a root edge's own requests pass, see `Edge`), so idle roots mean idle nodes.
         DrainGuard { roots }
     }
 

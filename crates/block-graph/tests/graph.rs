@@ -405,6 +405,34 @@ fn drain_waits_for_in_flight_and_holds_new_requests() {
 }
 
 #[test]
+fn drain_waits_for_requests_made_through_a_root_edge() {
+    // Jobs and temporary users issue requests through their root edge directly, not
+    // through BlockBackend's methods: those are counted at the root's gate too.
+    let mut g = BlockGraph::new();
+    let n = g
+        .blockdev_add(&opts(
+            json!({"driver": "null-co", "node-name": "n", "latency-ns": 50_000_000}),
+        ))
+        .unwrap();
+    let be = g.create_backend("d", Some(&n), Default::default()).unwrap();
+    let edge = be.root_edge().unwrap();
+    let started = Instant::now();
+    let t = std::thread::spawn(move || edge.read_buf(0, &mut [0u8; 512]).unwrap());
+    while n.in_flight() == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let d = g.drain(std::slice::from_ref(&n));
+    // The request sleeps 50 ms once inside: the drain can only end after that.
+    assert!(
+        started.elapsed() >= Duration::from_millis(50),
+        "drain returned before the request ended"
+    );
+    assert_eq!(n.in_flight(), 0);
+    drop(d);
+    t.join().unwrap();
+}
+
+#[test]
 fn write_threshold_bitmaps_and_detect_zeroes() {
     let mut g = BlockGraph::new();
     let n = g

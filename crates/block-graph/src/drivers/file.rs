@@ -210,6 +210,19 @@ impl FileDriver {
     }
 
     fn preadv_once(&self, offset: u64, iov: &[IoSliceMut<'_>]) -> isize {
+        if let [one] = iov {
+            // One buffer (most requests): pread, which spares the kernel copying and
+            // checking an iovec array (measurable on a 4 KiB page-cache read).
+            // SAFETY: the buffer is writable memory we borrow for the duration of the call.
+            return unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    one.as_ptr() as *mut libc::c_void,
+                    one.len(),
+                    offset as libc::off_t,
+                )
+            };
+        }
         // SAFETY: IoSliceMut is ABI-compatible with struct iovec; the slices borrow
         // writable memory we own for the duration of the call.
         unsafe {
@@ -264,6 +277,14 @@ impl FileDriver {
                     cnt,
                     offset as libc::off_t,
                     libc::RWF_DSYNC,
+                )
+            } else if let [one] = iov {
+                // One buffer: pwrite, as for reads (see `preadv_once`).
+                libc::pwrite(
+                    self.file.as_raw_fd(),
+                    one.as_ptr() as *const libc::c_void,
+                    one.len(),
+                    offset as libc::off_t,
                 )
             } else {
                 libc::pwritev(
