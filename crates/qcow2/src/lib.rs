@@ -22,6 +22,7 @@ mod info;
 mod l2;
 mod refcount;
 mod reopen;
+mod small;
 mod snapshot;
 pub mod snapshot_table;
 pub mod storage;

@@ -1,6 +1,7 @@
 //! The write path: in-place writes, allocation with copy-on-write, commit of L2 entries,
 //! write-zeroes, discard, compressed writes and flush.
 
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 
 use crate::backing::read_clamped;
@@ -11,6 +12,7 @@ use crate::image::{lock, MappingKind, Qcow2, Tables};
 use crate::l2::L2Words;
 use crate::l2::{EntryKind, BITMAP_ALL_ALLOC, BITMAP_ALL_ZERO, OFFSET_MASK, OFLAG_COMPRESSED};
 use crate::l2::{OFLAG_COPIED, OFLAG_ZERO};
+use crate::small::SmallVec;
 
 /// Queued frees that force a metadata flush.
 pub(crate) const FORCE_FLUSH_FREES: usize = 16384;
@@ -18,11 +20,20 @@ pub(crate) const FORCE_FLUSH_FREES: usize = 16384;
 /// Largest number of clusters one allocation plan covers.
 const MAX_PLAN_CLUSTERS: u64 = 512;
 
+/// Clusters a plan keeps inline (more spill to the heap): requests of up to this many
+/// clusters need no allocation for their bookkeeping.
+const INLINE_CLUSTERS: usize = 16;
+
+/// One L2 entry a plan publishes.
+#[derive(Debug, Clone, Copy, Default)]
 struct Commit {
     guest: u64,
     entry: u64,
     bitmap: u64,
-    free_old: Vec<u64>,
+    /// The entry it replaces.
+    old: u64,
+    /// Whether the host clusters `old` references lose a reference (not when reused).
+    free_old: bool,
 }
 
 /// A write prepared by [`Qcow2::prepare_write`]: write `cow` and then the guest data for
@@ -40,8 +51,9 @@ pub struct WritePlan<'a> {
     pub host_offset: u64,
     /// Copy-on-write data to write first: (host offset, bytes).
     pub cow: Vec<(u64, Vec<u8>)>,
-    commits: Vec<Commit>,
-    registered: Vec<u64>,
+    commits: SmallVec<Commit, INLINE_CLUSTERS>,
+    /// Guest clusters registered as being allocated by this plan.
+    registered: Range<u64>,
 }
 
 impl WritePlan<'_> {
@@ -54,7 +66,7 @@ impl WritePlan<'_> {
 impl Drop for WritePlan<'_> {
     fn drop(&mut self) {
         if !self.registered.is_empty() {
-            self.img.unregister(&self.registered);
+            self.img.unregister(self.registered.clone());
         }
     }
 }
@@ -67,29 +79,31 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn try_register(&self, clusters: &[u64]) -> bool {
+    /// Registers the guest clusters `clusters` as being allocated, unless one already is.
+    fn try_register(&self, clusters: Range<u64>) -> bool {
         let mut s = lock(&self.inflight);
-        if clusters.iter().any(|c| s.set.contains(c)) {
+        if clusters.clone().any(|c| s.set.contains(&c)) {
             return false;
         }
-        s.set.extend(clusters.iter().copied());
+        s.set.extend(clusters);
         true
     }
 
-    fn register(&self, clusters: &[u64]) {
+    /// Registers the guest clusters `clusters` as being allocated, waiting until none is.
+    fn register(&self, clusters: Range<u64>) {
         let mut s = lock(&self.inflight);
-        while clusters.iter().any(|c| s.set.contains(c)) {
+        while clusters.clone().any(|c| s.set.contains(&c)) {
             s.waiters += 1;
             s = self.inflight_cv.wait(s).unwrap_or_else(|e| e.into_inner());
             s.waiters -= 1;
         }
-        s.set.extend(clusters.iter().copied());
+        s.set.extend(clusters);
     }
 
-    pub(crate) fn unregister(&self, clusters: &[u64]) {
+    pub(crate) fn unregister(&self, clusters: Range<u64>) {
         let mut s = lock(&self.inflight);
         for c in clusters {
-            s.set.remove(c);
+            s.set.remove(&c);
         }
         // Waking costs a system call: only when someone waits.
         if s.waiters > 0 {
@@ -285,8 +299,8 @@ impl Qcow2 {
                 len: n,
                 host_offset: host,
                 cow: Vec::new(),
-                commits: Vec::new(),
-                registered: Vec::new(),
+                commits: SmallVec::new(),
+                registered: 0..0,
             }));
         }
         {
@@ -304,8 +318,8 @@ impl Qcow2 {
                     len: n,
                     host_offset: host,
                     cow: Vec::new(),
-                    commits: Vec::new(),
-                    registered: Vec::new(),
+                    commits: SmallVec::new(),
+                    registered: 0..0,
                 }));
             }
         }
@@ -315,10 +329,10 @@ impl Qcow2 {
         let c_last = (offset + len - 1) >> cb;
         let table_end = (c0 / l2_span_clusters + 1) * l2_span_clusters;
         let c_end = (c_last + 1).min(table_end).min(c0 + MAX_PLAN_CLUSTERS);
-        let wanted: Vec<u64> = (c0..c_end).collect();
+        let wanted = c0..c_end;
         if wait {
-            self.register(&wanted);
-        } else if !self.try_register(&wanted) {
+            self.register(wanted.clone());
+        } else if !self.try_register(wanted.clone()) {
             return Ok(None);
         }
         let mut plan = WritePlan {
@@ -328,7 +342,7 @@ impl Qcow2 {
             len: 0,
             host_offset: 0,
             cow: Vec::new(),
-            commits: Vec::new(),
+            commits: SmallVec::new(),
             registered: wanted,
         };
         self.mark_dirty()?;
@@ -337,14 +351,14 @@ impl Qcow2 {
         let (n, host) = self.in_place_run(&mut t, offset, len)?;
         if n > 0 {
             drop(t);
-            self.unregister(&std::mem::take(&mut plan.registered));
+            self.unregister(std::mem::replace(&mut plan.registered, 0..0));
             plan.len = n;
             plan.host_offset = host;
             return Ok(Some(plan));
         }
         let l2_off = self.ensure_l2_writable(&mut t, offset)?;
         // Collect old entries; the run stops at the first cluster that is writable in place.
-        let mut olds = Vec::new();
+        let mut olds: SmallVec<(u64, u64), INLINE_CLUSTERS> = SmallVec::new();
         for c in c0..c_end {
             let (e, bm) = self.entry_at(&mut t, l2_off, c << cb)?;
             if c > c0 {
@@ -360,15 +374,8 @@ impl Qcow2 {
             }
         }
         let n = olds.len() as u64;
-        let keep: Vec<u64> = (c0..c0 + n).collect();
-        let extra: Vec<u64> = plan
-            .registered
-            .iter()
-            .copied()
-            .filter(|c| *c >= c0 + n)
-            .collect();
-        self.unregister(&extra);
-        plan.registered = keep;
+        self.unregister(c0 + n..c_end);
+        plan.registered = c0..c0 + n;
         let req_end = (offset + len).min((c0 + n) << cb);
         plan.len = req_end - offset;
 
@@ -386,17 +393,14 @@ impl Qcow2 {
         plan.host_offset = host0 + (offset & (cs - 1));
 
         // Entries and copy-on-write regions.
-        let mut cow_regions: Vec<(u64, u64, u64, u64)> = Vec::new(); // (guest, len, entry, bitmap)
+        // (guest, len, entry, bitmap)
+        let mut cow_regions: SmallVec<(u64, u64, u64, u64), 4> = SmallVec::new();
         for (i, &(e, bm)) in olds.iter().enumerate() {
             let g = (c0 + i as u64) << cb;
             let w0 = offset.max(g);
             let w1 = req_end.min(g + cs);
             let host = host0 + ((i as u64) << cb);
             let old_kind = self.geo.decode(e)?;
-            let mut free_old = Vec::new();
-            if !reused {
-                free_old = self.entry_clusters(e)?;
-            }
             let (new_bm, regions) = if self.geo.extended_l2 {
                 let scb = self.geo.subcluster_bits();
                 let s0 = ((w0 - g) >> scb) as u32;
@@ -414,16 +418,16 @@ impl Qcow2 {
                 let new_zero = zero & !touched;
                 let regions = if has_data && !reused {
                     // Copy the whole old cluster around the written range.
-                    vec![(g, w0 - g), (w1, g + cs - w1)]
+                    [(g, w0 - g), (w1, g + cs - w1)]
                 } else {
                     // Only the partial subclusters at the edges.
                     let a = g + ((s0 as u64) << scb);
                     let b = g + ((s1 as u64 + 1) << scb);
-                    vec![(a, w0 - a), (w1, b - w1)]
+                    [(a, w0 - a), (w1, b - w1)]
                 };
                 ((new_zero << 32) | new_alloc, regions)
             } else {
-                (0, vec![(g, w0 - g), (w1, g + cs - w1)])
+                (0, [(g, w0 - g), (w1, g + cs - w1)])
             };
             for (rg, rl) in regions {
                 if rl > 0 {
@@ -439,7 +443,8 @@ impl Qcow2 {
                 guest: g,
                 entry,
                 bitmap: new_bm,
-                free_old,
+                old: e,
+                free_old: !reused,
             });
         }
         drop(t);
@@ -459,7 +464,7 @@ impl Qcow2 {
         }
         // Read COW sources without any metadata lock, piece by piece (one subcluster at most).
         let scb = self.geo.subcluster_bits();
-        for (rg, rl, e, bm) in cow_regions {
+        for &(rg, rl, e, bm) in cow_regions.iter() {
             let mut pos = rg;
             while pos < rg + rl {
                 let stop = (((pos >> scb) + 1) << scb).min(rg + rl);
@@ -581,7 +586,7 @@ impl Qcow2 {
         let w = self.geo.words();
         let mut t = lock(&self.tables);
         let mut frees = Vec::new();
-        for c in &plan.commits {
+        for c in plan.commits.iter() {
             let l2_off = self.ensure_l2_writable(&mut t, c.guest)?;
             let i = ((c.guest >> cb) & ((1 << self.geo.l2_bits()) - 1)) as usize;
             let mut dep = self.l2_write_dependency();
@@ -591,15 +596,17 @@ impl Qcow2 {
                 tab.put(i * w + 1, c.bitmap);
             }
             t.l2.mark_dirty(l2_off);
-            frees.extend_from_slice(&c.free_old);
+            if c.free_old {
+                frees.extend(self.entry_clusters(c.old)?);
+            }
         }
         drop(t);
         if !frees.is_empty() {
             self.forget_decompressed();
         }
         self.queue_frees(frees, FreeReason::Other);
-        let regs = std::mem::take(&mut plan.registered);
-        self.unregister(&regs);
+        let regs = std::mem::replace(&mut plan.registered, 0..0);
+        self.unregister(regs);
         Ok(())
     }
 
@@ -748,9 +755,9 @@ impl Qcow2 {
         let w = self.geo.words();
         let c0 = pos >> cb;
         let c1 = (pos + len - 1) >> cb;
-        let clusters: Vec<u64> = (c0..=c1).collect();
+        let clusters = c0..c1 + 1;
         let _guard = self.gate.enter();
-        self.register(&clusters);
+        self.register(clusters.clone());
         let res = (|| -> Result<()> {
             self.mark_dirty()?;
             let mut t = lock(&self.tables);
@@ -782,9 +789,9 @@ impl Qcow2 {
                         // Partial zeroing of a compressed/shared cluster: fall back to writing.
                         drop(t);
                         let z = vec![0u8; (b - a) as usize];
-                        self.unregister(&clusters);
+                        self.unregister(clusters.clone());
                         let r = self.write_at(&z, a);
-                        self.register(&clusters);
+                        self.register(clusters.clone());
                         r?;
                         t = lock(&self.tables);
                         continue;
@@ -825,7 +832,7 @@ impl Qcow2 {
             self.queue_frees(frees, mode.free_reason());
             Ok(())
         })();
-        self.unregister(&clusters);
+        self.unregister(clusters);
         res
     }
 
@@ -888,7 +895,7 @@ impl Qcow2 {
         }
         let _guard = self.gate.enter();
         let c = offset >> self.geo.cluster_bits;
-        self.register(&[c]);
+        self.register(c..c + 1);
         let r = (|| -> Result<()> {
             self.mark_dirty()?;
             let mut t = lock(&self.tables);
@@ -921,7 +928,7 @@ impl Qcow2 {
             self.queue_frees(frees, FreeReason::Other);
             Ok(())
         })();
-        self.unregister(&[c]);
+        self.unregister(c..c + 1);
         self.c(r)?;
         self.maybe_apply_frees()
     }
