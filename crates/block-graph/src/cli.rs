@@ -350,15 +350,32 @@ fn convert(s: &Schema, v: Value, ty: &str, path: &str) -> Result<Value> {
 
 /// Parses a `--blockdev` argument (JSON or key=value) into `blockdev-add`'s options.
 pub fn parse_blockdev_arg(arg: &str) -> Result<BlockdevOptions> {
-    let v = if arg.trim_start().starts_with('{') {
-        serde_json::from_str::<Value>(arg).map_err(|e| err(format!("JSON parse error, {e}")))?
-    } else {
-        let tree = keyval_parse(arg, Some("driver"))?;
-        let s = Schema::get();
-        match s.blockdev_options_type() {
-            Some(t) => convert(&s, tree, t, "")?,
-            None => tree,
-        }
+    if arg.trim_start().starts_with('{') {
+        let v = serde_json::from_str::<Value>(arg)
+            .map_err(|e| err(format!("JSON parse error, {e}")))?;
+        return BlockdevOptions::from_qmp_strict(v).map_err(|e| err(e.to_string()));
+    }
+    blockdev_options_from_tree(keyval_parse(arg, Some("driver"))?)
+}
+
+/// `blockdev-add`'s options from a tree whose leaves may be strings where the schema wants
+/// integers, booleans or numbers (what [`keyval_parse`] builds, and what QEMU's legacy
+/// `json:` file names and qemu-img's `--image-opts` carry): string leaves are converted as
+/// QEMU's keyval input visitor does, other values are taken as they are.
+///
+/// ```
+/// use block_graph::cli::blockdev_options_from_tree;
+/// use serde_json::json;
+///
+/// let o = blockdev_options_from_tree(json!({"driver": "null-co", "size": "0x1000",
+///     "read-zeroes": true})).unwrap();
+/// assert_eq!(o, block_graph::parse_blockdev_arg("null-co,size=4096,read-zeroes=on").unwrap());
+/// ```
+pub fn blockdev_options_from_tree(tree: Value) -> Result<BlockdevOptions> {
+    let s = Schema::get();
+    let v = match s.blockdev_options_type() {
+        Some(t) => convert(&s, tree, t, "")?,
+        None => tree,
     };
     BlockdevOptions::from_qmp_strict(v).map_err(|e| err(e.to_string()))
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use qcow2::{BlockRead, BlockStatus, FollowFiles, OpenOptions, Qcow2};
 
 use crate::convert::is_zero;
+use crate::graph_img::{reduce, Plain, Source};
 use crate::img::{Cache, Image};
 use crate::progress::Progress;
 use crate::Error;
@@ -25,6 +26,10 @@ pub struct CompareArgs<'a> {
     pub progress: bool,
     pub a: &'a str,
     pub b: &'a str,
+    /// `--image-opts`: both names are key=value option strings.
+    pub image_opts: bool,
+    /// `-U`.
+    pub force_share: bool,
 }
 
 /// First sector of `b` holding a non-zero byte (qemu's `find_nonzero`).
@@ -54,9 +59,15 @@ fn compare_inner(a: &CompareArgs<'_>, progress: &Progress) -> Result<i32, Error>
         eprintln!("vmm-img: Invalid source cache option: {cache}");
         return Ok(2);
     };
+    let src = |name, fmt| Source {
+        name,
+        fmt,
+        image_opts: a.image_opts,
+        force_share: a.force_share,
+    };
     let (ia, ib) = match (
-        Image::open(Path::new(a.a), a.fmt1, false, cache),
-        Image::open(Path::new(a.b), a.fmt2, false, cache),
+        Image::open_source(&src(a.a, a.fmt1), false, cache),
+        Image::open_source(&src(a.b, a.fmt2), false, cache),
     ) {
         (Ok(x), Ok(y)) => (x, y),
         (Err(e), _) | (_, Err(e)) => {
@@ -80,6 +91,10 @@ fn compare_inner(a: &CompareArgs<'_>, progress: &Progress) -> Result<i32, Error>
     };
     let read = |img: &Image, name: &str, buf: &mut [u8], off: u64| {
         img.read_at(buf, off).map_err(|e| {
+            let e = match e {
+                Error::Read { source, .. } => source.to_string(),
+                e => e.to_string(),
+            };
             eprintln!("vmm-img: Error while reading offset {off} of {name}: {e}");
             4
         })
@@ -404,6 +419,19 @@ fn open_for_commit(
 /// size when smaller), then empties the top image unless `-d` or `-b` (which implies `-d`).
 /// As with qemu-img, the layers between are left as they are.
 pub fn commit(a: &CommitArgs<'_>) -> Result<i32, Error> {
+    let src = Source::path(a.filename, a.fmt);
+    if src.uses_graph() {
+        // json: names: a plain qcow2 file is committed as such; other drivers have no
+        // backing file to commit into.
+        return match reduce(&src)? {
+            Plain::File { path, fmt } => commit(&CommitArgs {
+                filename: &path,
+                fmt: Some(fmt),
+                ..*a
+            }),
+            Plain::Other(_) => Err(Error::msg("Image does not have a backing file")),
+        };
+    }
     let path = Path::new(a.filename);
     let cache = a.cache.unwrap_or("writeback");
     let cache = Cache::parse(cache)?;
@@ -465,6 +493,9 @@ fn commit_copy(
         match target {
             Image::Qcow2(t) => t.resize(size, qcow2::Preallocation::Off)?,
             Image::Raw(r) => r.storage().set_len(size)?,
+            Image::Graph(_) => {
+                return Err(Error::msg("Image format driver does not support resize"))
+            }
         }
     }
     // What the layers above the base allocate: the bytes to copy (the job's progress total).

@@ -7,6 +7,7 @@ use serde_json::Value;
 use qcow2::check::Fix;
 use qcow2::{CompressionType, CreateOptions, DirtyBitmap, ImageInfo, Preallocation, Qcow2};
 
+use crate::graph_img::{has_dirty_flag, node_info, reduce, to_status, GraphImage, Plain, Source};
 use crate::img::{create_raw, parse_size, Cache, Image};
 use crate::output;
 use crate::Error;
@@ -236,20 +237,45 @@ fn image_info(path: &Path, img: &Image) -> ImageInfo {
             i
         }
         Image::Raw(_) => raw_info(path, img),
+        Image::Graph(g) => node_info(g.node()),
     }
 }
 
-pub fn info(fmt: Option<&str>, output: &str, chain: bool, filename: &str) -> Result<i32, Error> {
+/// The info of an image opened through the graph and, with `chain`, of its backing nodes.
+/// `info`'s data per image: the info, whether it is qcow2, whether it has a dirty flag
+/// (drivers without `bdrv_get_info` show none).
+type Infos = Vec<(ImageInfo, bool, bool)>;
+
+fn graph_infos(src: &Source<'_>, chain: bool) -> Result<Infos, Error> {
+    let g = GraphImage::open(src, false, Cache::Writeback, !chain)?;
     let mut infos = Vec::new();
-    let mut path = std::path::PathBuf::from(filename);
-    let mut fmt = fmt.map(str::to_string);
+    let mut cur = Some(g.node().clone());
+    while let Some(n) = cur {
+        infos.push((
+            node_info(&n),
+            n.driver_name() == "qcow2",
+            has_dirty_flag(&n),
+        ));
+        if !chain {
+            break;
+        }
+        cur = n.backing().map(|e| e.node());
+    }
+    Ok(infos)
+}
+
+/// The info of a plain file and, with `chain`, of its backing files.
+fn file_infos(src: &Source<'_>, chain: bool) -> Result<Infos, Error> {
+    let mut infos = Vec::new();
+    let mut path = std::path::PathBuf::from(src.name);
+    let mut fmt = src.fmt.map(str::to_string);
     loop {
         let img = Image::open_opts(&path, fmt.as_deref(), false, Cache::Writeback, true)?;
         let i = image_info(&path, &img);
         let is_q = img.format() == "qcow2";
         let next = i.full_backing_filename.clone();
         let next_fmt = i.backing_filename_format.clone();
-        infos.push((i, is_q));
+        infos.push((i, is_q, true));
         if !chain {
             break;
         }
@@ -264,25 +290,35 @@ pub fn info(fmt: Option<&str>, output: &str, chain: bool, filename: &str) -> Res
             return Err(Error::msg("backing chain too deep (loop?)"));
         }
     }
+    Ok(infos)
+}
+
+pub fn info(src: &Source<'_>, output: &str, chain: bool) -> Result<i32, Error> {
+    let infos = if src.uses_graph() {
+        graph_infos(src, chain)?
+    } else {
+        file_infos(src, chain)?
+    };
+    let json = |(i, q, dirty): &(ImageInfo, bool, bool)| {
+        let mut v = output::info_json(i, *q);
+        if let (false, Value::Object(m)) = (dirty, &mut v) {
+            m.remove("dirty-flag");
+        }
+        v
+    };
     match output {
         "json" => {
             if chain {
-                let v: Vec<Value> = infos
-                    .iter()
-                    .map(|(i, q)| output::info_json(i, *q))
-                    .collect();
+                let v: Vec<Value> = infos.iter().map(json).collect();
                 println!("{}", output::pretty(&Value::Array(v)));
             } else {
-                println!(
-                    "{}",
-                    output::pretty(&output::info_json(&infos[0].0, infos[0].1))
-                );
+                println!("{}", output::pretty(&json(&infos[0])));
             }
         }
         "human" => {
             let texts: Vec<String> = infos
                 .iter()
-                .map(|(i, q)| output::info_human(i, *q))
+                .map(|(i, q, _)| output::info_human(i, *q))
                 .collect();
             print!("{}", texts.join("\n"));
         }
@@ -296,11 +332,10 @@ pub fn info(fmt: Option<&str>, output: &str, chain: bool, filename: &str) -> Res
 }
 
 pub fn check(
-    fmt: Option<&str>,
+    src: &Source<'_>,
     output: &str,
     repair: Option<&str>,
     quiet: bool,
-    filename: &str,
 ) -> Result<i32, Error> {
     let fix = match repair {
         None => Fix::NONE,
@@ -308,12 +343,21 @@ pub fn check(
         Some("all") => Fix::ALL,
         Some(r) => return Err(Error::msg(format!("Invalid option for -r: '{r}'"))),
     };
-    let path = Path::new(filename);
     let writable = fix != Fix::NONE;
-    let fmt = match fmt {
-        Some(f) => f.to_string(),
-        None => qcow2::backing::probe_format(path)?.to_string(),
+    let (filename, fmt) = if src.uses_graph() {
+        match reduce(src)? {
+            Plain::File { path, fmt } => (path, fmt.to_string()),
+            Plain::Other(d) => (src.name.to_string(), d.to_string()),
+        }
+    } else {
+        let fmt = match src.fmt {
+            Some(f) => f.to_string(),
+            None => qcow2::backing::probe_format(Path::new(src.name))?.to_string(),
+        };
+        (src.name.to_string(), fmt)
     };
+    let filename = filename.as_str();
+    let path = Path::new(filename);
     if fmt != "qcow2" {
         eprintln!("vmm-img: This image format does not support checks");
         return Ok(63);
@@ -370,6 +414,8 @@ struct MapEntry {
     zero: bool,
     data: bool,
     offset: Option<u64>,
+    /// The file the data is in, for images opened through the graph.
+    file: Option<String>,
 }
 
 fn layer_name(img: &Image, depth: u32, top: &str) -> String {
@@ -384,13 +430,21 @@ fn layer_name(img: &Image, depth: u32, top: &str) -> String {
         .unwrap_or_default()
 }
 
-pub fn map(fmt: Option<&str>, output: &str, filename: &str) -> Result<i32, Error> {
-    let img = Image::open(Path::new(filename), fmt, false, Cache::Writeback)?;
+pub fn map(src: &Source<'_>, output: &str) -> Result<i32, Error> {
+    let filename = src.name;
+    let img = Image::open_source(src, false, Cache::Writeback)?;
     let size = img.size();
     let mut entries: Vec<MapEntry> = Vec::new();
     let mut off = 0u64;
     while off < size {
-        let st = img.block_status(off, (size - off).min(1 << 30))?;
+        let len = (size - off).min(1 << 30);
+        let (st, file) = match &img {
+            Image::Graph(g) => {
+                let s = g.status(off, len)?;
+                (to_status(&s), Some(g.file_of(&s.node)))
+            }
+            _ => (img.block_status(off, len)?, None),
+        };
         if st.len == 0 {
             break;
         }
@@ -403,6 +457,7 @@ pub fn map(fmt: Option<&str>, output: &str, filename: &str) -> Result<i32, Error
             zero: st.zero,
             data: st.data,
             offset: st.offset,
+            file,
         };
         if let Some(last) = entries.last_mut() {
             let contiguous = match (last.offset, e.offset) {
@@ -414,6 +469,7 @@ pub fn map(fmt: Option<&str>, output: &str, filename: &str) -> Result<i32, Error
                 && last.present == e.present
                 && last.zero == e.zero
                 && last.data == e.data
+                && last.file == e.file
                 && contiguous
             {
                 last.len += e.len;
@@ -458,7 +514,9 @@ pub fn map(fmt: Option<&str>, output: &str, filename: &str) -> Result<i32, Error
                         hex(e.start),
                         hex(e.len),
                         hex(o),
-                        layer_name(&img, e.depth, filename)
+                        e.file
+                            .clone()
+                            .unwrap_or_else(|| layer_name(&img, e.depth, filename))
                     );
                 }
             }
@@ -477,6 +535,9 @@ pub fn snapshot(
 ) -> Result<i32, Error> {
     let writable = create.is_some() || apply.is_some() || delete.is_some();
     let img = Image::open_opts(Path::new(filename), fmt, writable, Cache::Writeback, true)?;
+    if let Image::Graph(g) = &img {
+        return graph_snapshot(g, list, create, apply, delete);
+    }
     let q = img.qcow2("Snapshots")?;
     if let Some(n) = create {
         q.snapshot_create(&n)
@@ -517,6 +578,40 @@ pub fn snapshot(
     Ok(0)
 }
 
+/// `snapshot` on an image opened through the graph whose driver has no internal
+/// snapshots: qemu-img's answers for such drivers.
+fn graph_snapshot(
+    g: &GraphImage,
+    list: bool,
+    create: Option<String>,
+    apply: Option<String>,
+    delete: Option<String>,
+) -> Result<i32, Error> {
+    if let Some(n) = create {
+        return Err(Error::msg(format!(
+            "Could not create snapshot '{n}': -95 (Operation not supported)"
+        )));
+    }
+    if let Some(n) = apply {
+        return Err(Error::msg(format!(
+            "Could not apply snapshot '{n}': Block driver does not support snapshots"
+        )));
+    }
+    if let Some(n) = delete {
+        return Err(Error::msg(format!(
+            "Could not delete snapshot '{n}': snapshot not found"
+        )));
+    }
+    let info = node_info(g.node());
+    if list && !info.snapshots.is_empty() {
+        print!(
+            "Snapshot list:\n{}",
+            output::snapshot_table(&info.snapshots)
+        );
+    }
+    Ok(0)
+}
+
 pub fn resize(
     fmt: Option<&str>,
     shrink: bool,
@@ -550,6 +645,7 @@ pub fn resize(
             Image::Raw(_) => eprintln!(
                 "WARNING: Image should be shrunk, but the --shrink option was not given; continuing anyway"
             ),
+            Image::Graph(_) => {}
         }
     }
     match &img {
@@ -559,6 +655,9 @@ pub fn resize(
         }
         Image::Raw(r) => {
             r.storage().set_len(new)?;
+        }
+        Image::Graph(_) => {
+            return Err(Error::msg("Image format driver does not support resize"));
         }
     }
     if !quiet {

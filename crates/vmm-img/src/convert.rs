@@ -56,6 +56,10 @@ pub struct ConvertArgs {
     pub workers: usize,
     /// Not `-W`: allocate target clusters in guest order.
     pub in_order: bool,
+    /// `--image-opts`: the source is a key=value option string.
+    pub image_opts: bool,
+    /// `-U`: the source is opened sharing every permission.
+    pub force_share: bool,
 }
 
 /// Parses `-m` like qemu-img (decimal, or hex/octal with a prefix, 1 to 16).
@@ -197,7 +201,16 @@ fn convert_inner(a: &ConvertArgs, progress: &Progress) -> Result<i32, Error> {
     if a.no_create && !a.options.is_empty() {
         return Err(Error::msg("-o has no effect when skipping image creation"));
     }
-    let src = Image::open(Path::new(&a.src), a.fmt.as_deref(), false, src_cache)?;
+    let src = Image::open_source(
+        &crate::graph_img::Source {
+            name: &a.src,
+            fmt: a.fmt.as_deref(),
+            image_opts: a.image_opts,
+            force_share: a.force_share,
+        },
+        false,
+        src_cache,
+    )?;
     let size = src.size();
     let mut o = parse_options(&a.options)?;
     let dst_path = Path::new(&a.dst);
@@ -243,17 +256,15 @@ fn convert_inner(a: &ConvertArgs, progress: &Progress) -> Result<i32, Error> {
     }
     let gran: u64 = match &dst {
         Image::Qcow2(q) => q.cluster_size(),
-        Image::Raw(_) => 4096,
+        Image::Raw(_) | Image::Graph(_) => 4096,
     };
     // Copy offload needs both data files in the page cache and a qcow2 target with clusters
     // large enough that probing them is cheaper than reading everything.
     let page_cache = |st: &Arc<dyn Storage>| st.alignment() == 1 && st.raw_fd().is_some();
-    let src_data = match &src {
-        Image::Qcow2(q) => Some(q.data_storage().clone()),
-        Image::Raw(r) => Some(r.storage().clone()),
-    }
-    .filter(page_cache)
-    .and_then(|st| st.raw_fd().map(|fd| (st, fd)));
+    let src_data = src
+        .data_storage()
+        .filter(page_cache)
+        .and_then(|st| st.raw_fd().map(|fd| (st, fd)));
     let dst_fd = match &dst {
         Image::Qcow2(q) if !a.compress && gran >= MIN_OFFLOAD_CLUSTER => {
             Some(q.data_storage().clone())

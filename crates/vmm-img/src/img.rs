@@ -8,6 +8,7 @@ use qcow2::{
     BlockRead, BlockStatus, FileStorage, FollowFiles, OpenOptions, Qcow2, RawImage, Storage,
 };
 
+use crate::graph_img::{reduce, GraphImage, GraphReader, Plain, Source};
 use crate::Error;
 
 /// Cache modes of `-t`/`-T`.
@@ -44,15 +45,29 @@ impl Cache {
     }
 }
 
-/// An open image of either format.
+/// An open image: a plain qcow2 or raw file through the qcow2 crate (the fast path), or
+/// anything else through the block graph.
 pub enum Image {
     /// A qcow2 image.
     Qcow2(Arc<Qcow2>),
     /// A raw image.
     Raw(Arc<RawImage>),
+    /// An image opened through the block graph (`json:`, `--image-opts`, other drivers).
+    Graph(Arc<GraphImage>),
 }
 
 impl Image {
+    /// Opens an image as the command line names it: through the block graph for `json:`
+    /// file names, `--image-opts` and drivers other than qcow2 and raw, else directly.
+    pub fn open_source(src: &Source<'_>, writable: bool, cache: Cache) -> Result<Self, Error> {
+        if src.uses_graph() {
+            return Ok(Image::Graph(Arc::new(GraphImage::open(
+                src, writable, cache, false,
+            )?)));
+        }
+        Self::open(Path::new(src.name), src.fmt, writable, cache)
+    }
+
     /// Opens `path` as `fmt` (probed when `None`), following backing files like qemu-img.
     pub fn open(
         path: &Path,
@@ -63,7 +78,9 @@ impl Image {
         Self::open_opts(path, fmt, writable, cache, false)
     }
 
-    /// Like [`Image::open`]; `no_backing` ignores the backing file (`-u`).
+    /// Like [`Image::open`]; `no_backing` ignores the backing file (`-u`). A `json:` name or
+    /// another driver that amounts to a plain qcow2 or raw file opens that file directly
+    /// (what the qcow2-only subcommands need); anything else opens through the graph.
     pub fn open_opts(
         path: &Path,
         fmt: Option<&str>,
@@ -71,6 +88,17 @@ impl Image {
         cache: Cache,
         no_backing: bool,
     ) -> Result<Self, Error> {
+        let src = Source::path(path.to_str().unwrap_or_default(), fmt);
+        if src.uses_graph() {
+            return match reduce(&src)? {
+                Plain::File { path, fmt } => {
+                    Self::open_opts(Path::new(&path), Some(fmt), writable, cache, no_backing)
+                }
+                Plain::Other(_) => Ok(Image::Graph(Arc::new(GraphImage::open(
+                    &src, writable, cache, no_backing,
+                )?))),
+            };
+        }
         let fmt = match fmt {
             Some(f) => f.to_string(),
             None => probe_format(path)
@@ -110,6 +138,7 @@ impl Image {
         match self {
             Image::Qcow2(_) => "qcow2",
             Image::Raw(_) => "raw",
+            Image::Graph(g) => g.format(),
         }
     }
 
@@ -118,17 +147,26 @@ impl Image {
         match self {
             Image::Qcow2(q) => q.clone(),
             Image::Raw(r) => r.clone(),
+            Image::Graph(g) => Arc::new(GraphReader(g.clone())),
         }
     }
 
     /// Virtual size.
     pub fn size(&self) -> u64 {
-        self.reader().size()
+        match self {
+            Image::Qcow2(q) => q.size(),
+            Image::Raw(r) => r.size(),
+            Image::Graph(g) => g.size(),
+        }
     }
 
     /// Reads guest data.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<(), Error> {
-        Ok(self.reader().read_at(buf, off)?)
+        match self {
+            Image::Qcow2(q) => Ok(q.read_at(buf, off)?),
+            Image::Raw(r) => Ok(r.read_at(buf, off)?),
+            Image::Graph(g) => g.read_at(buf, off),
+        }
     }
 
     /// Writes guest data.
@@ -136,6 +174,10 @@ impl Image {
         match self {
             Image::Qcow2(q) => Ok(q.write_at(buf, off)?),
             Image::Raw(r) => Ok(r.storage().write_at(buf, off)?),
+            Image::Graph(g) => g
+                .backend()
+                .write_buf(off, buf, Default::default())
+                .map_err(|e| Error::msg(format!("error while writing at byte {off}: {e}"))),
         }
     }
 
@@ -144,12 +186,20 @@ impl Image {
         match self {
             Image::Qcow2(q) => Ok(q.write_zeroes(off, len, true)?),
             Image::Raw(r) => Ok(r.storage().write_zeroes(off, len)?),
+            Image::Graph(g) => g
+                .backend()
+                .write_zeroes(off, len, Default::default())
+                .map_err(|e| Error::msg(format!("error while writing at byte {off}: {e}"))),
         }
     }
 
     /// Block status.
     pub fn block_status(&self, off: u64, len: u64) -> Result<BlockStatus, Error> {
-        Ok(self.reader().block_status(off, len)?)
+        match self {
+            Image::Qcow2(q) => Ok(q.block_status(off, len)?),
+            Image::Raw(r) => Ok(r.block_status(off, len)?),
+            Image::Graph(g) => g.block_status(off, len),
+        }
     }
 
     /// Flushes.
@@ -157,6 +207,17 @@ impl Image {
         match self {
             Image::Qcow2(q) => Ok(q.flush()?),
             Image::Raw(r) => Ok(r.storage().flush()?),
+            Image::Graph(g) => g.backend().flush().map_err(|e| Error::msg(e.to_string())),
+        }
+    }
+
+    /// The file the top layer's data lives in, when it is a plain file the data can be
+    /// read from directly (not for images opened through the graph).
+    pub fn data_storage(&self) -> Option<Arc<dyn Storage>> {
+        match self {
+            Image::Qcow2(q) => Some(q.data_storage().clone()),
+            Image::Raw(r) => Some(r.storage().clone()),
+            Image::Graph(_) => None,
         }
     }
 
@@ -166,6 +227,10 @@ impl Image {
             Image::Qcow2(q) => Ok(q),
             Image::Raw(_) => Err(Error::msg(format!(
                 "{what} is not supported for raw images"
+            ))),
+            Image::Graph(g) => Err(Error::msg(format!(
+                "{what} is not supported for {} images opened through the block graph",
+                g.format()
             ))),
         }
     }

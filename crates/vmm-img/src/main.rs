@@ -5,11 +5,14 @@ mod bench;
 mod chain;
 mod cmds;
 mod convert;
+mod graph_img;
 mod img;
 mod output;
 mod progress;
 
 use clap::{Parser, Subcommand};
+
+use crate::graph_img::Source;
 
 /// Errors of the tool: printed as `vmm-img: <message>`.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +26,14 @@ pub enum Error {
     /// I/O.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// A failed read of an image opened through the block graph (qemu-img convert's words).
+    #[error("error while reading at byte {offset}: {source}")]
+    Read {
+        /// Guest offset of the failed request.
+        offset: u64,
+        /// What the block layer reported.
+        source: block_graph::BlockError,
+    },
 }
 
 impl Error {
@@ -72,6 +83,8 @@ enum Cmd {
         backing_chain: bool,
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        #[arg(long = "image-opts")]
+        image_opts: bool,
         filename: String,
     },
     /// Check an image for consistency.
@@ -86,6 +99,8 @@ enum Cmd {
         quiet: bool,
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        #[arg(long = "image-opts")]
+        image_opts: bool,
         filename: String,
     },
     /// Show the mapping of guest data to the image file(s).
@@ -96,6 +111,8 @@ enum Cmd {
         output: String,
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        #[arg(long = "image-opts")]
+        image_opts: bool,
         filename: String,
     },
     /// Convert an image to another format.
@@ -128,6 +145,8 @@ enum Cmd {
         backing_fmt: Option<String>,
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        #[arg(long = "image-opts")]
+        image_opts: bool,
         src: String,
         dst: String,
     },
@@ -147,6 +166,8 @@ enum Cmd {
         cache: Option<String>,
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        #[arg(long = "image-opts")]
+        image_opts: bool,
         a: String,
         b: String,
     },
@@ -286,23 +307,53 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             fmt,
             output,
             backing_chain,
-            force_share: _,
+            force_share,
+            image_opts,
             filename,
-        } => cmds::info(fmt.as_deref(), &output, backing_chain, &filename),
+        } => cmds::info(
+            &Source {
+                name: &filename,
+                fmt: fmt.as_deref(),
+                image_opts,
+                force_share,
+            },
+            &output,
+            backing_chain,
+        ),
         Cmd::Check {
             fmt,
             output,
             repair,
             quiet,
-            force_share: _,
+            force_share,
+            image_opts,
             filename,
-        } => cmds::check(fmt.as_deref(), &output, repair.as_deref(), quiet, &filename),
+        } => cmds::check(
+            &Source {
+                name: &filename,
+                fmt: fmt.as_deref(),
+                image_opts,
+                force_share,
+            },
+            &output,
+            repair.as_deref(),
+            quiet,
+        ),
         Cmd::Map {
             fmt,
             output,
-            force_share: _,
+            force_share,
+            image_opts,
             filename,
-        } => cmds::map(fmt.as_deref(), &output, &filename),
+        } => cmds::map(
+            &Source {
+                name: &filename,
+                fmt: fmt.as_deref(),
+                image_opts,
+                force_share,
+            },
+            &output,
+        ),
         Cmd::Convert {
             fmt,
             out_fmt,
@@ -317,10 +368,13 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             coroutines,
             backing,
             backing_fmt,
-            force_share: _,
+            force_share,
+            image_opts,
             src,
             dst,
         } => convert::convert(&convert::ConvertArgs {
+            image_opts,
+            force_share,
             fmt,
             out_fmt,
             compress,
@@ -346,10 +400,13 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             quiet,
             progress,
             cache,
-            force_share: _,
+            force_share,
+            image_opts,
             a,
             b,
         } => chain::compare(&chain::CompareArgs {
+            image_opts,
+            force_share,
             fmt1: fmt1.as_deref(),
             fmt2: fmt2.as_deref(),
             cache: cache.as_deref(),

@@ -1,0 +1,329 @@
+//! Images opened through the block graph (`json:` file names, `--image-opts`, drivers other
+//! than qcow2 and raw), each command run by vmm-img and qemu-img 7.2 alike.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// Runs `args` with both tools; asserts the same exit code, stdout and stderr (without the
+/// program name) and returns vmm-img's stdout.
+fn same(args: &[&str], d: &Path) -> String {
+    let q = run("qemu-img", args, d);
+    let v = vmm(args, d);
+    assert_eq!(v.0, q.0, "exit code of {args:?}: {v:?} / {q:?}");
+    assert_eq!(v.1, q.1, "stdout of {args:?}");
+    assert_eq!(
+        v.2.replace("vmm-img:", "qemu-img:"),
+        q.2,
+        "stderr of {args:?}"
+    );
+    v.1
+}
+
+/// A raw file with data at 4 KiB..12 KiB, a qcow2 base with data at 0..64 KiB and a qcow2
+/// top over it with data at 64 KiB..128 KiB.
+fn images(d: &Path) {
+    ok(vmm(&["create", "-q", "-f", "raw", "r.raw", "1M"], d));
+    ok(run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 3 4096 8192", "r.raw"],
+        d,
+    ));
+    ok(vmm(&["create", "-q", "-f", "qcow2", "base.qcow2", "1M"], d));
+    ok(run("qemu-io", &["-c", "write -P 1 0 64k", "base.qcow2"], d));
+    ok(vmm(
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+        d,
+    ));
+    ok(run(
+        "qemu-io",
+        &["-c", "write -P 2 64k 64k", "top.qcow2"],
+        d,
+    ));
+}
+
+fn raw_window(d: &Path) -> String {
+    format!(
+        r#"json:{{"driver":"raw","offset":4096,"size":65536,"file":{{"driver":"file","filename":"{}/r.raw"}}}}"#,
+        d.display()
+    )
+}
+
+#[test]
+fn convert_from_a_raw_window() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    images(d);
+    let src = raw_window(d);
+    ok(vmm(&["convert", "-O", "raw", &src, "v.raw"], d));
+    qemu(&["convert", "-O", "raw", &src, "q.raw"], d);
+    let v = std::fs::read(d.join("v.raw")).unwrap();
+    assert_eq!(v, std::fs::read(d.join("q.raw")).unwrap());
+    assert_eq!(v.len(), 65536);
+    assert!(v[..8192].iter().all(|&b| b == 3) && v[8192..].iter().all(|&b| b == 0));
+    ok(vmm(&["convert", "-O", "qcow2", &src, "v.qcow2"], d));
+    assert_eq!(
+        qemu(&["compare", "v.qcow2", "q.raw"], d),
+        "Images are identical.\n"
+    );
+    // Only the data was written: the zeros of the window stay unallocated.
+    same(&["map", "--output=json", "v.qcow2"], d);
+    // The same window through --image-opts, with values as strings.
+    let opts = format!(
+        "driver=raw,offset=4096,size=65536,file.filename={}/r.raw",
+        d.display()
+    );
+    ok(vmm(
+        &["convert", "--image-opts", "-O", "raw", &opts, "o.raw"],
+        d,
+    ));
+    assert_eq!(std::fs::read(d.join("o.raw")).unwrap(), v);
+}
+
+#[test]
+fn compare_through_image_opts() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    images(d);
+    qemu(&["convert", "-O", "raw", "top.qcow2", "top.raw"], d);
+    let q = format!("driver=qcow2,file.filename={}/top.qcow2", d.display());
+    let r = format!("driver=raw,file.filename={}/top.raw", d.display());
+    let other = format!("driver=raw,file.filename={}/r.raw", d.display());
+    assert_eq!(
+        same(&["compare", "--image-opts", &q, &r], d),
+        "Images are identical.\n"
+    );
+    same(&["compare", "--image-opts", &q, &other], d);
+    same(&["compare", "-s", "--image-opts", &r, &q], d);
+    // The mixed form qemu-img refuses.
+    same(&["compare", "-f", "qcow2", "--image-opts", &q, &r], d);
+    // json: on one side, a plain file on the other.
+    let j = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{}/top.qcow2"}}}}"#,
+        d.display()
+    );
+    assert_eq!(
+        same(&["compare", &j, "top.raw"], d),
+        "Images are identical.\n"
+    );
+}
+
+#[test]
+fn info_and_map_of_json_names() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    images(d);
+    let w = raw_window(d);
+    let out = same(&["info", &w], d);
+    assert!(out.starts_with(r#"image: json:{"offset": 4096, "driver": "raw", "size": 65536"#));
+    same(&["info", "--output=json", &w], d);
+    same(&["map", &w], d);
+    let top = format!("{}/top.qcow2", d.display());
+    let no_backing = format!(
+        r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{top}"}}}}"#
+    );
+    let with_backing =
+        format!(r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{top}"}}}}"#);
+    for name in [&no_backing, &with_backing] {
+        same(&["info", name], d);
+        same(&["info", "--output=json", name], d);
+        same(&["map", name], d);
+        same(&["map", "--output=json", name], d);
+    }
+    let map = same(&["map", "--output=json", &no_backing], d);
+    assert!(
+        !map.contains("\"depth\": 1"),
+        "backing: null opens no backing file"
+    );
+    same(&["info", "--backing-chain", &with_backing], d);
+    same(
+        &["info", "--backing-chain", "--output=json", &with_backing],
+        d,
+    );
+    let opts = format!("driver=qcow2,file.filename={top},backing=");
+    same(&["info", "--image-opts", &opts], d);
+    same(
+        &[
+            "map",
+            "--image-opts",
+            &format!("driver=qcow2,file.filename={top}"),
+        ],
+        d,
+    );
+    // No driver: the format is probed; dotted keys nest.
+    same(
+        &["info", &format!(r#"json:{{"file.filename":"{top}"}}"#)],
+        d,
+    );
+    // A blkdebug node shows its rules in QEMU's flattened form.
+    let dbg = format!(
+        r#"json:{{"driver":"blkdebug","inject-error":[{{"event":"read_aio","errno":5}}],"image":{{"driver":"raw","file":{{"driver":"file","filename":"{}/r.raw"}}}}}}"#,
+        d.display()
+    );
+    same(&["info", &dbg], d);
+    // Errors.
+    for bad in [
+        r#"json:{"driver":"nope","file":{"driver":"file","filename":"/nonexistent"}}"#,
+        r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"/nonexistent"}}"#,
+        r#"json:{"driver":"qcow2","filename":"/nonexistent"}"#,
+        r#"json:{"filename":"/nonexistent"}"#,
+        r#"json:{"driver":"raw","file":{}}"#,
+    ] {
+        same(&["info", bad], d);
+    }
+    let raw_as_qcow2 = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{}/r.raw"}}}}"#,
+        d.display()
+    );
+    same(&["info", &raw_as_qcow2], d);
+}
+
+#[test]
+fn blkdebug_read_error_fails_convert() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    images(d);
+    // Data from the first byte (QEMU's file driver reports the first 4 KiB of any file as
+    // data; the graph's reports holes as they are, so a file starting with a hole would
+    // fail at its first data instead).
+    qemu(&["convert", "-O", "raw", "top.qcow2", "d.raw"], d);
+    // raw raises read_aio on its file, where blkdebug injects EIO.
+    let src = format!(
+        r#"json:{{"driver":"raw","file":{{"driver":"blkdebug","inject-error":[{{"event":"read_aio","errno":5}}],"image":{{"driver":"file","filename":"{}/d.raw"}}}}}}"#,
+        d.display()
+    );
+    let v = vmm(&["convert", "-O", "raw", &src, "v.raw"], d);
+    let q = run("qemu-img", &["convert", "-O", "raw", &src, "q.raw"], d);
+    assert_eq!(v.0, 1);
+    assert_eq!(q.0, 1);
+    assert_eq!(
+        v.2, "vmm-img: error while reading at byte 0: Input/output error\n",
+        "{v:?}"
+    );
+    assert_eq!(v.2.replace("vmm-img", "qemu-img"), q.2);
+    // compare reports the failed read with exit code 4.
+    let c = vmm(&["compare", &src, "d.raw"], d);
+    assert_eq!(c.0, 4, "{c:?}");
+    assert!(
+        c.2.contains("Error while reading offset 0 of json:")
+            && c.2.ends_with(": Input/output error\n"),
+        "{c:?}"
+    );
+}
+
+#[test]
+fn null_co_is_a_zero_source() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let z = r#"json:{"driver":"null-co","size":1048576,"read-zeroes":true}"#;
+    same(&["info", z], d);
+    same(&["info", "--output=json", z], d);
+    ok(vmm(&["convert", "-O", "qcow2", z, "z.qcow2"], d));
+    qemu(&["convert", "-O", "qcow2", z, "q.qcow2"], d);
+    // Nothing allocated in either target, and both read as zeros.
+    assert_eq!(
+        same(&["map", "--output=json", "z.qcow2"], d),
+        qemu(&["map", "--output=json", "q.qcow2"], d)
+    );
+    assert_eq!(
+        same(&["compare", "z.qcow2", z], d),
+        "Images are identical.\n"
+    );
+    same(&["info", "-f", "null-co", "null-co://"], d);
+    same(&["info", "-f", "null-co", "/nonexistent"], d);
+    // bench through the graph.
+    let b = ok(vmm(
+        &[
+            "bench",
+            "-c",
+            "256",
+            "-d",
+            "8",
+            "-f",
+            "null-co",
+            "null-co://",
+        ],
+        d,
+    ));
+    assert!(b.starts_with("Sending 256 read requests, 4096 bytes each, 8 in parallel"));
+    assert!(b.contains("Run completed in "));
+}
+
+#[test]
+fn qcow2_commands_on_graph_sources() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    images(d);
+    let top = format!("{}/top.qcow2", d.display());
+    let j = format!(r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{top}"}}}}"#);
+    same(&["check", &j], d);
+    same(
+        &[
+            "check",
+            "--image-opts",
+            &format!("driver=qcow2,file.filename={top}"),
+        ],
+        d,
+    );
+    same(&["snapshot", "-l", &j], d);
+    let n = r#"json:{"driver":"null-co","size":1048576}"#;
+    for args in [
+        &["check", n][..],
+        &["snapshot", "-l", n],
+        &["snapshot", "-c", "s1", n],
+        &["snapshot", "-a", "s1", n],
+        &["resize", n, "2M"],
+        &["commit", n],
+    ] {
+        same(args, d);
+    }
+    // A snapshot made through a json: name lands in the file.
+    ok(vmm(&["snapshot", "-c", "s1", &j], d));
+    assert!(qemu(&["snapshot", "-l", "top.qcow2"], d).contains(" s1 "));
+    // bench through the graph on the qcow2 file.
+    let b = ok(vmm(
+        &[
+            "bench",
+            "-c",
+            "64",
+            "-d",
+            "4",
+            "-s",
+            "64k",
+            "--image-opts",
+            &format!("driver=qcow2,file.filename={top}"),
+        ],
+        d,
+    ));
+    assert!(b.contains("Run completed in "), "{b}");
+}
