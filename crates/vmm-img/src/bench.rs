@@ -110,12 +110,7 @@ pub fn bench(a: &BenchArgs) -> Result<i32, Error> {
             a.filename
         )));
     }
-    let src = Source {
-        name: &a.filename,
-        fmt: a.fmt.as_deref(),
-        image_opts: a.image_opts,
-        force_share: a.force_share,
-    };
+    let src = Source::new(&a.filename, a.fmt.as_deref(), a.image_opts, a.force_share);
     let img = Image::open_source(&src, a.write, cache)?;
     let size = img.size();
     if bufsize == 0 || bufsize > size {

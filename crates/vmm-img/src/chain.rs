@@ -59,12 +59,7 @@ fn compare_inner(a: &CompareArgs<'_>, progress: &Progress) -> Result<i32, Error>
         eprintln!("vmm-img: Invalid source cache option: {cache}");
         return Ok(2);
     };
-    let src = |name, fmt| Source {
-        name,
-        fmt,
-        image_opts: a.image_opts,
-        force_share: a.force_share,
-    };
+    let src = |name, fmt| Source::new(name, fmt, a.image_opts, a.force_share);
     let (ia, ib) = match (
         Image::open_source(&src(a.a, a.fmt1), false, cache),
         Image::open_source(&src(a.b, a.fmt2), false, cache),
@@ -219,6 +214,12 @@ fn rebase_inner(a: &RebaseArgs<'_>, progress: &Progress) -> Result<i32, Error> {
         Cache::parse(sc).map_err(|_| Error::msg(format!("Invalid source cache option: {sc}")))?;
     let path = Path::new(a.filename);
     let img = Image::open_opts(path, a.fmt, true, cache, a.unsafe_)?;
+    if let Image::Graph(_) = &img {
+        return Err(Error::msg(format!(
+            "Could not change the backing file to '{}': Operation not supported",
+            a.backing
+        )));
+    }
     let q = img.qcow2("Rebase")?.clone();
     let new_name = (!a.backing.is_empty()).then_some(a.backing);
     let new_img: Option<Image> = match new_name {

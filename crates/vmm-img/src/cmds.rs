@@ -7,7 +7,9 @@ use serde_json::Value;
 use qcow2::check::Fix;
 use qcow2::{CompressionType, CreateOptions, DirtyBitmap, ImageInfo, Preallocation, Qcow2};
 
-use crate::graph_img::{has_dirty_flag, node_info, reduce, to_status, GraphImage, Plain, Source};
+use crate::graph_img::{
+    has_dirty_flag, node_info, reduce, resolve, to_status, GraphImage, Plain, Source,
+};
 use crate::img::{create_raw, parse_size, Cache, Image};
 use crate::output;
 use crate::Error;
@@ -237,7 +239,7 @@ fn image_info(path: &Path, img: &Image) -> ImageInfo {
             i
         }
         Image::Raw(_) => raw_info(path, img),
-        Image::Graph(g) => node_info(g.node()),
+        Image::Graph(g) => node_info(g.node(), Some(g.given())),
     }
 }
 
@@ -250,9 +252,10 @@ fn graph_infos(src: &Source<'_>, chain: bool) -> Result<Infos, Error> {
     let g = GraphImage::open(src, false, Cache::Writeback, !chain)?;
     let mut infos = Vec::new();
     let mut cur = Some(g.node().clone());
+    let mut given = Some(g.given());
     while let Some(n) = cur {
         infos.push((
-            node_info(&n),
+            node_info(&n, given),
             n.driver_name() == "qcow2",
             has_dirty_flag(&n),
         ));
@@ -260,6 +263,7 @@ fn graph_infos(src: &Source<'_>, chain: bool) -> Result<Infos, Error> {
             break;
         }
         cur = n.backing().map(|e| e.node());
+        given = given.and_then(|g| g.get("backing"));
     }
     Ok(infos)
 }
@@ -602,7 +606,7 @@ fn graph_snapshot(
             "Could not delete snapshot '{n}': snapshot not found"
         )));
     }
-    let info = node_info(g.node());
+    let info = node_info(g.node(), None);
     if list && !info.snapshots.is_empty() {
         print!(
             "Snapshot list:\n{}",
@@ -678,6 +682,8 @@ pub struct BitmapArgs {
     pub source_file: Option<String>,
     pub source_fmt: Option<String>,
     pub fmt: Option<String>,
+    /// `--image-opts`: `filename` is a key=value option string.
+    pub image_opts: bool,
     pub filename: String,
     pub bitmap: String,
 }
@@ -691,9 +697,15 @@ pub fn bitmap(a: &BitmapArgs) -> Result<i32, Error> {
     if a.granularity.is_some() && !a.add {
         return Err(Error::msg("granularity only supported with --add"));
     }
-    let img = Image::open_opts(
-        Path::new(&a.filename),
+    let (filename, fmt) = resolve(&Source::new(
+        &a.filename,
         a.fmt.as_deref(),
+        a.image_opts,
+        false,
+    ))?;
+    let img = Image::open_opts(
+        Path::new(&filename),
+        fmt.as_deref(),
         true,
         Cache::Writeback,
         true,

@@ -201,16 +201,8 @@ fn convert_inner(a: &ConvertArgs, progress: &Progress) -> Result<i32, Error> {
     if a.no_create && !a.options.is_empty() {
         return Err(Error::msg("-o has no effect when skipping image creation"));
     }
-    let src = Image::open_source(
-        &crate::graph_img::Source {
-            name: &a.src,
-            fmt: a.fmt.as_deref(),
-            image_opts: a.image_opts,
-            force_share: a.force_share,
-        },
-        false,
-        src_cache,
-    )?;
+    let src = crate::graph_img::Source::new(&a.src, a.fmt.as_deref(), a.image_opts, a.force_share);
+    let src = Image::open_source(&src, false, src_cache)?;
     let size = src.size();
     let mut o = parse_options(&a.options)?;
     let dst_path = Path::new(&a.dst);
@@ -280,7 +272,7 @@ fn convert_inner(a: &ConvertArgs, progress: &Progress) -> Result<i32, Error> {
         size,
         src_data,
         dst_fd,
-        offload: AtomicBool::new(true),
+        offload: AtomicBool::new(std::env::var_os("Q2_NO_OFFLOAD").is_none()),
         gran,
         skip_zero: fresh && !target_has_backing,
         target_has_backing,

@@ -32,6 +32,16 @@ pub struct Source<'a> {
 }
 
 impl<'a> Source<'a> {
+    /// A source as the command line names it.
+    pub fn new(name: &'a str, fmt: Option<&'a str>, image_opts: bool, force_share: bool) -> Self {
+        Source {
+            name,
+            fmt,
+            image_opts,
+            force_share,
+        }
+    }
+
     /// A plain file name with an optional format.
     pub fn path(name: &'a str, fmt: Option<&'a str>) -> Self {
         Source {
@@ -236,8 +246,13 @@ pub fn legacy_tree(src: &Source<'_>) -> Result<Value, Error> {
         block_graph::cli::keyval_parse(src.name, None).map_err(block_err)?
     } else if let Some(j) = src.name.strip_prefix("json:") {
         let v: Value = serde_json::from_str(j).map_err(|e| {
+            let why = if e.is_eof() {
+                "premature EOI".to_string()
+            } else {
+                e.to_string()
+            };
             Error::msg(format!(
-                "Could not parse the JSON options: JSON parse error, {e}"
+                "Could not parse the JSON options: JSON parse error, {why}"
             ))
         })?;
         if !v.is_object() {
@@ -294,6 +309,8 @@ pub struct GraphImage {
     graph: Mutex<BlockGraph>,
     be: Arc<BlockBackend>,
     node: Arc<Node>,
+    /// The options as the user gave them (after [`legacy_tree`]).
+    given: Value,
 }
 
 impl GraphImage {
@@ -314,6 +331,7 @@ impl GraphImage {
             ));
         }
         let mut tree = legacy_tree(src).map_err(wrap)?;
+        let given = tree.clone();
         if let Value::Object(m) = &mut tree {
             m.entry("read-only").or_insert(Value::Bool(!writable));
             if no_backing && m.get("driver").and_then(Value::as_str) == Some("qcow2") {
@@ -358,12 +376,18 @@ impl GraphImage {
             graph: Mutex::new(graph),
             be,
             node,
+            given,
         })
     }
 
     /// The top node.
     pub fn node(&self) -> &Arc<Node> {
         &self.node
+    }
+
+    /// The options the user gave for the top node.
+    pub fn given(&self) -> &Value {
+        &self.given
     }
 
     /// The root the image is accessed through.
@@ -412,7 +436,7 @@ impl GraphImage {
         let mut cur = self.graph().find_node(name);
         while let Some(n) = cur {
             if n.driver().is_protocol() || n.primary_child().is_none() {
-                return display_filename(&n);
+                return display_filename(&n, None);
             }
             cur = n.primary_child().map(|e| e.node());
         }
@@ -558,13 +582,41 @@ fn plain_path(v: &Value) -> Option<String> {
         .flatten()
 }
 
-/// The node's file name as qemu-img prints it: a path, or `json:{...}` in QEMU's key order.
-pub fn display_filename(n: &Node) -> String {
+/// Puts back the values the user gave as strings (QEMU's `json:` names show the options
+/// as given: `"size": "4096"` from `--image-opts`).
+fn keep_given(o: &mut Value, given: &Value) {
+    match (o, given) {
+        (Value::Object(o), Value::Object(g)) => {
+            for (k, v) in o.iter_mut() {
+                match (g.get(k), &*v) {
+                    (Some(gv @ Value::String(_)), Value::Number(_) | Value::Bool(_)) => {
+                        *v = gv.clone()
+                    }
+                    (Some(gv), _) => keep_given(v, gv),
+                    (None, _) => {}
+                }
+            }
+        }
+        (Value::Array(o), Value::Array(g)) => {
+            for (v, gv) in o.iter_mut().zip(g) {
+                keep_given(v, gv);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The node's file name as qemu-img prints it: a path, or `json:{...}` in QEMU's key order;
+/// `given` are the user's options for the node, if any.
+pub fn display_filename(n: &Node, given: Option<&Value>) -> String {
     let f = block_graph::filename::node_filename(n);
     if !f.starts_with("json:") {
         return f;
     }
     let mut o = block_graph::filename::full_options(n);
+    if let Some(g) = given {
+        keep_given(&mut o, g);
+    }
     if n.backing().is_none() {
         drop_null_backing(&mut o);
     }
@@ -587,6 +639,24 @@ pub enum Plain {
     Other(&'static str),
 }
 
+/// The name and format the subcommands that work on the qcow2 crate's image directly take
+/// for `src`: a plain qcow2 or raw file behind a `json:` name or `--image-opts` string
+/// becomes that file; anything else keeps a `json:` name (the graph opens it, and the
+/// subcommand gives qemu-img's error for drivers it cannot handle).
+pub fn resolve(src: &Source<'_>) -> Result<(String, Option<String>), Error> {
+    if !src.uses_graph() {
+        return Ok((src.name.to_string(), src.fmt.map(str::to_string)));
+    }
+    Ok(match reduce(src)? {
+        Plain::File { path, fmt } => (path, Some(fmt.to_string())),
+        Plain::Other(_) if src.image_opts => {
+            let tree = block_graph::cli::keyval_parse(src.name, None).map_err(block_err)?;
+            (format!("json:{tree}"), None)
+        }
+        Plain::Other(_) => (src.name.to_string(), src.fmt.map(str::to_string)),
+    })
+}
+
 /// Opens `src` through the graph to see whether it names a plain qcow2 or raw file (for
 /// the subcommands that work on the qcow2 crate's image directly).
 pub fn reduce(src: &Source<'_>) -> Result<Plain, Error> {
@@ -596,7 +666,7 @@ pub fn reduce(src: &Source<'_>) -> Result<Plain, Error> {
     let over_file = n
         .primary_child()
         .is_some_and(|c| FILE_PROTOCOLS.contains(&c.node().driver_name()));
-    let name = display_filename(n);
+    let name = display_filename(n, None);
     Ok(match fmt {
         "qcow2" | "raw" if over_file && !name.starts_with("json:") => {
             Plain::File { path: name, fmt }
@@ -611,8 +681,9 @@ pub fn has_dirty_flag(n: &Node) -> bool {
     block_graph::qmp::query::image_info(n).dirty_flag.is_some()
 }
 
-/// `qemu-img info`'s data of one node, in the qcow2 crate's shape the printers take.
-pub fn node_info(n: &Node) -> qcow2::ImageInfo {
+/// `qemu-img info`'s data of one node, in the qcow2 crate's shape the printers take;
+/// `given` are the user's options for the node, if any.
+pub fn node_info(n: &Node, given: Option<&Value>) -> qcow2::ImageInfo {
     use qapi_types::QapiType;
     let v = block_graph::qmp::query::image_info(n).to_qmp();
     let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
@@ -659,7 +730,7 @@ pub fn node_info(n: &Node) -> qcow2::ImageInfo {
             .collect()
     });
     qcow2::ImageInfo {
-        filename: Some(display_filename(n)),
+        filename: Some(display_filename(n, given)),
         format: n.driver_name().to_string(),
         dirty_flag: v
             .get("dirty-flag")

@@ -12,7 +12,7 @@ mod progress;
 
 use clap::{Parser, Subcommand};
 
-use crate::graph_img::Source;
+use crate::graph_img::{resolve, Source};
 
 /// Errors of the tool: printed as `vmm-img: <message>`.
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +187,8 @@ enum Cmd {
         quiet: bool,
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        #[arg(long = "image-opts")]
+        image_opts: bool,
         filename: String,
     },
     /// Change the virtual size of an image.
@@ -200,6 +202,8 @@ enum Cmd {
         preallocation: Option<String>,
         #[arg(short = 'q')]
         quiet: bool,
+        #[arg(long = "image-opts")]
+        image_opts: bool,
         filename: String,
         #[arg(allow_hyphen_values = true)]
         size: String,
@@ -226,6 +230,8 @@ enum Cmd {
         source_fmt: Option<String>,
         #[arg(short = 'f')]
         fmt: Option<String>,
+        #[arg(long = "image-opts")]
+        image_opts: bool,
         filename: String,
         bitmap: String,
     },
@@ -247,6 +253,8 @@ enum Cmd {
         cache: Option<String>,
         #[arg(short = 'T')]
         src_cache: Option<String>,
+        #[arg(long = "image-opts")]
+        image_opts: bool,
         filename: String,
     },
     /// Commit the changes of an image into its backing file.
@@ -263,6 +271,8 @@ enum Cmd {
         progress: bool,
         #[arg(short = 't')]
         cache: Option<String>,
+        #[arg(long = "image-opts")]
+        image_opts: bool,
         filename: String,
     },
     /// Benchmark reads or writes (qemu-img bench's flags).
@@ -311,12 +321,7 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             image_opts,
             filename,
         } => cmds::info(
-            &Source {
-                name: &filename,
-                fmt: fmt.as_deref(),
-                image_opts,
-                force_share,
-            },
+            &Source::new(&filename, fmt.as_deref(), image_opts, force_share),
             &output,
             backing_chain,
         ),
@@ -329,12 +334,7 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             image_opts,
             filename,
         } => cmds::check(
-            &Source {
-                name: &filename,
-                fmt: fmt.as_deref(),
-                image_opts,
-                force_share,
-            },
+            &Source::new(&filename, fmt.as_deref(), image_opts, force_share),
             &output,
             repair.as_deref(),
             quiet,
@@ -346,12 +346,7 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             image_opts,
             filename,
         } => cmds::map(
-            &Source {
-                name: &filename,
-                fmt: fmt.as_deref(),
-                image_opts,
-                force_share,
-            },
+            &Source::new(&filename, fmt.as_deref(), image_opts, force_share),
             &output,
         ),
         Cmd::Convert {
@@ -424,23 +419,33 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             fmt,
             quiet: _,
             force_share: _,
+            image_opts,
             filename,
-        } => cmds::snapshot(list, create, apply, delete, fmt.as_deref(), &filename),
+        } => {
+            let (filename, fmt) =
+                resolve(&Source::new(&filename, fmt.as_deref(), image_opts, false))?;
+            cmds::snapshot(list, create, apply, delete, fmt.as_deref(), &filename)
+        }
         Cmd::Resize {
             fmt,
             shrink,
             preallocation,
             quiet,
+            image_opts,
             filename,
             size,
-        } => cmds::resize(
-            fmt.as_deref(),
-            shrink,
-            preallocation.as_deref(),
-            quiet,
-            &filename,
-            &size,
-        ),
+        } => {
+            let (filename, fmt) =
+                resolve(&Source::new(&filename, fmt.as_deref(), image_opts, false))?;
+            cmds::resize(
+                fmt.as_deref(),
+                shrink,
+                preallocation.as_deref(),
+                quiet,
+                &filename,
+                &size,
+            )
+        }
         Cmd::Bitmap {
             add,
             remove,
@@ -452,6 +457,7 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             source_file,
             source_fmt,
             fmt,
+            image_opts,
             filename,
             bitmap,
         } => cmds::bitmap(&cmds::BitmapArgs {
@@ -465,6 +471,7 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             source_file,
             source_fmt,
             fmt,
+            image_opts,
             filename,
             bitmap,
         }),
@@ -477,18 +484,23 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             progress,
             cache,
             src_cache,
+            image_opts,
             filename,
-        } => chain::rebase(&chain::RebaseArgs {
-            fmt: fmt.as_deref(),
-            backing: &backing,
-            backing_fmt: backing_fmt.as_deref(),
-            unsafe_,
-            cache: cache.as_deref(),
-            src_cache: src_cache.as_deref(),
-            quiet,
-            progress,
-            filename: &filename,
-        }),
+        } => {
+            let (filename, fmt) =
+                resolve(&Source::new(&filename, fmt.as_deref(), image_opts, false))?;
+            chain::rebase(&chain::RebaseArgs {
+                fmt: fmt.as_deref(),
+                backing: &backing,
+                backing_fmt: backing_fmt.as_deref(),
+                unsafe_,
+                cache: cache.as_deref(),
+                src_cache: src_cache.as_deref(),
+                quiet,
+                progress,
+                filename: &filename,
+            })
+        }
         Cmd::Commit {
             fmt,
             base,
@@ -496,16 +508,21 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             quiet,
             progress,
             cache,
+            image_opts,
             filename,
-        } => chain::commit(&chain::CommitArgs {
-            fmt: fmt.as_deref(),
-            base: base.as_deref(),
-            keep,
-            quiet,
-            progress,
-            cache: cache.as_deref(),
-            filename: &filename,
-        }),
+        } => {
+            let (filename, fmt) =
+                resolve(&Source::new(&filename, fmt.as_deref(), image_opts, false))?;
+            chain::commit(&chain::CommitArgs {
+                fmt: fmt.as_deref(),
+                base: base.as_deref(),
+                keep,
+                quiet,
+                progress,
+                cache: cache.as_deref(),
+                filename: &filename,
+            })
+        }
         Cmd::Bench(a) => bench::bench(&a),
     }
 }

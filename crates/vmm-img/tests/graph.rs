@@ -22,36 +22,33 @@ fn same(args: &[&str], d: &Path) -> String {
     v.1
 }
 
-/// A raw file with data at 4 KiB..12 KiB, a qcow2 base with data at 0..64 KiB and a qcow2
-/// top over it with data at 64 KiB..128 KiB.
-fn images(d: &Path) {
-    ok(vmm(&["create", "-q", "-f", "raw", "r.raw", "1M"], d));
-    ok(run(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 3 4096 8192", "r.raw"],
+/// Runs a tool with a command line split at spaces.
+fn sh(tool: &str, line: &str, d: &Path) -> String {
+    let args: Vec<&str> = line.split(' ').collect();
+    ok(run(tool, &args, d))
+}
+
+/// A temporary directory (`None` without qemu-img) with a raw file with data at
+/// 4 KiB..12 KiB, a qcow2 base with data at 0..64 KiB and a qcow2 top over it with data at
+/// 64 KiB..128 KiB.
+fn images() -> Option<tempfile::TempDir> {
+    if !have_qemu() {
+        return None;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    sh("qemu-img", "create -q -f raw r.raw 1M", d);
+    sh("qemu-img", "create -q -f qcow2 base.qcow2 1M", d);
+    sh(
+        "qemu-img",
+        "create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2",
         d,
-    ));
-    ok(vmm(&["create", "-q", "-f", "qcow2", "base.qcow2", "1M"], d));
-    ok(run("qemu-io", &["-c", "write -P 1 0 64k", "base.qcow2"], d));
-    ok(vmm(
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-        d,
-    ));
-    ok(run(
-        "qemu-io",
-        &["-c", "write -P 2 64k 64k", "top.qcow2"],
-        d,
-    ));
+    );
+    let io = |img: &str, fmt: &str, cmd: &str| ok(run("qemu-io", &["-f", fmt, "-c", cmd, img], d));
+    io("r.raw", "raw", "write -P 3 4096 8192");
+    io("base.qcow2", "qcow2", "write -P 1 0 64k");
+    io("top.qcow2", "qcow2", "write -P 2 64k 64k");
+    Some(t)
 }
 
 fn raw_window(d: &Path) -> String {
@@ -63,12 +60,8 @@ fn raw_window(d: &Path) -> String {
 
 #[test]
 fn convert_from_a_raw_window() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tempfile::tempdir().unwrap();
+    let Some(t) = images() else { return };
     let d = t.path();
-    images(d);
     let src = raw_window(d);
     ok(vmm(&["convert", "-O", "raw", &src, "v.raw"], d));
     qemu(&["convert", "-O", "raw", &src, "q.raw"], d);
@@ -93,16 +86,26 @@ fn convert_from_a_raw_window() {
         d,
     ));
     assert_eq!(std::fs::read(d.join("o.raw")).unwrap(), v);
+    // The file name keeps the values as given (strings from --image-opts).
+    let info = same(&["info", "--image-opts", &opts], d);
+    assert!(info.contains(r#""offset": "4096""#), "{info}");
+    // Progress lines as qemu-img prints them.
+    let p = same(&["convert", "-p", "-O", "qcow2", &src, "p.qcow2"], d);
+    assert!(p.contains("(100.00/100%)"), "{p}");
+    // -n into an existing target named by json: (a plain raw file, opened directly).
+    qemu(&["create", "-q", "-f", "raw", "n.raw", "64k"], d);
+    let n = format!(
+        r#"json:{{"driver":"raw","file":{{"driver":"file","filename":"{}/n.raw"}}}}"#,
+        d.display()
+    );
+    ok(vmm(&["convert", "-n", "-O", "raw", &src, &n], d));
+    assert_eq!(std::fs::read(d.join("n.raw")).unwrap(), v);
 }
 
 #[test]
 fn compare_through_image_opts() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tempfile::tempdir().unwrap();
+    let Some(t) = images() else { return };
     let d = t.path();
-    images(d);
     qemu(&["convert", "-O", "raw", "top.qcow2", "top.raw"], d);
     let q = format!("driver=qcow2,file.filename={}/top.qcow2", d.display());
     let r = format!("driver=raw,file.filename={}/top.raw", d.display());
@@ -128,12 +131,8 @@ fn compare_through_image_opts() {
 
 #[test]
 fn info_and_map_of_json_names() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tempfile::tempdir().unwrap();
+    let Some(t) = images() else { return };
     let d = t.path();
-    images(d);
     let w = raw_window(d);
     let out = same(&["info", &w], d);
     assert!(out.starts_with(r#"image: json:{"offset": 4096, "driver": "raw", "size": 65536"#));
@@ -201,12 +200,8 @@ fn info_and_map_of_json_names() {
 
 #[test]
 fn blkdebug_read_error_fails_convert() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tempfile::tempdir().unwrap();
+    let Some(t) = images() else { return };
     let d = t.path();
-    images(d);
     // Data from the first byte (QEMU's file driver reports the first 4 KiB of any file as
     // data; the graph's reports holes as they are, so a file starting with a hole would
     // fail at its first data instead).
@@ -237,10 +232,7 @@ fn blkdebug_read_error_fails_convert() {
 
 #[test]
 fn null_co_is_a_zero_source() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tempfile::tempdir().unwrap();
+    let Some(t) = images() else { return };
     let d = t.path();
     let z = r#"json:{"driver":"null-co","size":1048576,"read-zeroes":true}"#;
     same(&["info", z], d);
@@ -278,12 +270,8 @@ fn null_co_is_a_zero_source() {
 
 #[test]
 fn qcow2_commands_on_graph_sources() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tempfile::tempdir().unwrap();
+    let Some(t) = images() else { return };
     let d = t.path();
-    images(d);
     let top = format!("{}/top.qcow2", d.display());
     let j = format!(r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{top}"}}}}"#);
     same(&["check", &j], d);
@@ -310,6 +298,41 @@ fn qcow2_commands_on_graph_sources() {
     // A snapshot made through a json: name lands in the file.
     ok(vmm(&["snapshot", "-c", "s1", &j], d));
     assert!(qemu(&["snapshot", "-l", "top.qcow2"], d).contains(" s1 "));
+    let o = format!("driver=qcow2,file.filename={top}");
+    ok(vmm(&["snapshot", "--image-opts", "-d", "s1", &o], d));
+    same(&["snapshot", "-l", "--image-opts", &o], d);
+    ok(vmm(&["bitmap", "--add", "--image-opts", &o, "b0"], d));
+    assert!(qemu(&["info", "top.qcow2"], d).contains("name: b0"));
+    // commit --image-opts, by each tool on its own copy of the chain.
+    for (tool, dir) in [("vmm", "v"), ("qemu", "q")] {
+        let sub = d.join(dir);
+        std::fs::create_dir(&sub).unwrap();
+        for f in ["base.qcow2", "top.qcow2"] {
+            std::fs::copy(d.join(f), sub.join(f)).unwrap();
+        }
+        let o = format!("driver=qcow2,file.filename={}/top.qcow2", sub.display());
+        let args = ["commit", "--image-opts", &o];
+        let out = if tool == "vmm" {
+            ok(vmm(&args, d))
+        } else {
+            qemu(&args, d)
+        };
+        assert_eq!(out, "Image committed.\n");
+    }
+    assert_eq!(
+        qemu(&["compare", "v/base.qcow2", "q/base.qcow2"], d),
+        "Images are identical.\n"
+    );
+    assert_eq!(
+        qemu(&["map", "--output=json", "v/top.qcow2"], d),
+        qemu(&["map", "--output=json", "q/top.qcow2"], d)
+    );
+    for args in [
+        &["rebase", "-u", "-b", "", n][..],
+        &["snapshot", "-l", "--image-opts", "driver=null-co"],
+    ] {
+        same(args, d);
+    }
     // bench through the graph on the qcow2 file.
     let b = ok(vmm(
         &[
