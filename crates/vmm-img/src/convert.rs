@@ -272,7 +272,7 @@ fn convert_inner(a: &ConvertArgs, progress: &Progress) -> Result<i32, Error> {
         size,
         src_data,
         dst_fd,
-        offload: AtomicBool::new(std::env::var_os("Q2_NO_OFFLOAD").is_none()),
+        offload: AtomicBool::new(true),
         gran,
         skip_zero: fresh && !target_has_backing,
         target_has_backing,
