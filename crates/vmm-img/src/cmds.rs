@@ -250,6 +250,7 @@ type Infos = Vec<(ImageInfo, bool, bool)>;
 
 fn graph_infos(src: &Source<'_>, chain: bool) -> Result<Infos, Error> {
     let g = GraphImage::open(src, false, Cache::Writeback, !chain)?;
+    g.refuse_backing_options(src.name)?;
     let mut infos = Vec::new();
     let mut cur = Some(g.node().clone());
     let mut given = Some(g.given());

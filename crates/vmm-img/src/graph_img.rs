@@ -303,6 +303,26 @@ fn block_err(e: BlockError) -> Error {
     Error::msg(m)
 }
 
+/// The first file name in a tree of options (the file QEMU's lock hint names).
+fn first_filename(v: &Value) -> Option<&str> {
+    let m = v.as_object()?;
+    if let Some(f) = m.get("filename").and_then(Value::as_str) {
+        return Some(f);
+    }
+    m.values().find_map(first_filename)
+}
+
+/// qemu-img's hint after a failed image lock.
+fn lock_hint(e: Error, tree: &Value) -> Error {
+    let m = e.to_string();
+    match first_filename(tree) {
+        Some(f) if m.starts_with("Failed to get ") && m.ends_with(" lock") => {
+            Error::msg(format!("{m}\nIs another process using the image [{f}]?"))
+        }
+        _ => e,
+    }
+}
+
 /// An image open through the block graph: the graph, the top node and the root qemu-img
 /// would hold on it.
 pub struct GraphImage {
@@ -354,7 +374,7 @@ impl GraphImage {
         let mut graph = BlockGraph::new();
         let node = graph
             .open_node(&opts, &Inherit::top(), false)
-            .map_err(|e| wrap(block_err(e)))?;
+            .map_err(|e| wrap(lock_hint(block_err(e), &given)))?;
         let mut perm = Perm::CONSISTENT_READ;
         if writable {
             perm |= Perm::WRITE;
@@ -366,7 +386,7 @@ impl GraphImage {
         };
         let be = graph
             .new_root(&node, perm, shared, "qemu-img")
-            .map_err(|e| wrap(block_err(e)))?;
+            .map_err(|e| wrap(lock_hint(block_err(e), &given)))?;
         log::debug!(
             "opened '{}' through the graph ({})",
             src.name,
@@ -383,6 +403,38 @@ impl GraphImage {
     /// The top node.
     pub fn node(&self) -> &Arc<Node> {
         &self.node
+    }
+
+    /// qemu-img info opens images without their backing files (`BDRV_O_NO_BACKING`), so
+    /// backing options in the name are left over: QEMU refuses the first one it meets.
+    pub fn refuse_backing_options(&self, name: &str) -> Result<(), Error> {
+        fn keys(prefix: String, v: &Value, out: &mut Vec<String>) {
+            match v {
+                Value::Object(m) => {
+                    for (k, x) in m {
+                        keys(format!("{prefix}.{k}"), x, out);
+                    }
+                }
+                Value::Array(a) => {
+                    for (i, x) in a.iter().enumerate() {
+                        keys(format!("{prefix}.{i}"), x, out);
+                    }
+                }
+                _ => out.push(prefix),
+            }
+        }
+        let Some(b @ Value::Object(_)) = self.given.get("backing") else {
+            return Ok(());
+        };
+        let mut all = Vec::new();
+        keys("backing".into(), b, &mut all);
+        match all.into_iter().min_by_key(|k| qdict_bucket(k)) {
+            Some(k) => Err(Error::msg(format!(
+                "Could not open '{name}': Block format '{}' does not support the option '{k}'",
+                self.format()
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The options the user gave for the top node.
@@ -535,10 +587,17 @@ pub fn qdict_json(v: &Value) -> String {
 }
 
 /// Flattens the lists of a node's options into dotted keys (`inject-error.0.event`), as
-/// QEMU's `json:` file names carry a node's own options; children stay nested.
+/// QEMU's `json:` file names carry a node's own options; children (`file`, ..., and the
+/// `children` list of quorum) stay nested.
 fn flatten_lists(v: Value) -> Value {
     fn put(out: &mut Map<String, Value>, prefix: &str, v: Value) {
         match v {
+            Value::Array(a) if prefix == "children" => {
+                out.insert(
+                    prefix.to_string(),
+                    Value::Array(a.into_iter().map(flatten_lists).collect()),
+                );
+            }
             Value::Array(a) => {
                 for (i, x) in a.into_iter().enumerate() {
                     put(out, &format!("{prefix}.{i}"), x);
@@ -554,7 +613,24 @@ fn flatten_lists(v: Value) -> Value {
             }
         }
     }
-    let Value::Object(m) = v else { return v };
+    let Value::Object(mut m) = v else { return v };
+    // Quorum's children are edges named `children.N`: QEMU lists them under `children`.
+    let mut children: Vec<(usize, Value)> = Vec::new();
+    let names: Vec<String> = m.keys().cloned().collect();
+    for k in names {
+        if let Some(i) = k.strip_prefix("children.").and_then(|i| i.parse().ok()) {
+            if let Some(c) = m.remove(&k) {
+                children.push((i, c));
+            }
+        }
+    }
+    if !children.is_empty() {
+        children.sort_by_key(|(i, _)| *i);
+        m.insert(
+            "children".into(),
+            Value::Array(children.into_iter().map(|(_, c)| c).collect()),
+        );
+    }
     let mut out = Map::new();
     for (k, x) in m {
         put(&mut out, &k, x);

@@ -156,6 +156,17 @@ fn info_and_map_of_json_names() {
         "backing: null opens no backing file"
     );
     same(&["info", "--backing-chain", &with_backing], d);
+    // Another backing node than the header's: map follows it; info, which opens without
+    // backing files, refuses the option like qemu-img.
+    let raw_backing = format!(
+        r#"json:{{"driver":"qcow2","backing":{{"driver":"raw","file":{{"driver":"file","filename":"{}/r.raw"}}}},"file":{{"driver":"file","filename":"{top}"}}}}"#,
+        d.display()
+    );
+    let m = same(&["map", &raw_backing], d);
+    assert!(m.contains("r.raw"), "{m}");
+    // (Not --output=json: the graph's file driver gives holes no offset, QEMU's does.)
+    same(&["info", &raw_backing], d);
+    same(&["info", "--backing-chain", &raw_backing], d);
     same(
         &["info", "--backing-chain", "--output=json", &with_backing],
         d,
@@ -181,6 +192,15 @@ fn info_and_map_of_json_names() {
         d.display()
     );
     same(&["info", &dbg], d);
+    // A quorum of two copies reads like one.
+    let q = format!(
+        r#"json:{{"driver":"quorum","vote-threshold":2,"children":[{{"driver":"raw","file":{{"driver":"file","filename":"{0}/r.raw"}}}},{{"driver":"raw","file":{{"driver":"file","filename":"{0}/r.raw"}}}}]}}"#,
+        d.display()
+    );
+    assert_eq!(
+        same(&["compare", &q, "r.raw"], d),
+        "Images are identical.\n"
+    );
     // Errors.
     for bad in [
         r#"json:{"driver":"nope","file":{"driver":"file","filename":"/nonexistent"}}"#,
@@ -349,4 +369,48 @@ fn qcow2_commands_on_graph_sources() {
         d,
     ));
     assert!(b.contains("Run completed in "), "{b}");
+}
+
+/// Stops the process on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn qemu_image_locks_apply() {
+    let Some(t) = images() else { return };
+    let d = t.path();
+    // qemu-nbd holds top.qcow2 writable (and its backing file read-only).
+    let sock = d.join("nbd.sock");
+    let nbd = std::process::Command::new("qemu-nbd")
+        .args(["-f", "qcow2", "-t", "-k"])
+        .arg(&sock)
+        .arg(d.join("top.qcow2"))
+        .spawn();
+    let Ok(nbd) = nbd else { return };
+    let _nbd = Child(nbd);
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(sock.exists(), "qemu-nbd did not start");
+    let j = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{}/top.qcow2"}}}}"#,
+        d.display()
+    );
+    let err = same(&["info", &j], d);
+    assert!(err.is_empty());
+    assert!(vmm(&["info", &j], d)
+        .2
+        .contains("Failed to get shared \"write\" lock\nIs another process using the image"));
+    // -U shares the image, as in qemu-img.
+    same(&["info", "-U", &j], d);
+    same(&["map", "-U", "--output=json", &j], d);
 }
