@@ -583,8 +583,8 @@ pub fn snapshot(
     Ok(0)
 }
 
-/// `snapshot` on an image opened through the graph whose driver has no internal
-/// snapshots: qemu-img's answers for such drivers.
+/// `snapshot` on an image opened through the graph: the snapshot calls of the format node
+/// (below any filters), with qemu-img's messages for drivers without snapshots.
 fn graph_snapshot(
     g: &GraphImage,
     list: bool,
@@ -592,22 +592,44 @@ fn graph_snapshot(
     apply: Option<String>,
     delete: Option<String>,
 ) -> Result<i32, Error> {
+    let mut node = g.node().clone();
+    while node.driver().is_filter() {
+        match node.primary_child() {
+            Some(c) => node = c.node(),
+            None => break,
+        }
+    }
+    let d = node.driver();
+    g.backend().flush().map_err(|e| Error::msg(e.to_string()))?;
     if let Some(n) = create {
-        return Err(Error::msg(format!(
-            "Could not create snapshot '{n}': -95 (Operation not supported)"
-        )));
+        d.snapshot_create(&n).map_err(|e| {
+            Error::msg(format!(
+                "Could not create snapshot '{n}': -{} ({e})",
+                e.errno_value()
+            ))
+        })?;
     }
     if let Some(n) = apply {
-        return Err(Error::msg(format!(
-            "Could not apply snapshot '{n}': Block driver does not support snapshots"
-        )));
+        let why = if node.driver_name() == "qcow2" {
+            "applying a snapshot is not supported through the block graph (name the file)"
+        } else {
+            "Block driver does not support snapshots"
+        };
+        return Err(Error::msg(format!("Could not apply snapshot '{n}': {why}")));
     }
     if let Some(n) = delete {
-        return Err(Error::msg(format!(
-            "Could not delete snapshot '{n}': snapshot not found"
-        )));
+        let sn = d
+            .snapshot_find(Some(&n), None)
+            .or_else(|| d.snapshot_find(None, Some(&n)))
+            .ok_or_else(|| {
+                Error::msg(format!(
+                    "Could not delete snapshot '{n}': snapshot not found"
+                ))
+            })?;
+        d.snapshot_delete(&sn.id)
+            .map_err(|e| Error::msg(format!("Could not delete snapshot '{n}': {e}")))?;
     }
-    let info = node_info(g.node(), None);
+    let info = node_info(&node, None);
     if list && !info.snapshots.is_empty() {
         print!(
             "Snapshot list:\n{}",

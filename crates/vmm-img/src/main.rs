@@ -6,6 +6,8 @@ mod chain;
 mod cmds;
 mod convert;
 mod graph_img;
+mod graph_info;
+mod graph_opts;
 mod img;
 mod output;
 mod progress;

@@ -310,6 +310,7 @@ fn qcow2_commands_on_graph_sources() {
         &["snapshot", "-l", n],
         &["snapshot", "-c", "s1", n],
         &["snapshot", "-a", "s1", n],
+        &["snapshot", "-d", "s1", n],
         &["resize", n, "2M"],
         &["commit", n],
     ] {
@@ -318,6 +319,17 @@ fn qcow2_commands_on_graph_sources() {
     // A snapshot made through a json: name lands in the file.
     ok(vmm(&["snapshot", "-c", "s1", &j], d));
     assert!(qemu(&["snapshot", "-l", "top.qcow2"], d).contains(" s1 "));
+    // A qcow2 that is not a plain file (a blkdebug filter between it and its file): the
+    // snapshot calls go through the graph.
+    let dbg = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"blkdebug","image":{{"driver":"file","filename":"{top}"}}}}}}"#
+    );
+    ok(vmm(&["snapshot", "-c", "s2", &dbg], d));
+    let l = ok(vmm(&["snapshot", "-l", &dbg], d));
+    assert!(l.contains(" s1 ") && l.contains(" s2 "), "{l}");
+    ok(vmm(&["snapshot", "-d", "s2", &dbg], d));
+    assert!(!qemu(&["snapshot", "-l", "top.qcow2"], d).contains(" s2 "));
+    assert!(qemu(&["check", "top.qcow2"], d).starts_with("No errors were found"));
     let o = format!("driver=qcow2,file.filename={top}");
     ok(vmm(&["snapshot", "--image-opts", "-d", "s1", &o], d));
     same(&["snapshot", "-l", "--image-opts", &o], d);
