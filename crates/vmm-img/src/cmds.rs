@@ -164,13 +164,14 @@ pub fn create(
                     q.compression_type.name()
                 );
                 if let Some(b) = &q.backing_file {
-                    line.push_str(&format!(" backing_file={b}"));
+                    // qemu_opts_print doubles the commas of string values.
+                    line.push_str(&format!(" backing_file={}", b.replace(',', ",,")));
                 }
                 if let Some(b) = &q.backing_format {
                     line.push_str(&format!(" backing_fmt={b}"));
                 }
                 if let Some(d) = &q.data_file {
-                    line.push_str(&format!(" data_file={d}"));
+                    line.push_str(&format!(" data_file={}", d.replace(',', ",,")));
                 }
                 if q.version == 2 {
                     line.push_str(" compat=0.10");

@@ -46,6 +46,8 @@ pub struct GraphImage {
     node: Arc<Node>,
     /// The options as the user gave them (after [`legacy_tree`]).
     given: Value,
+    /// The file below the top node's primary children (what `map` names for its data).
+    file: std::path::PathBuf,
 }
 
 impl GraphImage {
@@ -107,11 +109,13 @@ impl GraphImage {
             src.name,
             node.driver_name()
         );
+        let file = file_below(&node).into();
         Ok(GraphImage {
             graph: Mutex::new(graph),
             be,
             node,
             given,
+            file,
         })
     }
 
@@ -200,15 +204,23 @@ impl GraphImage {
     /// The file name of the protocol node below the node named `name` (the file data
     /// mapped by block status lives in, as `qemu-img map` names it).
     pub fn file_of(&self, name: &str) -> String {
-        let mut cur = self.graph().find_node(name);
-        while let Some(n) = cur {
-            if n.driver().is_protocol() || n.primary_child().is_none() {
-                return display_filename(&n, None);
-            }
-            cur = n.primary_child().map(|e| e.node());
+        match self.graph().find_node(name) {
+            Some(n) => file_below(&n),
+            None => String::new(),
         }
-        String::new()
     }
+}
+
+/// The file name of the protocol node below `n` along primary children.
+fn file_below(n: &Arc<Node>) -> String {
+    let mut n = n.clone();
+    while !n.driver().is_protocol() {
+        match n.primary_child() {
+            Some(c) => n = c.node(),
+            None => break,
+        }
+    }
+    display_filename(&n, None)
 }
 
 impl Drop for GraphImage {
@@ -264,6 +276,10 @@ impl BlockRead for GraphReader {
     fn format_name(&self) -> &str {
         self.0.format()
     }
+
+    fn filename(&self) -> Option<&std::path::Path> {
+        Some(&self.0.file)
+    }
 }
 
 /// What a source opened through the graph amounts to.
@@ -313,4 +329,65 @@ pub fn reduce(src: &Source<'_>) -> Result<Plain, Error> {
         }
         _ => Plain::Other(fmt),
     })
+}
+
+/// The qcow2 crate's opener for backing files, extended to backing files named `json:{...}`
+/// (or with a format other than qcow2 and raw), which open through the graph as QEMU opens
+/// them; plain files open as [`qcow2::FollowFiles`] opens them, at any depth.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GraphOpener {
+    /// How plain files are opened.
+    pub files: qcow2::FollowFiles,
+}
+
+impl qcow2::ImageOpener for GraphOpener {
+    fn open_backing(
+        &self,
+        req: &qcow2::backing::BackingRequest<'_>,
+    ) -> qcow2::Result<Arc<dyn BlockRead>> {
+        let fail = |reason: String| qcow2::Error::Open {
+            name: req.name.to_string(),
+            reason,
+        };
+        let src = Source::path(req.name, req.format);
+        if src.uses_graph() {
+            let cache = if self.files.direct {
+                Cache::None
+            } else {
+                Cache::Writeback
+            };
+            let g = GraphImage::open(&src, false, cache, false).map_err(|e| fail(e.to_string()))?;
+            return Ok(Arc::new(GraphReader(Arc::new(g))));
+        }
+        let path = qcow2::backing::resolve_relative(req.name, req.image_path);
+        let fmt = match req.format {
+            Some(f) => f,
+            None => qcow2::backing::probe_format(&path).map_err(|e| fail(e.to_string()))?,
+        };
+        if fmt != "qcow2" || req.depth + 1 > self.files.max_depth {
+            return self.files.open_backing(req);
+        }
+        // A qcow2 layer: opened with this opener, so json: names deeper down open too.
+        let canon = path.canonicalize().map_err(|e| fail(e.to_string()))?;
+        if req.chain.contains(&canon) {
+            return Err(fail("backing chain contains a loop".into()));
+        }
+        let mut chain = req.chain.to_vec();
+        chain.push(canon);
+        let opts = qcow2::OpenOptions {
+            opener: Arc::new(*self),
+            direct: self.files.direct,
+            ..Default::default()
+        };
+        let img = qcow2::Qcow2::open_path_in_chain(&path, opts, req.depth + 1, &chain)
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(Arc::new(img))
+    }
+
+    fn open_data_file(
+        &self,
+        req: &qcow2::backing::DataFileRequest<'_>,
+    ) -> qcow2::Result<Arc<dyn qcow2::Storage>> {
+        self.files.open_data_file(req)
+    }
 }

@@ -8,7 +8,7 @@ use qcow2::{
     BlockRead, BlockStatus, FileStorage, FollowFiles, OpenOptions, Qcow2, RawImage, Storage,
 };
 
-use crate::graph_img::{reduce, GraphImage, GraphReader, Plain, Source};
+use crate::graph_img::{reduce, GraphImage, GraphOpener, GraphReader, Plain, Source};
 use crate::Error;
 
 /// Cache modes of `-t`/`-T`.
@@ -114,9 +114,11 @@ impl Image {
                     OpenOptions {
                         writable,
                         direct: cache.direct(),
-                        opener: Arc::new(FollowFiles {
-                            direct: cache.direct(),
-                            ..Default::default()
+                        opener: Arc::new(GraphOpener {
+                            files: FollowFiles {
+                                direct: cache.direct(),
+                                ..Default::default()
+                            },
                         }),
                         no_backing,
                         ..Default::default()

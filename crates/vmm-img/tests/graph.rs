@@ -76,6 +76,14 @@ fn convert_from_a_raw_window() {
     );
     // Only the data was written: the zeros of the window stay unallocated.
     same(&["map", "--output=json", "v.qcow2"], d);
+    // The window as the backing file of a qcow2 image (its name in the header is json:).
+    let create = ["create", "-f", "qcow2", "-b", &src, "-F", "raw", "ov.qcow2"];
+    same(&create, d);
+    let ov = same(&["map", "ov.qcow2"], d);
+    assert!(ov.contains("r.raw"), "{ov}");
+    same(&["info", "--backing-chain", "ov.qcow2"], d);
+    ok(vmm(&["convert", "-O", "raw", "ov.qcow2", "ov.raw"], d));
+    assert_eq!(std::fs::read(d.join("ov.raw")).unwrap(), v);
     // The same window through --image-opts, with values as strings.
     let opts = format!(
         "driver=raw,offset=4096,size=65536,file.filename={}/r.raw",
