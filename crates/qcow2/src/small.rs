@@ -21,6 +21,16 @@ impl<T: Copy + Default, const N: usize> SmallVec<T, N> {
         }
     }
 
+    /// An empty vector with room for `n` elements: inline when they fit, else one heap
+    /// allocation of the right size.
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        if n <= N {
+            Self::new()
+        } else {
+            SmallVec::Heap(Vec::with_capacity(n))
+        }
+    }
+
     /// Appends `v`, moving everything to the heap when the inline part is full.
     pub(crate) fn push(&mut self, v: T) {
         match self {
@@ -76,5 +86,15 @@ mod tests {
         assert!(v.is_empty());
         v.push(4);
         assert_eq!(&*v, &[4]);
+        assert!(matches!(
+            SmallVec::<u64, 2>::with_capacity(2),
+            SmallVec::Inline { .. }
+        ));
+        let mut h: SmallVec<u64, 2> = SmallVec::with_capacity(5);
+        for i in 0..5 {
+            h.push(i);
+        }
+        assert!(matches!(&h, SmallVec::Heap(v) if v.capacity() == 5));
+        assert_eq!(&*h, &[0, 1, 2, 3, 4]);
     }
 }

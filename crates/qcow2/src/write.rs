@@ -20,9 +20,12 @@ pub(crate) const FORCE_FLUSH_FREES: usize = 16384;
 /// Largest number of clusters one allocation plan covers.
 const MAX_PLAN_CLUSTERS: u64 = 512;
 
-/// Clusters a plan keeps inline (more spill to the heap): requests of up to this many
-/// clusters need no allocation for their bookkeeping.
+/// Old entries an allocation collects on the stack (more spill to the heap).
 const INLINE_CLUSTERS: usize = 16;
+/// Entries a plan keeps inline (more spill to the heap): requests of up to this many
+/// clusters need no allocation for their bookkeeping. Small, since every plan (in place
+/// ones too) is moved around by value.
+const INLINE_COMMITS: usize = 2;
 
 /// One L2 entry a plan publishes.
 #[derive(Debug, Clone, Copy, Default)]
@@ -51,7 +54,7 @@ pub struct WritePlan<'a> {
     pub host_offset: u64,
     /// Copy-on-write data to write first: (host offset, bytes).
     pub cow: Vec<(u64, Vec<u8>)>,
-    commits: SmallVec<Commit, INLINE_CLUSTERS>,
+    commits: SmallVec<Commit, INLINE_COMMITS>,
     /// Guest clusters registered as being allocated by this plan.
     registered: Range<u64>,
 }
@@ -376,6 +379,7 @@ impl Qcow2 {
         let n = olds.len() as u64;
         self.unregister(c0 + n..c_end);
         plan.registered = c0..c0 + n;
+        plan.commits = SmallVec::with_capacity(olds.len());
         let req_end = (offset + len).min((c0 + n) << cb);
         plan.len = req_end - offset;
 

@@ -9,7 +9,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
 
-use qcow2::{CreateOptions, FileStorage, OpenOptions, Qcow2, Storage};
+use qcow2::{CreateOptions, FileStorage, OpenOptions, Qcow2, Storage, WritePlan};
 
 struct Counting;
 
@@ -135,6 +135,32 @@ fn allocating_writes_do_not_allocate_per_request() {
             img.close().unwrap();
         }
     }
+}
+
+#[test]
+fn long_allocating_writes_allocate_once() {
+    // 64 KiB writes into 4 KiB clusters: 16 entries per plan, more than a plan keeps inline.
+    let dir = tempfile::tempdir().unwrap();
+    for plans in [true, false] {
+        let img = image(dir.path(), &format!("l{plans}.qcow2"), 128 * MIB, 4096);
+        let per = per_request(&img, 0, 65536, 65536, plans);
+        eprintln!("allocating, cluster 4096, 65536-byte writes, plans {plans}: {per} allocations per write");
+        // One for the entries a plan cannot keep inline; the rest (about 0.3) is the new L2
+        // table every 32 requests (a 4 KiB table maps 512 clusters), with its cache entry
+        // and refcounts.
+        assert!(
+            per <= 1.5,
+            "{per} allocations per 16-cluster allocating write"
+        );
+        img.close().unwrap();
+    }
+}
+
+#[test]
+fn plans_stay_small() {
+    // Every write, in place too, moves its plan around by value.
+    let n = std::mem::size_of::<WritePlan<'static>>();
+    assert!(n <= 256, "a WritePlan takes {n} bytes");
 }
 
 #[test]

@@ -17,7 +17,7 @@ guest offset 0 lives (the image is allocated in order): for reads on the very co
 read (the same page-cache pages and disk blocks), for writes on a copy of its own made the same
 way (raw writes would overwrite the metadata between the data runs). Separate copies of an
 image and of a raw file differ in how fast the VM reads them by up to a half, whatever reads
-them, which used to show up as qcow2 overhead. With cache=writeback every run works on fresh
+them, which used to show up as qcow2 overhead. On tmpfs every run works on fresh
 copies, each made right before the run that uses it (a copy made earlier than another is
 slower to write into, which used to show up as qcow2 overhead too).
 
@@ -214,7 +214,7 @@ def main():
                             # data runs: they go to their own copy of the same image file.
                             entries.append(("raw", a.vmm_img, src, raw_args, "raw"))
                         r = bench_case(entries, d, args, a.runs,
-                                       copy_each=(kind == "write-fresh" or cache == "writeback"),
+                                       copy_each=(kind == "write-fresh" or d == a.shm_dir),
                                        sync_copies=(d == a.disk_dir))
                         raw_t = r.get("raw")
                         rows.append((label, count, r, raw_t))
