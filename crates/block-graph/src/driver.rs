@@ -276,6 +276,18 @@ pub trait BlockDriver: Send + Sync {
         Err(BlockError::io(libc::ENOTSUP, "Operation not supported"))
     }
 
+    /// Internal snapshots: reverts the image to the snapshot with this id or, failing
+    /// that, this name (QEMU's `bdrv_snapshot_goto`, `qemu-img snapshot -a`). Call it
+    /// through [`crate::drivers::snapshot_goto`], which checks the node first. Drivers whose
+    /// only data child is their primary child forward it there (QEMU's fallback child);
+    /// the default refuses with QEMU's words.
+    fn snapshot_goto(&self, _id_or_name: &str) -> Result<()> {
+        Err(BlockError::io(
+            libc::ENOTSUP,
+            "Block driver does not support snapshots",
+        ))
+    }
+
     /// Whether the format stores persistent dirty bitmaps.
     fn supports_persistent_bitmaps(&self) -> bool {
         false

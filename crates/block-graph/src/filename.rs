@@ -47,7 +47,8 @@ pub fn backing_overridden(n: &Node) -> bool {
 /// The file name relative names in the node's image resolve against (QEMU's
 /// `bdrv_dirname`): the protocol node's path below formats and filters.
 pub fn base_filename(n: &Node) -> String {
-    if let Some(f) = n.driver().filename() {
+    // Only a protocol's name is a place; a filter's own name (`blkdebug::/x`) is not.
+    if let Some(f) = n.driver().filename().filter(|_| n.driver().is_protocol()) {
         return f;
     }
     match n.primary_child() {
@@ -83,7 +84,7 @@ fn needs_json(n: &Node) -> bool {
 pub fn full_options(n: &Node) -> Value {
     let mut m = Map::new();
     m.insert("driver".into(), Value::String(n.driver_name().into()));
-    if let Some(f) = n.driver().filename() {
+    if let Some(f) = n.driver().filename().filter(|_| n.driver().is_protocol()) {
         if !f.starts_with("json:") && !f.contains("://") {
             m.insert("filename".into(), Value::String(f));
         }
@@ -92,11 +93,29 @@ pub fn full_options(n: &Node) -> Value {
         m.insert(k.into(), v);
     }
     let overridden = backing_overridden(n);
+    // Quorum's children (edges `children.N`, with gaps after removals) are one list, in
+    // index order (QEMU's quorum_gather_child_options).
+    let mut listed: Vec<(u64, Value)> = Vec::new();
     for c in n.children() {
         if c.name() == "backing" && !overridden {
             continue;
         }
+        if let Some(i) = c
+            .name()
+            .strip_prefix("children.")
+            .and_then(|i| i.parse().ok())
+        {
+            listed.push((i, full_options(&c.node())));
+            continue;
+        }
         m.insert(c.name().into(), full_options(&c.node()));
+    }
+    if !listed.is_empty() {
+        listed.sort_by_key(|(i, _)| *i);
+        m.insert(
+            "children".into(),
+            Value::Array(listed.into_iter().map(|(_, v)| v).collect()),
+        );
     }
     if overridden && n.backing().is_none() {
         m.insert("backing".into(), Value::Null);

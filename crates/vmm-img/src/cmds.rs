@@ -611,12 +611,10 @@ fn graph_snapshot(
         })?;
     }
     if let Some(n) = apply {
-        let why = if node.driver_name() == "qcow2" {
-            "applying a snapshot is not supported through the block graph (name the file)"
-        } else {
-            "Block driver does not support snapshots"
-        };
-        return Err(Error::msg(format!("Could not apply snapshot '{n}': {why}")));
+        // From the top node, as QEMU's bdrv_snapshot_goto: drivers without snapshots fall
+        // back to their only data child.
+        block_graph::drivers::snapshot_goto(g.node(), &n)
+            .map_err(|e| Error::msg(format!("Could not apply snapshot '{n}': {e}")))?;
     }
     if let Some(n) = delete {
         let sn = d

@@ -434,3 +434,73 @@ fn qemu_image_locks_apply() {
     same(&["info", "-U", &j], d);
     same(&["map", "-U", "--output=json", &j], d);
 }
+
+#[test]
+fn drivers_answer_like_qemu() {
+    let Some(t) = images() else { return };
+    let d = t.path();
+    let top = format!("{}/top.qcow2", d.display());
+    // snapshot -a through filters falls back to the qcow2 node, as bdrv_snapshot_goto.
+    qemu(&["snapshot", "-c", "s1", "top.qcow2"], d);
+    let io = |cmd: &str| ok(run("qemu-io", &["-f", "qcow2", "-c", cmd, "top.qcow2"], d));
+    io("write -P 9 64k 64k");
+    for j in [
+        format!(
+            r#"json:{{"driver":"qcow2","file":{{"driver":"blkdebug","image":{{"driver":"file","filename":"{top}"}}}}}}"#
+        ),
+        format!(
+            r#"json:{{"driver":"raw","offset":512,"file":{{"driver":"qcow2","file":{{"driver":"file","filename":"{top}"}}}}}}"#
+        ),
+    ] {
+        assert_eq!(same(&["snapshot", "-a", "s1", &j], d), "");
+        assert!(io("read -P 2 64k 64k").contains("read 65536/65536"));
+        io("write -P 9 64k 64k");
+        same(&["snapshot", "-a", "nope", &j], d);
+    }
+    let q1 = format!(
+        r#"json:{{"driver":"quorum","vote-threshold":1,"children":[{{"driver":"qcow2","file":{{"driver":"file","filename":"{top}"}}}}]}}"#
+    );
+    same(&["snapshot", "-a", "s1", &q1], d);
+    assert!(qemu(&["check", "top.qcow2"], d).starts_with("No errors were found"));
+    // quorum: its options in the json: name, the children's allocations summed.
+    std::fs::copy(d.join("r.raw"), d.join("r2.raw")).unwrap();
+    let q = format!(
+        r#"json:{{"driver":"quorum","vote-threshold":2,"read-pattern":"quorum","children":[{{"driver":"raw","file":{{"driver":"file","filename":"{0}/r.raw"}}}},{{"driver":"raw","file":{{"driver":"file","filename":"{0}/r2.raw"}}}}]}}"#,
+        d.display()
+    );
+    let out = same(&["info", &q], d);
+    assert!(out.contains(r#""vote-threshold": 2"#) && out.contains("disk size: "));
+    same(&["info", "--output=json", &q], d);
+    let qo = format!(
+        "driver=quorum,vote-threshold=2,children.0.driver=raw,children.0.file.filename={0}/r.raw,children.1.driver=raw,children.1.file.filename={0}/r2.raw",
+        d.display()
+    );
+    same(&["info", "--image-opts", &qo], d);
+    // Children of different lengths.
+    let bad = format!(
+        r#"json:{{"driver":"quorum","vote-threshold":1,"children":[{{"driver":"raw","file":{{"driver":"file","filename":"{0}/r.raw"}}}},{{"driver":"null-co"}}]}}"#,
+        d.display()
+    );
+    same(&["info", &bad], d);
+    // No dirty flag where bdrv_get_info has no answer (raw over null-co), one through
+    // blkdebug; blkdebug without options of its own is named blkdebug::FILE.
+    let raw_null = r#"json:{"driver":"raw","file":{"driver":"null-co","size":1048576}}"#;
+    same(&["info", raw_null], d);
+    same(&["info", "--output=json", raw_null], d);
+    let dbg = format!(
+        r#"json:{{"driver":"blkdebug","image":{{"driver":"raw","file":{{"driver":"file","filename":"{}/r.raw"}}}}}}"#,
+        d.display()
+    );
+    assert!(same(&["info", &dbg], d).starts_with("image: blkdebug::/"));
+    same(&["info", "--output=json", &dbg], d);
+    let qdbg = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"blkdebug","image":{{"driver":"file","filename":"{}/base.qcow2"}}}}}}"#,
+        d.display()
+    );
+    same(&["info", "--output=json", "--backing-chain", &qdbg], d);
+    // null-co without read-zeroes is not allocated (QEMU also says "zero": false, which
+    // the graph's generic layer does not yet).
+    let m = ok(vmm(&["map", "--output=json", raw_null], d));
+    assert!(m.contains(r#""present": false"#), "{m}");
+    same(&["map", raw_null], d);
+}

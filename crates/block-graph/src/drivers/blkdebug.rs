@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use qapi_types::{BlkdebugEvent, BlockdevOptionsBlkdebug};
 
 use super::OpenCtx;
-use crate::driver::{BlockDriver, DriverStatus, WriteFlags, ZeroFlags};
+use crate::driver::{BlockDriver, DriverImageInfo, DriverStatus, WriteFlags, ZeroFlags};
 use crate::error::{BlockError, Result};
 use crate::iov::{iov_len, iov_len_mut};
 use crate::node::{mlock, Edge};
@@ -221,6 +221,24 @@ impl BlockDriver for BlkdebugDriver {
 
     fn strong_options(&self) -> Vec<(&'static str, serde_json::Value)> {
         self.given.clone()
+    }
+
+    fn filename(&self) -> Option<String> {
+        // QEMU's blkdebug_refresh_filename: without options of its own, the node is named
+        // by its (empty) config file and its image's plain name.
+        if !self.given.is_empty() {
+            return None;
+        }
+        let image = crate::filename::node_filename(&self.image.node());
+        (!image.is_empty() && !image.starts_with("json:")).then(|| format!("blkdebug::{image}"))
+    }
+
+    fn image_info(&self) -> DriverImageInfo {
+        super::info_of_child(&self.image)
+    }
+
+    fn snapshot_goto(&self, id_or_name: &str) -> Result<()> {
+        super::snapshot_goto(&self.image.node(), id_or_name)
     }
 
     fn debug_event(&self, ev: &BlkdebugEvent) {

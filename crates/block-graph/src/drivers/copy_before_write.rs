@@ -493,6 +493,12 @@ impl BlockDriver for CopyBeforeWrite {
         (p, s & !(Perm::WRITE | Perm::RESIZE))
     }
 
+    fn image_info(&self) -> crate::driver::DriverImageInfo {
+        // A filter: QEMU's bdrv_get_info asks the filtered child. (No snapshot_goto: the
+        // target is a second data child, so QEMU has no child to fall back to.)
+        super::info_of_child(&self.file)
+    }
+
     fn as_any(&self) -> Option<&dyn Any> {
         Some(self)
     }

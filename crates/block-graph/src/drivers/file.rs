@@ -345,6 +345,24 @@ impl FileDriver {
         }
     }
 
+    /// Writes zeros over the first block of a file that was just grown from empty (QEMU's
+    /// `allocate_first_block`: later alignment probing then reads allocated data, and
+    /// `map` shows the block as data, as for files qemu-img creates). Failures are
+    /// ignored, as in QEMU. The write stays inside the new length.
+    fn allocate_first_block(&self, new_len: u64) {
+        const MAX_BLOCKSIZE: u64 = 4096;
+        let size = if new_len < MAX_BLOCKSIZE {
+            512
+        } else {
+            MAX_BLOCKSIZE
+        };
+        let size = size.min(new_len) as usize;
+        let buf = AlignedBuf::new(size, MAX_BLOCKSIZE as usize);
+        if let Err(e) = self.pwritev_full(0, &[IoSlice::new(&buf)], false) {
+            log::debug!("{}: allocating the first block failed: {e}", self.filename);
+        }
+    }
+
     fn bounce_range(&self, offset: u64, len: usize) -> (u64, usize) {
         let a = self.align as u64;
         let start = offset / a * a;
@@ -672,9 +690,13 @@ impl BlockDriver for FileDriver {
             }
             return Ok(());
         }
+        let before = self.file.metadata().map_err(BlockError::from)?.len();
         self.file
             .set_len(len)
             .map_err(|e| BlockError::from(e).prepend("Failed to resize the file"))?;
+        if before == 0 && len > 0 {
+            self.allocate_first_block(len);
+        }
         *mlock(&self.extent) = (0, 0);
         Ok(())
     }

@@ -225,6 +225,40 @@ fn backing_option(o: &BlockdevOptions) -> Option<Option<&BlockdevRefOrNull>> {
     }
 }
 
+/// Reverts `node` to the internal snapshot with this id or name (QEMU's
+/// `bdrv_snapshot_goto`): refused while the node has dirty bitmaps, else the driver's
+/// [`BlockDriver::snapshot_goto`] (filters forward it to their child through this function,
+/// so each node on the way is checked). Driver failures read as QEMU's `Failed to load
+/// snapshot: ...`. The caller has flushed and drained the node; its cached length is not
+/// refreshed, so a graph whose snapshot had another disk size is closed afterwards.
+pub fn snapshot_goto(node: &Node, id_or_name: &str) -> Result<()> {
+    if !node.bitmaps().is_empty() {
+        return Err(BlockError::io(
+            libc::EBUSY,
+            "Device has active dirty bitmaps",
+        ));
+    }
+    node.driver().snapshot_goto(id_or_name)
+}
+
+/// The image information QEMU's `bdrv_get_info` gives for a node whose driver asks its
+/// child (`raw`, and filters through their filtered child): the child's dirty flag, which
+/// is absent when the child has no information either (`null-co`).
+pub(crate) fn info_of_child(child: &Edge) -> crate::driver::DriverImageInfo {
+    crate::driver::DriverImageInfo {
+        dirty_flag: child.node().driver().image_info().dirty_flag,
+        ..Default::default()
+    }
+}
+
+/// Host bytes allocated for the node (QEMU's `bdrv_get_allocated_file_size`): its driver's
+/// answer, else its primary child's; `None` when nobody below knows.
+pub(crate) fn allocated_size_of(n: &Node) -> Option<u64> {
+    n.driver()
+        .allocated_size()
+        .or_else(|| n.primary_child().and_then(|c| allocated_size_of(&c.node())))
+}
+
 /// The node's file name as QEMU shows it (see [`crate::filename`]).
 pub fn node_filename(n: &Node) -> String {
     crate::filename::node_filename(n)

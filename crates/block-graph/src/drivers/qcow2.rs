@@ -640,6 +640,18 @@ impl BlockDriver for Qcow2Driver {
         self.img.snapshot_delete(id).map_err(BlockError::from)
     }
 
+    fn snapshot_goto(&self, id_or_name: &str) -> Result<()> {
+        // QEMU's qcow2_snapshot_goto: -ENOENT for an unknown snapshot, reported by
+        // bdrv_snapshot_goto as "Failed to load snapshot: <strerror>".
+        self.img.snapshot_apply(id_or_name).map_err(|e| {
+            match e {
+                ::qcow2::Error::SnapshotNotFound(_) => BlockError::errno(libc::ENOENT),
+                other => BlockError::from(other),
+            }
+            .prepend("Failed to load snapshot")
+        })
+    }
+
     fn supports_persistent_bitmaps(&self) -> bool {
         self.img.header().version >= 3
     }

@@ -36,6 +36,9 @@ pub struct QuorumDriver {
     events: Arc<EventQueue>,
     node: Arc<OnceLock<Weak<Node>>>,
     name: String,
+    /// The options that change what the node is, as given (QEMU's strong runtime options
+    /// of quorum), for `json:` file names.
+    given: Vec<(&'static str, serde_json::Value)>,
 }
 
 /// Opens a quorum node.
@@ -78,9 +81,21 @@ pub(crate) fn open(
     }
     let lens: Vec<u64> = children.iter().map(|c| c.length()).collect();
     if lens.windows(2).any(|w| w[0] != w[1]) {
-        return Err(BlockError::generic("Children have different lengths"));
+        // QEMU opens such a quorum and then fails to read its length (quorum_getlength).
+        return Err(BlockError::errno(libc::EIO).prepend("Could not refresh total sector count"));
+    }
+    let mut given = vec![("vote-threshold", serde_json::json!(o.vote_threshold))];
+    if let Some(b) = o.blkverify {
+        given.push(("blkverify", serde_json::json!(b)));
+    }
+    if let Some(r) = o.rewrite_corrupted {
+        given.push(("rewrite-corrupted", serde_json::json!(r)));
+    }
+    if let Some(p) = &o.read_pattern {
+        given.push(("read-pattern", qapi_types::QapiType::to_qmp(p)));
     }
     Ok(Box::new(QuorumDriver {
+        given,
         children: RwLock::new(children),
         next_index: RwLock::new(n),
         threshold: o.vote_threshold as usize,
@@ -319,6 +334,18 @@ impl BlockDriver for QuorumDriver {
         // Children may not be written or resized by others: they would differ.
         let s = (shared & (Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED)) | !Perm::PASSTHROUGH;
         (p, s)
+    }
+
+    fn strong_options(&self) -> Vec<(&'static str, serde_json::Value)> {
+        self.given.clone()
+    }
+
+    fn allocated_size(&self) -> Option<u64> {
+        // QEMU's bdrv_sum_allocated_file_size: all children, or nothing if one cannot tell.
+        self.children()
+            .iter()
+            .map(|c| super::allocated_size_of(&c.node()))
+            .sum()
     }
 
     fn supports_child_change(&self) -> bool {

@@ -157,10 +157,14 @@ impl BlockDriver for RawDriver {
     }
 
     fn image_info(&self) -> crate::driver::DriverImageInfo {
-        crate::driver::DriverImageInfo {
-            dirty_flag: Some(false),
-            ..Default::default()
-        }
+        // QEMU's raw_co_get_info asks the file.
+        super::info_of_child(&self.file)
+    }
+
+    fn snapshot_goto(&self, id_or_name: &str) -> Result<()> {
+        // QEMU's bdrv_snapshot_goto falls back to the primary child, with or without a
+        // window.
+        super::snapshot_goto(&self.file.node(), id_or_name)
     }
 
     fn child_perm(

@@ -135,7 +135,12 @@ impl BlockDriver for ThrottleDriver {
     }
 
     fn image_info(&self) -> DriverImageInfo {
-        DriverImageInfo::default()
+        // A filter: QEMU's bdrv_get_info asks the filtered child.
+        super::info_of_child(&self.file)
+    }
+
+    fn snapshot_goto(&self, id_or_name: &str) -> Result<()> {
+        super::snapshot_goto(&self.file.node(), id_or_name)
     }
 }
 
