@@ -163,6 +163,8 @@ def main():
         sys.exit(f"vmm-img not found at {a.vmm_img}: build with cargo build --release -p vmm-img")
     tools = [("vmm-img", a.vmm_img), ("qemu-img", "qemu-img")]
     rows = []
+    load_start = os.getloadavg()
+    print("load average at start: %.2f %.2f %.2f" % load_start, flush=True)
     scale = 4 if a.quick else 1
 
     locations = [("writeback", a.shm_dir, ""), ("none", a.disk_dir, "")]
@@ -225,9 +227,11 @@ def main():
                 if not wanted(label):
                     continue
                 samples = {name: [] for name, _ in tools}
-                # Runs alternate between the tools, so load changes hit both alike.
-                for _ in range(a.runs):
-                    for name, exe in tools:
+                # Runs alternate between the tools, the first one changing every run, so load
+                # changes hit both alike; twice as many as for bench (a convert is short, its
+                # time moves with the load).
+                for i in range(2 * a.runs):
+                    for name, exe in (tools if i % 2 == 0 else tools[::-1]):
                         dst = os.path.join(d, "conv.out")
                         if os.path.exists(dst):
                             os.unlink(dst)
@@ -241,6 +245,10 @@ def main():
              "ours vs raw file | vmm-img peak RSS | qemu-img peak RSS | CPU s ours / qemu |",
              "|---|---|---|---|---|---|---|---|---|"]
     table += [fmt_row(r) for r in rows]
+    load_end = os.getloadavg()
+    table.append("")
+    table.append("Load average (1, 5, 15 min) at start: %.2f %.2f %.2f, at end: %.2f %.2f %.2f"
+                 % (load_start + load_end))
     text = "\n".join(table)
     print()
     print(text)
