@@ -277,3 +277,41 @@ fn blkdebug_names_and_info_like_qemu() {
     assert!(node_filename(&null).starts_with("json:{"));
     assert_eq!(image_info(&null).dirty_flag, None);
 }
+
+#[test]
+fn blkverify_as_a_filter_of_its_raw_image() {
+    let d = tempfile::tempdir().unwrap();
+    let raw = d.path().join("raw");
+    let test = d.path().join("test");
+    let mut data = vec![0u8; 1 << 20];
+    data[8192..12288].fill(7);
+    std::fs::write(&test, &data).unwrap();
+    // The same contents, sparse: only the raw image starts with a hole.
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(1 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &data[8192..12288], 8192).unwrap();
+    drop(f);
+    let (raw, test) = (raw.to_str().unwrap(), test.to_str().unwrap());
+    let mut g = BlockGraph::new();
+    add(
+        &mut g,
+        json!({"driver": "file", "node-name": "rf", "filename": raw}),
+    );
+    let v = add(
+        &mut g,
+        json!({"driver": "blkverify", "node-name": "v", "raw": "rf",
+            "test": {"driver": "raw", "file": {"driver": "file", "filename": test}}}),
+    );
+    // QEMU's blkverify_refresh_filename: raw first.
+    assert_eq!(node_filename(&v), format!("blkverify:{raw}:{test}"));
+    assert_eq!(image_info(&v).dirty_flag, Some(false));
+    // The raw image is the primary (filtered) child: block status comes from it.
+    assert_eq!(v.primary_child().unwrap().name(), "raw");
+    let s = v.block_status_above(None, 0, 1 << 20).unwrap();
+    assert!(!s.data && s.zero && s.len == 8192, "{s:?}");
+    // No snapshot fallback: the test image is a second data child.
+    assert_eq!(
+        snapshot_goto(&v, "s1").unwrap_err().to_string(),
+        "Block driver does not support snapshots"
+    );
+}

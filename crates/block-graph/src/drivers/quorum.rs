@@ -18,7 +18,7 @@ use qapi_types::{
 };
 
 use super::OpenCtx;
-use crate::driver::{BlockDriver, WriteFlags, ZeroFlags};
+use crate::driver::{BlockDriver, DriverImageInfo, DriverStatus, WriteFlags, ZeroFlags};
 use crate::error::{BlockError, Result};
 use crate::events::EventQueue;
 use crate::iov::{copy_to_iov, gather, iov_len, iov_len_mut};
@@ -402,8 +402,9 @@ pub(crate) fn open_blkverify(
     ctx: &mut OpenCtx<'_>,
     o: &BlockdevOptionsBlkverify,
 ) -> Result<Box<dyn BlockDriver>> {
-    let raw = ctx.open_child("raw", &o.raw, ChildRole::Data)?;
-    let test = ctx.open_child("test", &o.test, ChildRole::Filtered)?;
+    // QEMU's roles: the raw image is the filtered (primary) child, the test image data.
+    let raw = ctx.open_child("raw", &o.raw, ChildRole::Filtered)?;
+    let test = ctx.open_child("test", &o.test, ChildRole::Data)?;
     Ok(Box::new(BlkverifyDriver { test, raw }))
 }
 
@@ -450,5 +451,23 @@ impl BlockDriver for BlkverifyDriver {
     fn flush(&self) -> Result<()> {
         self.raw.flush()?;
         self.test.flush()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<DriverStatus> {
+        // QEMU's bdrv_co_block_status_from_file: the raw image's status.
+        Ok(DriverStatus::delegate(&self.raw, offset, len))
+    }
+
+    fn filename(&self) -> Option<String> {
+        // QEMU's blkverify_refresh_filename: both plain names, raw first.
+        let raw = crate::filename::node_filename(&self.raw.node());
+        let test = crate::filename::node_filename(&self.test.node());
+        let plain = |f: &str| !f.is_empty() && !f.starts_with("json:");
+        (plain(&raw) && plain(&test)).then(|| format!("blkverify:{raw}:{test}"))
+    }
+
+    fn image_info(&self) -> DriverImageInfo {
+        // A filter of the raw image: QEMU's bdrv_get_info asks that child.
+        super::info_of_child(&self.raw)
     }
 }
