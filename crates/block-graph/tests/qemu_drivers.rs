@@ -196,8 +196,12 @@ fn quorum_names_and_sizes_like_qemu() {
     let d = tempfile::tempdir().unwrap();
     let a = d.path().join("a.raw");
     let b = d.path().join("b.raw");
-    std::fs::write(&a, vec![1u8; 1 << 16]).unwrap();
-    std::fs::write(&b, vec![1u8; 1 << 16]).unwrap();
+    // Sparse children: a has data at 0..4 KiB, b at 32..36 KiB.
+    for (p, at) in [(&a, 0u64), (&b, 32768)] {
+        let f = std::fs::File::create(p).unwrap();
+        f.set_len(1 << 16).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 4096], at).unwrap();
+    }
     let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
     let mut g = BlockGraph::new();
     let q = add(
@@ -213,12 +217,24 @@ fn quorum_names_and_sizes_like_qemu() {
             r#"json:{{"children": [{{"driver": "raw", "file": {{"driver": "file", "filename": "{a}"}}}}, {{"driver": "raw", "file": {{"driver": "file", "filename": "{b}"}}}}], "driver": "quorum", "read-pattern": "quorum", "vote-threshold": 2}}"#
         )
     );
+    // Block status as quorum_co_block_status: data where a child has data (the longest
+    // run), zero where all read as zero (the shortest run).
+    let st = |off: u64| {
+        let s = q.block_status_above(None, off, (1 << 16) - off).unwrap();
+        (s.data, s.zero, s.len)
+    };
+    assert_eq!(st(0), (true, false, 4096));
+    assert_eq!(st(4096), (false, true, 28672));
+    assert_eq!(st(32768), (true, false, 4096));
+    assert_eq!(st(36864), (false, true, 28672));
     let info = image_info(&q);
     // The children's allocations summed (QEMU's bdrv_sum_allocated_file_size).
-    let each = image_info(&g.find_node("q").unwrap().children()[0].node())
-        .actual_size
-        .unwrap();
-    assert_eq!(info.actual_size, Some(2 * each));
+    let sizes: Vec<i64> = q
+        .children()
+        .iter()
+        .map(|c| image_info(&c.node()).actual_size.unwrap())
+        .collect();
+    assert_eq!(info.actual_size, Some(sizes.iter().sum()));
     assert_eq!(info.dirty_flag, None);
     // Children of different lengths: QEMU fails to read the quorum's length.
     let c = d.path().join("c.raw");

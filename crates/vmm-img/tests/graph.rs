@@ -471,6 +471,8 @@ fn drivers_answer_like_qemu() {
     let out = same(&["info", &q], d);
     assert!(out.contains(r#""vote-threshold": 2"#) && out.contains("disk size: "));
     same(&["info", "--output=json", &q], d);
+    // Block status: zero where all children read as zero, else data (without offset).
+    same(&["map", "--output=json", &q], d);
     let qo = format!(
         "driver=quorum,vote-threshold=2,children.0.driver=raw,children.0.file.filename={0}/r.raw,children.1.driver=raw,children.1.file.filename={0}/r2.raw",
         d.display()

@@ -18,7 +18,9 @@ use qapi_types::{
 };
 
 use super::OpenCtx;
-use crate::driver::{BlockDriver, DriverImageInfo, DriverStatus, WriteFlags, ZeroFlags};
+use crate::driver::{
+    BlockDriver, DriverImageInfo, DriverStatus, StatusKind, WriteFlags, ZeroFlags,
+};
 use crate::error::{BlockError, Result};
 use crate::events::EventQueue;
 use crate::iov::{copy_to_iov, gather, iov_len, iov_len_mut};
@@ -334,6 +336,35 @@ impl BlockDriver for QuorumDriver {
         // Children may not be written or resized by others: they would differ.
         let s = (shared & (Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED)) | !Perm::PASSTHROUGH;
         (p, s)
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<DriverStatus> {
+        // QEMU's quorum_co_block_status: zero where every child reads as zero (the shortest
+        // such run), else data (the longest run a child reports as not zero).
+        let mut zero = len;
+        let mut data = 0u64;
+        for c in self.children() {
+            match c.node().block_status_above(None, offset, len) {
+                Ok(s) if s.zero => zero = zero.min(s.len),
+                Ok(s) => data = data.max(s.len),
+                Err(e) => {
+                    self.report_bad(QuorumOpType::Read, &c, offset, len, Some(&e));
+                    data = len;
+                    break;
+                }
+            }
+        }
+        Ok(if data > 0 {
+            DriverStatus {
+                len: data,
+                kind: StatusKind::Data { offset: None },
+            }
+        } else {
+            DriverStatus {
+                len: zero,
+                kind: StatusKind::Zero,
+            }
+        })
     }
 
     fn strong_options(&self) -> Vec<(&'static str, serde_json::Value)> {
