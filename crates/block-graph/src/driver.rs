@@ -62,8 +62,12 @@ pub enum StatusKind {
         /// Host offset in the data child, when the data is stored there unchanged.
         offset: Option<u64>,
     },
-    /// Allocated in this node and reads as zero.
-    Zero,
+    /// Allocated in this node and reads as zero; `offset` as for `Data` (QEMU's
+    /// `BDRV_BLOCK_ZERO | BDRV_BLOCK_OFFSET_VALID`: file holes, preallocated zero clusters).
+    Zero {
+        /// Host offset in the data child (protocols: in the host file), when known.
+        offset: Option<u64>,
+    },
     /// Not allocated in this node: reads fall through to the backing node (zeros without
     /// one).
     Unallocated,

@@ -673,7 +673,9 @@ impl Node {
                 StatusKind::Data { offset } => {
                     return Ok(answer(true, false, true, offset, depth, &cur))
                 }
-                StatusKind::Zero => return Ok(answer(true, true, false, None, depth, &cur)),
+                StatusKind::Zero { offset } => {
+                    return Ok(answer(true, true, false, offset, depth, &cur))
+                }
                 StatusKind::Delegate { child, offset } => {
                     let next = child.node();
                     let clen = next.length();
@@ -686,7 +688,10 @@ impl Node {
                 }
                 StatusKind::Unallocated => {
                     let Some(b) = cur.backing() else {
-                        return Ok(answer(false, true, false, None, depth, &cur));
+                        // QEMU's bdrv_co_block_status: reads as zero only for formats that
+                        // could have a backing file (null-co without read-zeroes: unknown).
+                        let zero = cur.driver.supports_backing();
+                        return Ok(answer(false, zero, false, None, depth, &cur));
                     };
                     let next = b.node();
                     if base.is_some_and(|base| Arc::ptr_eq(base, &next)) {

@@ -534,3 +534,23 @@ fn blkverify_like_qemu() {
     same(&["snapshot", "-l", &b2], d);
     same(&["snapshot", "-a", "s1", &b2], d);
 }
+
+#[test]
+fn block_status_offsets_of_zero_extents_like_qemu() {
+    // QEMU reports the host offset of zero extents in files (holes) and of null-co with
+    // read-zeroes; null-co without read-zeroes is neither data nor zero.
+    let Some(t) = images() else { return };
+    let d = t.path();
+    let raw = format!("{}/r.raw", d.display());
+    for j in [
+        format!(r#"json:{{"driver":"raw","file":{{"driver":"file","filename":"{raw}"}}}}"#),
+        format!(
+            r#"json:{{"driver":"raw","offset":2048,"file":{{"driver":"file","filename":"{raw}"}}}}"#
+        ),
+        r#"json:{"driver":"null-co","size":1048576,"read-zeroes":true}"#.to_string(),
+        r#"json:{"driver":"null-co","size":1048576}"#.to_string(),
+    ] {
+        // Exit code, output and errors as qemu-img's.
+        same(&["map", "--output=json", &j], d);
+    }
+}

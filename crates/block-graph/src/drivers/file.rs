@@ -665,12 +665,16 @@ impl BlockDriver for FileDriver {
         match self.lseek(offset, libc::SEEK_DATA) {
             Err(libc::ENXIO) => Ok(DriverStatus {
                 len,
-                kind: StatusKind::Zero,
+                kind: StatusKind::Zero {
+                    offset: Some(offset),
+                },
             }),
             Err(_) => Ok(data(len)),
             Ok(d) if d > offset => Ok(DriverStatus {
                 len: (d - offset).min(len),
-                kind: StatusKind::Zero,
+                kind: StatusKind::Zero {
+                    offset: Some(offset),
+                },
             }),
             Ok(_) => match self.lseek(offset, libc::SEEK_HOLE) {
                 Ok(h) if h > offset => {
@@ -901,7 +905,7 @@ mod tests {
         let st = f.block_status(1 << 20, 1 << 20).unwrap();
         assert!(matches!(
             st.kind,
-            StatusKind::Zero | StatusKind::Data { .. }
+            StatusKind::Zero { .. } | StatusKind::Data { .. }
         ));
     }
 

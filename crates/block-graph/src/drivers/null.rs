@@ -67,13 +67,15 @@ impl BlockDriver for NullDriver {
         Ok(())
     }
 
-    fn block_status(&self, _offset: u64, len: u64) -> Result<DriverStatus> {
+    fn block_status(&self, offset: u64, len: u64) -> Result<DriverStatus> {
         // QEMU 7.2's null_co_block_status: zero with read-zeroes, otherwise neither data
         // nor zero, which the block layer reports as not allocated.
         Ok(DriverStatus {
             len,
             kind: if self.read_zeroes {
-                StatusKind::Zero
+                StatusKind::Zero {
+                    offset: Some(offset),
+                }
             } else {
                 StatusKind::Unallocated
             },

@@ -556,7 +556,7 @@ impl BlockDriver for Qcow2Driver {
                 offset: Some(host_offset),
             },
             MappingKind::Compressed { .. } => StatusKind::Data { offset: None },
-            MappingKind::Zero { .. } => StatusKind::Zero,
+            MappingKind::Zero { .. } => StatusKind::Zero { offset: None },
             MappingKind::Unallocated => StatusKind::Unallocated,
         };
         Ok(DriverStatus { len: m.len, kind })

@@ -362,7 +362,7 @@ impl BlockDriver for QuorumDriver {
         } else {
             DriverStatus {
                 len: zero,
-                kind: StatusKind::Zero,
+                kind: StatusKind::Zero { offset: None },
             }
         })
     }
