@@ -447,7 +447,9 @@ pub fn map(src: &Source<'_>, output: &str) -> Result<i32, Error> {
         let (st, file) = match &img {
             Image::Graph(g) => {
                 let s = g.status(off, len)?;
-                (to_status(&s), Some(g.file_of(&s.node)))
+                // QEMU names a file only for data with an offset.
+                let file = s.offset.map(|_| g.file_of(&s.node));
+                (to_status(&s), file)
             }
             _ => (img.block_status(off, len)?, None),
         };
@@ -514,6 +516,11 @@ pub fn map(src: &Source<'_>, output: &str) -> Result<i32, Error> {
                 }
             };
             for e in &entries {
+                if e.data && e.offset.is_none() {
+                    return Err(Error::msg(
+                        "File contains external, encrypted or compressed clusters.",
+                    ));
+                }
                 if let (true, Some(o)) = (e.data, e.offset) {
                     println!(
                         "{:<16}{:<16}{:<16}{}",

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use crate::graph_info::qdict_bucket;
 pub use crate::graph_info::{display_filename, has_dirty_flag, node_info};
 pub use crate::graph_opts::Source;
-use crate::graph_opts::{block_err, legacy_tree, FILE_PROTOCOLS};
+use crate::graph_opts::{block_err, legacy_tree, parse_sizes, FILE_PROTOCOLS};
 use crate::img::Cache;
 use crate::Error;
 
@@ -69,6 +69,7 @@ impl GraphImage {
         }
         let mut tree = legacy_tree(src).map_err(wrap)?;
         let given = tree.clone();
+        parse_sizes(&mut tree).map_err(wrap)?;
         if let Value::Object(m) = &mut tree {
             m.entry("read-only").or_insert(Value::Bool(!writable));
             if no_backing && m.get("driver").and_then(Value::as_str) == Some("qcow2") {
@@ -201,12 +202,20 @@ impl GraphImage {
         Ok(to_status(&self.status(off, len)?))
     }
 
-    /// The file name of the protocol node below the node named `name` (the file data
-    /// mapped by block status lives in, as `qemu-img map` names it).
+    /// The file the data of the node named `name` lives in, as `qemu-img map` names it
+    /// (the node block status returns in QEMU): the node itself for a protocol, else its
+    /// data file or primary child (`blkdebug::/x` for a qcow2 image over blkdebug).
     pub fn file_of(&self, name: &str) -> String {
-        match self.graph().find_node(name) {
-            Some(n) => file_below(&n),
-            None => String::new(),
+        let Some(n) = self.graph().find_node(name) else {
+            return String::new();
+        };
+        if n.driver().is_protocol() {
+            return display_filename(&n, None);
+        }
+        let data = n.children().into_iter().find(|c| c.name() == "data-file");
+        match data.or_else(|| n.primary_child()) {
+            Some(c) => display_filename(&c.node(), None),
+            None => display_filename(&n, None),
         }
     }
 }

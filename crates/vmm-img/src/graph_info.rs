@@ -138,9 +138,34 @@ fn keep_given(o: &mut Value, given: &Value) {
     }
 }
 
+/// The file name QEMU gives a node whose backing file was left closed (qemu-img opens
+/// such images without I/O, `BDRV_O_NO_IO`, and then does not count the closed backing file
+/// as overriding the header's): a node that needed `json:` only for that is named after its
+/// primary child (`blkdebug::/x` for a qcow2 image over blkdebug).
+fn no_io_filename(n: &Node) -> Option<String> {
+    let d = n.driver();
+    if n.backing().is_some()
+        || !block_graph::filename::backing_overridden(n)
+        || d.filename().is_some()
+        || !d.strong_options().is_empty()
+        || n.children()
+            .iter()
+            .filter(|c| c.name() != "backing")
+            .count()
+            > 1
+    {
+        return None;
+    }
+    let f = block_graph::filename::node_filename(&n.primary_child()?.node());
+    (!f.starts_with("json:")).then_some(f)
+}
+
 /// The node's file name as qemu-img prints it: a path, or `json:{...}` in QEMU's key order;
 /// `given` are the user's options for the node, if any.
 pub fn display_filename(n: &Node, given: Option<&Value>) -> String {
+    if let Some(f) = no_io_filename(n) {
+        return f;
+    }
     let f = block_graph::filename::node_filename(n);
     if !f.starts_with("json:") {
         return f;
@@ -157,6 +182,11 @@ pub fn display_filename(n: &Node, given: Option<&Value>) -> String {
         None => format!("json:{}", qdict_json(&flatten_lists(o))),
     }
 }
+
+/// Drivers QEMU opens as protocols (`bdrv_file_open`) that cannot tell their allocated
+/// size: `bdrv_get_allocated_file_size` gives `-ENOTSUP` for them, whatever their children
+/// hold, so qemu-img shows "disk size: unavailable".
+const NO_ALLOCATED_SIZE: &[&str] = &["blkdebug", "blkverify"];
 
 /// Whether `qemu-img info` shows a dirty flag for the node (QEMU: when the driver answers
 /// `bdrv_get_info`).
@@ -219,7 +249,7 @@ pub fn node_info(n: &Node, given: Option<&Value>) -> qcow2::ImageInfo {
             .get("dirty-flag")
             .and_then(Value::as_bool)
             .unwrap_or(false),
-        actual_size: u(&v, "actual-size"),
+        actual_size: u(&v, "actual-size").filter(|_| !NO_ALLOCATED_SIZE.contains(&n.driver_name())),
         virtual_size: u(&v, "virtual-size").unwrap_or(0),
         cluster_size: u(&v, "cluster-size").unwrap_or(0),
         encrypted: false,

@@ -153,6 +153,7 @@ fn probe(file: &Value) -> Result<String, Error> {
         m.insert("read-only".into(), Value::Bool(true));
         m.insert("force-share".into(), Value::Bool(true));
     }
+    parse_sizes(&mut file)?;
     let opts = block_graph::cli::blockdev_options_from_tree(file).map_err(block_err)?;
     let mut g = BlockGraph::new();
     let node = g
@@ -172,12 +173,20 @@ fn probe(file: &Value) -> Result<String, Error> {
     Ok(fmt.into())
 }
 
-/// Rewrites one node's legacy options in place into what `blockdev-add` takes.
-fn normalise(v: &mut Value, role: Role) -> Result<(), Error> {
+/// Drivers QEMU opens as protocols (`bdrv_file_open`) whose filtered child (`image`,
+/// `raw`) inherits that: a child without `driver` is a protocol named by its file name
+/// (QEMU's `bdrv_inherited_options` leaves `BDRV_O_PROTOCOL` set for filtered children).
+const PROTOCOL_FILTERS: &[(&str, &str)] = &[("blkdebug", "image"), ("blkverify", "raw")];
+
+/// Rewrites one node's legacy options in place into what `blockdev-add` takes; `child` is
+/// the name of the edge it is opened on (for the error about an empty one).
+fn normalise(v: &mut Value, role: Role, child: &str) -> Result<(), Error> {
     // A string is a reference to a node: the graph reports what it cannot find.
     let Value::Object(m) = v else { return Ok(()) };
     if role == Role::Protocol && m.is_empty() {
-        return Err(Error::msg("A block device must be specified for \"file\""));
+        return Err(Error::msg(format!(
+            "A block device must be specified for \"{child}\""
+        )));
     }
     if m.get("backing").and_then(Value::as_str) == Some("") {
         eprintln!(
@@ -196,14 +205,22 @@ fn normalise(v: &mut Value, role: Role) -> Result<(), Error> {
     } else {
         Role::Format
     };
+    let driver = m
+        .get("driver")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     for (k, c) in m.iter_mut() {
         match k.as_str() {
-            "file" | "data-file" => normalise(c, child_role)?,
-            "backing" | "image" | "raw" | "test" | "target" => normalise(c, Role::Format)?,
+            "file" | "data-file" => normalise(c, child_role, k)?,
+            "image" | "raw" if PROTOCOL_FILTERS.contains(&(driver.as_str(), k.as_str())) => {
+                normalise(c, Role::Protocol, k)?
+            }
+            "backing" | "image" | "raw" | "test" | "target" => normalise(c, Role::Format, k)?,
             "children" => {
                 if let Value::Array(a) = c {
                     for c in a {
-                        normalise(c, Role::Format)?;
+                        normalise(c, Role::Format, k)?;
                     }
                 }
             }
@@ -257,8 +274,141 @@ pub fn legacy_tree(src: &Source<'_>) -> Result<Value, Error> {
     if let (Some(f), Value::Object(m)) = (src.fmt, &mut tree) {
         m.insert("driver".into(), Value::String(f.to_string()));
     }
-    normalise(&mut tree, Role::Format)?;
+    normalise(&mut tree, Role::Format, "")?;
     Ok(tree)
+}
+
+/// The options QEMU's drivers declare as sizes (`QEMU_OPT_SIZE`) in their legacy option
+/// lists: a string value takes a suffix (`64k`) there.
+const SIZE_OPTS: &[(&str, &[&str])] = &[
+    ("raw", &["offset", "size"]),
+    ("null-co", &["size"]),
+    ("null-aio", &["size"]),
+    (
+        "qcow2",
+        &[
+            "cache-size",
+            "l2-cache-size",
+            "l2-cache-entry-size",
+            "refcount-cache-size",
+        ],
+    ),
+    (
+        "blkdebug",
+        &[
+            "align",
+            "max-transfer",
+            "opt-write-zero",
+            "max-write-zero",
+            "opt-discard",
+            "max-discard",
+        ],
+    ),
+];
+
+/// A size as QEMU's `qemu_strtosz` reads it: decimal (or `0x` hex) bytes, an optional
+/// fraction and one suffix of `B`, `k`, `M`, `G`, `T`, `P`, `E` (any case). `Err(true)`
+/// when it does not fit 64 bits, `Err(false)` when it is not a size; the flag of `Ok`
+/// says whether a hex number had a suffix (deprecated).
+fn strtosz(s: &str) -> Result<(u64, bool), bool> {
+    let t = s.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    let t = t.strip_prefix('+').unwrap_or(t);
+    let digits = |t: &str, radix: u32| t.find(|c: char| !c.is_digit(radix)).unwrap_or(t.len());
+    let n = digits(t, 10);
+    if n == 0 {
+        return Err(false);
+    }
+    let mut val: u128 = t[..n].parse::<u64>().map_err(|_| true)?.into();
+    let mut rest = &t[n..];
+    let mut fraction = 0f64;
+    let mut hex = false;
+    if val == 0 && (rest.starts_with('x') || rest.starts_with('X')) {
+        let h = &rest[1..];
+        let n = digits(h, 16);
+        if n == 0 {
+            return Err(false);
+        }
+        val = u64::from_str_radix(&h[..n], 16).map_err(|_| true)?.into();
+        rest = &h[n..];
+        if rest.starts_with('.') {
+            return Err(false);
+        }
+        hex = true;
+    } else if let Some(f) = rest.strip_prefix('.') {
+        let n = digits(f, 10);
+        if f[n..].starts_with(['e', 'E']) && f[n + 1..].starts_with(|c: char| c.is_ascii_digit()) {
+            return Err(false);
+        }
+        fraction = format!("0.{}", &f[..n]).parse().unwrap_or(0.0);
+        rest = &f[n..];
+    }
+    let mul: u64 = match rest.chars().next().map(|c| c.to_ascii_uppercase()) {
+        Some('B') => 1,
+        Some('K') => 1 << 10,
+        Some('M') => 1 << 20,
+        Some('G') => 1 << 30,
+        Some('T') => 1 << 40,
+        Some('P') => 1 << 50,
+        Some('E') => 1 << 60,
+        _ => 0,
+    };
+    let suffixed = mul != 0;
+    if suffixed {
+        rest = &rest[1..];
+    }
+    if !rest.is_empty() || (mul <= 1 && fraction != 0.0) {
+        return Err(false);
+    }
+    let mul = mul.max(1);
+    let total = val * u128::from(mul) + (fraction * mul as f64) as u128;
+    let total = u64::try_from(total).map_err(|_| true)?;
+    Ok((total, hex && suffixed))
+}
+
+/// Turns the string values of size options (QEMU's `QEMU_OPT_SIZE`) into numbers, as the
+/// legacy option parser of each driver does (`size=64k` for null-co), in the whole tree.
+pub fn parse_sizes(v: &mut Value) -> Result<(), Error> {
+    match v {
+        Value::Object(m) => {
+            let driver = m.get("driver").and_then(Value::as_str).unwrap_or_default();
+            let keys = SIZE_OPTS
+                .iter()
+                .find(|(d, _)| *d == driver)
+                .map_or(&[][..], |(_, k)| k);
+            for (k, x) in m.iter_mut() {
+                match x {
+                    Value::String(s) if keys.contains(&k.as_str()) => {
+                        let (n, hex_suffix) = strtosz(s).map_err(|range| {
+                            Error::msg(if range {
+                                format!("Value '{s}' is out of range for parameter '{k}'")
+                            } else {
+                                format!(
+                                    "Parameter '{k}' expects a non-negative number below 2^64\n\
+                                     Optional suffix k, M, G, T, P or E means kilo-, mega-, \
+                                     giga-, tera-, peta-\nand exabytes, respectively."
+                                )
+                            })
+                        })?;
+                        if hex_suffix {
+                            eprintln!(
+                                "vmm-img: warning: Using a multiplier suffix on hex numbers is \
+                                 deprecated: {s}"
+                            );
+                        }
+                        *x = Value::from(n);
+                    }
+                    _ => parse_sizes(x)?,
+                }
+            }
+        }
+        Value::Array(a) => {
+            for x in a {
+                parse_sizes(x)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// `-f DRIVER FILE` for a driver other than qcow2 and raw.
@@ -267,6 +417,23 @@ fn plain_tree(name: &str, fmt: &str) -> Result<Value, Error> {
     m.insert("driver".into(), Value::String(fmt.into()));
     if FILE_PROTOCOLS.contains(&fmt) {
         m.insert("filename".into(), Value::String(name.into()));
+    } else if fmt == "blkdebug" {
+        // QEMU's blkdebug_parse_filename: `blkdebug:[CONFIG]:IMAGE` or the image alone.
+        let image = match name.strip_prefix("blkdebug:") {
+            Some(rest) => {
+                let (config, image) = rest.split_once(':').ok_or_else(|| {
+                    Error::msg("blkdebug requires both config file and image path")
+                })?;
+                if !config.is_empty() {
+                    m.insert("config".into(), Value::String(config.into()));
+                }
+                image
+            }
+            None => name,
+        };
+        let mut f = Map::new();
+        f.insert("filename".into(), Value::String(image.into()));
+        m.insert("image".into(), Value::Object(f));
     } else if fmt == "null-co" || fmt == "null-aio" {
         if name != format!("{fmt}://") {
             return Err(Error::msg(format!(
@@ -312,6 +479,36 @@ mod tests {
                 "l": ["a", "b"]})
         );
         assert!(nest(json!({"a": 1, "a.b": 2})).is_err());
+    }
+
+    #[test]
+    fn sizes_like_qemu_strtosz() {
+        let ok = |s: &str| strtosz(s).map(|(n, _)| n);
+        assert_eq!(ok("64k"), Ok(65536));
+        assert_eq!(ok(" 64K"), Ok(65536));
+        assert_eq!(ok("1.5k"), Ok(1536));
+        assert_eq!(ok("1.k"), Ok(1024));
+        assert_eq!(ok("0.5k"), Ok(512));
+        assert_eq!(ok("1B"), Ok(1));
+        assert_eq!(ok("010"), Ok(10));
+        assert_eq!(ok("0x1000"), Ok(4096));
+        assert_eq!(strtosz("0x10k"), Ok((16384, true)));
+        for bad in [
+            "", "abc", "1.5", ".5k", "-1", "64k-", "1e3", "1.5e1k", "4.1b", "1kB",
+        ] {
+            assert_eq!(strtosz(bad), Err(false), "{bad}");
+        }
+        for big in ["16E", "99999999999999999999"] {
+            assert_eq!(strtosz(big), Err(true), "{big}");
+        }
+        let mut v = json!({"driver": "raw", "offset": "4k", "file": {"driver": "null-co",
+            "size": "1M", "latency-ns": "7"}});
+        parse_sizes(&mut v).unwrap();
+        assert_eq!(
+            v,
+            json!({"driver": "raw", "offset": 4096, "file": {"driver": "null-co",
+                "size": 1048576, "latency-ns": "7"}})
+        );
     }
 
     #[test]
