@@ -31,6 +31,8 @@ pub struct ImgOptions {
     pub qcow2: CreateOptions,
     /// Raw preallocation.
     pub prealloc: Preallocation,
+    /// Whether `preallocation` was given (qemu-img then shows it for raw images).
+    pub prealloc_given: bool,
 }
 
 /// Parses `-o key=value,...` (possibly repeated).
@@ -64,6 +66,7 @@ pub fn parse_options(opts: &[String]) -> Result<ImgOptions, Error> {
                     })?;
                     q.preallocation = p;
                     o.prealloc = p;
+                    o.prealloc_given = true;
                 }
                 "backing_file" => q.backing_file = Some(v.to_string()),
                 "backing_fmt" => q.backing_format = Some(v.to_string()),
@@ -102,8 +105,14 @@ pub fn create_qcow2(path: &Path, q: &CreateOptions) -> Result<(), Error> {
         }
         None => None,
     };
-    let file: std::sync::Arc<dyn qcow2::Storage> =
-        std::sync::Arc::new(qcow2::FileStorage::create(path)?);
+    let file = qcow2::FileStorage::create(path).map_err(|e| {
+        Error::msg(format!(
+            "Could not create '{}': {}",
+            path.display(),
+            crate::img::strerror(&e)
+        ))
+    })?;
+    let file: std::sync::Arc<dyn qcow2::Storage> = std::sync::Arc::new(file);
     Qcow2::create_with_data(file, data, q)?;
     Ok(())
 }
@@ -119,18 +128,50 @@ pub fn create(
     filename: &str,
     size: Option<String>,
 ) -> Result<i32, Error> {
+    // qemu-img reads the size argument itself; bdrv_img_create's errors name the file.
+    let size = size.map(|s| parse_size(&s)).transpose()?;
+    create_image(
+        fmt,
+        options,
+        backing,
+        backing_fmt,
+        unsafe_,
+        quiet,
+        filename,
+        size,
+    )
+    .map_err(|e| Error::msg(format!("{filename}: {e}")))
+}
+
+/// `create` after its size argument (QEMU's `bdrv_img_create`).
+#[allow(clippy::too_many_arguments)]
+fn create_image(
+    fmt: &str,
+    options: &[String],
+    backing: Option<String>,
+    backing_fmt: Option<String>,
+    unsafe_: bool,
+    quiet: bool,
+    filename: &str,
+    size: Option<u64>,
+) -> Result<i32, Error> {
+    if fmt != "qcow2" && fmt != "raw" {
+        return Err(Error::msg(format!("Unknown file format '{fmt}'")));
+    }
     let mut o = parse_options(options)?;
     if backing.is_some() {
         o.qcow2.backing_file = backing;
+    }
+    if fmt == "raw" && o.qcow2.backing_file.is_some() {
+        return Err(Error::msg(
+            "Backing file not supported for file format 'raw'",
+        ));
     }
     if backing_fmt.is_some() {
         o.qcow2.backing_format = backing_fmt;
     }
     let path = Path::new(filename);
-    let mut size = match size {
-        Some(s) => Some(parse_size(&s)?),
-        None => o.size,
-    };
+    let mut size = size.or(o.size);
     if let Some(b) = o.qcow2.backing_file.clone() {
         let bp = qcow2::backing::resolve_relative(&b, Some(path));
         match Image::open(
@@ -189,11 +230,12 @@ pub fn create(
             create_qcow2(path, &o.qcow2)?;
         }
         "raw" => {
-            if o.qcow2.backing_file.is_some() {
-                return Err(Error::msg("raw images do not support backing files"));
-            }
             if !quiet {
-                println!("Formatting '{filename}', fmt=raw size={size}");
+                let mut line = format!("Formatting '{filename}', fmt=raw size={size}");
+                if o.prealloc_given {
+                    line.push_str(&format!(" preallocation={}", o.prealloc.name()));
+                }
+                println!("{line}");
             }
             create_raw(path, size, o.prealloc)?;
         }
@@ -548,20 +590,34 @@ pub fn snapshot(
 ) -> Result<i32, Error> {
     let writable = create.is_some() || apply.is_some() || delete.is_some();
     let img = Image::open_opts(Path::new(filename), fmt, writable, Cache::Writeback, true)?;
-    if let Image::Graph(g) = &img {
-        return graph_snapshot(g, list, create, apply, delete);
+    let q = match &img {
+        Image::Graph(g) => return graph_snapshot(g, list, create, apply, delete),
+        Image::Raw(_) => {
+            let probed = fmt.is_none().then_some(Path::new(filename));
+            return raw_snapshot(create, apply, delete, probed);
+        }
+        Image::Qcow2(q) => q,
+    };
+    if let Some(n) = apply.as_deref() {
+        // QEMU's bdrv_snapshot_goto refuses before looking the snapshot up.
+        if !q.bitmap_list().is_empty() {
+            return Err(Error::msg(format!(
+                "Could not apply snapshot '{n}': Device has active dirty bitmaps"
+            )));
+        }
     }
-    let q = img.qcow2("Snapshots")?;
     if let Some(n) = create {
         q.snapshot_create(&n)
             .map_err(|e| Error::msg(format!("Could not create snapshot '{n}': {e}")))?;
     }
     if let Some(n) = apply {
         q.snapshot_apply(&n).map_err(|e| {
+            // qcow2_snapshot_goto's errno, as bdrv_snapshot_goto words it.
             Error::msg(format!(
-                "Could not apply snapshot '{n}': {}",
+                "Could not apply snapshot '{n}': Failed to load snapshot: {}",
                 match e {
-                    qcow2::Error::SnapshotNotFound(_) => "snapshot not found".to_string(),
+                    qcow2::Error::SnapshotNotFound(_) => "No such file or directory".to_string(),
+                    qcow2::Error::Io(e) => crate::img::strerror(&e),
                     e => e.to_string(),
                 }
             ))
@@ -588,6 +644,38 @@ pub fn snapshot(
         }
     }
     q.close()?;
+    Ok(0)
+}
+
+/// `snapshot` on a raw image: QEMU's raw driver and file protocol have no snapshots, so
+/// listing shows none, creating fails with `-ENOTSUP`, applying finds no driver to ask and
+/// deleting finds no snapshot. `probed` names an image whose format was probed: QEMU
+/// reopens it while looking for a driver to apply a snapshot, and warns again.
+fn raw_snapshot(
+    create: Option<String>,
+    apply: Option<String>,
+    delete: Option<String>,
+    probed: Option<&Path>,
+) -> Result<i32, Error> {
+    if let Some(n) = create {
+        return Err(Error::msg(format!(
+            "Could not create snapshot '{n}': -{} (Operation not supported)",
+            libc::ENOTSUP
+        )));
+    }
+    if let Some(n) = apply {
+        if let Some(p) = probed {
+            crate::img::probed_raw_warning(p);
+        }
+        return Err(Error::msg(format!(
+            "Could not apply snapshot '{n}': Block driver does not support snapshots"
+        )));
+    }
+    if let Some(n) = delete {
+        return Err(Error::msg(format!(
+            "Could not delete snapshot '{n}': snapshot not found"
+        )));
+    }
     Ok(0)
 }
 

@@ -99,6 +99,7 @@ impl Image {
                 )?))),
             };
         }
+        let probed = fmt.is_none();
         let fmt = match fmt {
             Some(f) => f.to_string(),
             None => probe_format(path)
@@ -129,6 +130,9 @@ impl Image {
             }
             "raw" => {
                 let r = RawImage::open(path, writable, cache.direct()).map_err(wrap)?;
+                if probed && writable {
+                    probed_raw_warning(path);
+                }
                 Ok(Image::Raw(Arc::new(r)))
             }
             other => Err(Error::msg(format!("Unknown file format '{other}'"))),
@@ -238,22 +242,93 @@ impl Image {
     }
 }
 
-/// Creates a raw file of `size` bytes.
+/// QEMU's warning when raw_open opens an image whose format was probed for writing.
+pub fn probed_raw_warning(path: &Path) {
+    eprintln!(
+        "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
+         Automatically detecting the format is dangerous for raw images, write operations on \
+         block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove \
+         the restrictions.",
+        path.display()
+    );
+}
+
+/// The error text of an OS error as QEMU prints it (`strerror`, without Rust's suffix).
+pub fn strerror(e: &std::io::Error) -> String {
+    let m = e.to_string();
+    match m.find(" (os error ") {
+        Some(i) => m[..i].to_string(),
+        None => m,
+    }
+}
+
+/// Writes zeros over the first block of a file just grown from empty, as QEMU's
+/// file-posix `allocate_first_block` does (so later alignment probing finds allocated
+/// data): 512 bytes when the file is smaller than 4 KiB, else 4 KiB. Failures are ignored
+/// as in QEMU.
+fn allocate_first_block(st: &FileStorage, size: u64) {
+    let n = if size < 4096 { 512 } else { 4096 };
+    if let Err(e) = st.write_at(&[0u8; 4096][..n], 0) {
+        log::debug!("allocating the first block: {e}");
+    }
+}
+
+/// Creates a raw file of `size` bytes as QEMU's file-posix `raw_co_create` does: the file
+/// is emptied, grown (sparse, `posix_fallocate`d or written with zeros as `prealloc` says)
+/// and, unless written in full, its first block allocated. Errors read like QEMU's.
 pub fn create_raw(path: &Path, size: u64, prealloc: qcow2::Preallocation) -> Result<(), Error> {
-    let st = FileStorage::create(path)?;
-    st.set_len(size)?;
+    use qcow2::Preallocation as P;
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| {
+            Error::msg(format!(
+                "Could not create '{}': {}",
+                path.display(),
+                strerror(&e)
+            ))
+        })?;
+    if prealloc == P::Metadata {
+        // QEMU has emptied the file by then.
+        return Err(Error::msg("Unsupported preallocation mode: metadata"));
+    }
+    let resize_err =
+        |e: std::io::Error| Error::msg(format!("Could not resize file: {}", strerror(&e)));
     match prealloc {
-        qcow2::Preallocation::Off | qcow2::Preallocation::Metadata => {}
-        qcow2::Preallocation::Falloc => st.write_zeroes(0, size)?,
-        qcow2::Preallocation::Full => {
-            let z = vec![0u8; 1 << 20];
-            let mut o = 0;
-            while o < size {
-                let n = (size - o).min(z.len() as u64) as usize;
-                st.write_at(&z[..n], o)?;
-                o += n as u64;
+        P::Falloc if size > 0 => {
+            let len = libc::off_t::try_from(size)
+                .map_err(|_| resize_err(std::io::Error::from_raw_os_error(libc::EFBIG)))?;
+            // SAFETY: posix_fallocate on a file descriptor we own, with integer arguments.
+            let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+            if r != 0 {
+                return Err(Error::msg(format!(
+                    "Could not preallocate new data: {}",
+                    strerror(&std::io::Error::from_raw_os_error(r))
+                )));
             }
         }
+        _ => file.set_len(size).map_err(resize_err)?,
+    }
+    let st = FileStorage::from_file(file, false);
+    if prealloc == P::Full {
+        let z = vec![0u8; (1 << 20).min(size) as usize];
+        let mut o = 0;
+        while o < size {
+            let n = (size - o).min(z.len() as u64) as usize;
+            st.write_at(&z[..n], o).map_err(|e| {
+                Error::msg(format!(
+                    "Could not write zeros for preallocation: {}",
+                    strerror(&e)
+                ))
+            })?;
+            o += n as u64;
+        }
+    } else if size > 0 {
+        allocate_first_block(&st, size);
     }
     st.flush()?;
     Ok(())

@@ -621,3 +621,91 @@ fn info_and_map_name_filters_like_qemu() {
     );
     same(&["map", &q], d);
 }
+
+#[test]
+fn raw_create_allocates_the_first_block_like_qemu() {
+    let Some(t) = images() else { return };
+    let d = t.path();
+    // file-posix's allocate_first_block: 4 KiB (512 bytes below 4 KiB) of zeros written.
+    for (size, prealloc) in [
+        ("1M", "off"),
+        ("100", "off"),
+        ("1M", "falloc"),
+        ("1M", "full"),
+    ] {
+        let o = format!("preallocation={prealloc}");
+        let args = ["create", "-f", "raw", "-o", &o, "n.raw", size];
+        let q = qemu(&args, d);
+        let qmap = qemu(&["map", "--output=json", "-f", "raw", "n.raw"], d);
+        let qlen = std::fs::metadata(d.join("n.raw")).unwrap().len();
+        std::fs::remove_file(d.join("n.raw")).unwrap();
+        assert_eq!(ok(vmm(&args, d)), q);
+        assert_eq!(
+            qemu(&["map", "--output=json", "-f", "raw", "n.raw"], d),
+            qmap
+        );
+        assert_eq!(std::fs::metadata(d.join("n.raw")).unwrap().len(), qlen);
+    }
+    // Errors name the file, as bdrv_img_create's do.
+    for args in [
+        &[
+            "create",
+            "-f",
+            "raw",
+            "-o",
+            "preallocation=metadata",
+            "m.raw",
+            "1M",
+        ][..],
+        &["create", "-q", "-f", "raw", "/nonexistent/x.raw", "1M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "raw",
+            "-b",
+            "nope.qcow2",
+            "b.raw",
+            "1M",
+        ],
+        &["create", "-q", "-f", "nope", "b.raw", "1M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=3k",
+            "c.qcow2",
+            "1M",
+        ],
+    ] {
+        same(args, d);
+    }
+}
+
+#[test]
+fn snapshots_of_raw_and_bitmap_images_like_qemu() {
+    let Some(t) = images() else { return };
+    let d = t.path();
+    // A raw image, plain (probed: QEMU warns on writable opens) or named by json:.
+    let j = format!(
+        r#"json:{{"driver":"raw","file":{{"driver":"file","filename":"{}/r.raw"}}}}"#,
+        d.display()
+    );
+    for name in [&j[..], "r.raw"] {
+        for op in [&["-l"][..], &["-c", "s1"], &["-a", "s1"], &["-d", "s1"]] {
+            let mut args = vec!["snapshot"];
+            args.extend_from_slice(op);
+            args.push(name);
+            same(&args, d);
+        }
+    }
+    // A missing snapshot is an errno from the driver; persistent bitmaps refuse any.
+    same(&["snapshot", "-a", "nope", "base.qcow2"], d);
+    qemu(&["snapshot", "-c", "s1", "base.qcow2"], d);
+    qemu(&["bitmap", "--add", "base.qcow2", "b0"], d);
+    for n in ["s1", "nope"] {
+        same(&["snapshot", "-a", n, "base.qcow2"], d);
+    }
+}
