@@ -156,9 +156,25 @@ fn no_io_filename(n: &Node) -> Option<String> {
     {
         return None;
     }
-    let f = block_graph::filename::node_filename(&n.primary_child()?.node());
+    // bdrv_refresh_filename takes the name of a primary child QEMU opened as a protocol
+    // only (a raw node in between keeps the json: name).
+    let child = n.primary_child()?.node();
+    if d.is_filter() || !PROTOCOL_OPENED.contains(&child.driver_name()) {
+        return None;
+    }
+    let f = block_graph::filename::node_filename(&child);
     (!f.starts_with("json:")).then_some(f)
 }
+
+/// The drivers of the graph QEMU opens as protocols (`bdrv_file_open`).
+const PROTOCOL_OPENED: &[&str] = &[
+    "file",
+    "host_device",
+    "null-co",
+    "null-aio",
+    "blkdebug",
+    "blkverify",
+];
 
 /// The node's file name as qemu-img prints it: a path, or `json:{...}` in QEMU's key order;
 /// `given` are the user's options for the node, if any.
@@ -183,10 +199,25 @@ pub fn display_filename(n: &Node, given: Option<&Value>) -> String {
     }
 }
 
-/// Drivers QEMU opens as protocols (`bdrv_file_open`) that cannot tell their allocated
-/// size: `bdrv_get_allocated_file_size` gives `-ENOTSUP` for them, whatever their children
-/// hold, so qemu-img shows "disk size: unavailable".
-const NO_ALLOCATED_SIZE: &[&str] = &["blkdebug", "blkverify"];
+/// The host bytes a node takes, as QEMU's `bdrv_get_allocated_file_size` counts them
+/// ("disk size"): the driver's own answer for the protocols that have one; nothing for the
+/// other drivers QEMU opens as protocols (blkdebug, blkverify: `-ENOTSUP`); a filter's
+/// filtered child; else the sum over the children other than the backing file, nothing
+/// if one of them cannot tell.
+fn allocated_file_size(n: &Node) -> Option<u64> {
+    let d = n.driver();
+    match n.driver_name() {
+        "file" | "host_device" | "null-co" | "null-aio" => d.allocated_size(),
+        name if PROTOCOL_OPENED.contains(&name) => None,
+        _ if d.is_filter() => allocated_file_size(&n.primary_child()?.node()),
+        _ => n
+            .children()
+            .iter()
+            .filter(|c| c.name() != "backing")
+            .map(|c| allocated_file_size(&c.node()))
+            .sum(),
+    }
+}
 
 /// Whether `qemu-img info` shows a dirty flag for the node (QEMU: when the driver answers
 /// `bdrv_get_info`).
@@ -249,7 +280,7 @@ pub fn node_info(n: &Node, given: Option<&Value>) -> qcow2::ImageInfo {
             .get("dirty-flag")
             .and_then(Value::as_bool)
             .unwrap_or(false),
-        actual_size: u(&v, "actual-size").filter(|_| !NO_ALLOCATED_SIZE.contains(&n.driver_name())),
+        actual_size: allocated_file_size(n),
         virtual_size: u(&v, "virtual-size").unwrap_or(0),
         cluster_size: u(&v, "cluster-size").unwrap_or(0),
         encrypted: false,

@@ -610,6 +610,12 @@ fn info_and_map_name_filters_like_qemu() {
     let top = over_dbg("top.qcow2");
     assert!(same(&["info", &top], d).starts_with("image: blkdebug::/"));
     same(&["info", "--output=json", &top], d);
+    // Not through a format node in between (qcow2 over raw keeps its json: name).
+    let over_raw = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"raw","file":{{"driver":"file","filename":"{}/top.qcow2"}}}}}}"#,
+        d.display()
+    );
+    assert!(same(&["info", &over_raw], d).starts_with("image: json:"));
     // map's File column names the node block status returns: the qcow2 node's file child.
     let base = over_dbg("base.qcow2");
     assert!(same(&["map", &base], d).contains(" blkdebug::/"));
