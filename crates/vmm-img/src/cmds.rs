@@ -35,28 +35,48 @@ pub struct ImgOptions {
     pub prealloc_given: bool,
 }
 
+/// The `-o` options of raw images (raw's and the file protocol's creation options; the
+/// others are qcow2's).
+const RAW_OPTIONS: &[&str] = &["size", "preallocation"];
+
 /// Parses `-o key=value,...` (possibly repeated).
 pub fn parse_options(opts: &[String]) -> Result<ImgOptions, Error> {
+    parse_options_for("qcow2", opts)
+}
+
+/// Parses `-o key=value,...` for images of format `fmt`, with QEMU's errors
+/// (`qemu_opts_do_parse` over the format's creation options).
+pub fn parse_options_for(fmt: &str, opts: &[String]) -> Result<ImgOptions, Error> {
+    use crate::graph_opts::{option_number, option_size};
     let mut o = ImgOptions::default();
     for group in opts {
         for kv in group.split(',').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, "on"));
+            if fmt == "raw" && !RAW_OPTIONS.contains(&k) {
+                return Err(Error::msg(format!("Invalid parameter '{k}'")));
+            }
             let q = &mut o.qcow2;
             match k {
-                "size" => o.size = Some(parse_size(v)?),
-                "cluster_size" => q.cluster_size = parse_size(v)?,
+                "size" => o.size = Some(option_size(k, v)?),
+                "cluster_size" => q.cluster_size = option_size(k, v)?,
                 "compat" => {
                     q.version = match v {
                         "0.10" | "v2" => 2,
                         "1.1" | "v3" => 3,
-                        _ => return Err(Error::msg(format!("Invalid parameter '{v}'"))),
+                        _ => {
+                            return Err(Error::msg(format!(
+                                "Parameter 'version' does not accept value '{v}'"
+                            )))
+                        }
                     }
                 }
                 "lazy_refcounts" => q.lazy_refcounts = on_off(k, v)?,
                 "refcount_bits" => {
-                    q.refcount_bits = v
-                        .parse()
-                        .map_err(|_| Error::msg(format!("Invalid refcount_bits '{v}'")))?
+                    q.refcount_bits = option_number(k, v)?.try_into().map_err(|_| {
+                        Error::msg(
+                            "Refcount width must be a power of two and may not exceed 64 bits",
+                        )
+                    })?
                 }
                 "preallocation" => {
                     let p = Preallocation::from_name(v).ok_or_else(|| {
@@ -73,7 +93,7 @@ pub fn parse_options(opts: &[String]) -> Result<ImgOptions, Error> {
                 "compression_type" => {
                     q.compression_type = CompressionType::from_name(v).ok_or_else(|| {
                         Error::msg(format!(
-                            "Parameter 'compression_type' does not accept value '{v}'"
+                            "Parameter 'compression-type' does not accept value '{v}'"
                         ))
                     })?
                 }
@@ -158,7 +178,10 @@ fn create_image(
     if fmt != "qcow2" && fmt != "raw" {
         return Err(Error::msg(format!("Unknown file format '{fmt}'")));
     }
-    let mut o = parse_options(options)?;
+    let mut o = parse_options_for(fmt, options)?;
+    if size.is_some() && o.size.is_some() {
+        return Err(Error::msg("The image size must be specified only once"));
+    }
     if backing.is_some() {
         o.qcow2.backing_file = backing;
     }

@@ -365,6 +365,40 @@ fn strtosz(s: &str) -> Result<(u64, bool), bool> {
     Ok((total, hex && suffixed))
 }
 
+/// A size option's value as QEMU's `parse_option_size` reads it, with its errors.
+pub fn option_size(key: &str, s: &str) -> Result<u64, Error> {
+    let (n, hex_suffix) = strtosz(s).map_err(|range| {
+        Error::msg(if range {
+            format!("Value '{s}' is out of range for parameter '{key}'")
+        } else {
+            format!(
+                "Parameter '{key}' expects a non-negative number below 2^64\n\
+                 Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+                 and exabytes, respectively."
+            )
+        })
+    })?;
+    if hex_suffix {
+        eprintln!("vmm-img: warning: Using a multiplier suffix on hex numbers is deprecated: {s}");
+    }
+    Ok(n)
+}
+
+/// A number option's value as QEMU's `parse_option_number` reads it (`strtoull` with
+/// base 0: decimal, `0x` hex or `0` octal), with its error.
+pub fn option_number(key: &str, s: &str) -> Result<u64, Error> {
+    let t = s.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    let t = t.strip_prefix('+').unwrap_or(t);
+    let n = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        u64::from_str_radix(h, 16).ok()
+    } else if t.len() > 1 && t.starts_with('0') {
+        u64::from_str_radix(&t[1..], 8).ok()
+    } else {
+        t.parse().ok()
+    };
+    n.ok_or_else(|| Error::msg(format!("Parameter '{key}' expects a number")))
+}
+
 /// Turns the string values of size options (QEMU's `QEMU_OPT_SIZE`) into numbers, as the
 /// legacy option parser of each driver does (`size=64k` for null-co), in the whole tree.
 pub fn parse_sizes(v: &mut Value) -> Result<(), Error> {
@@ -378,24 +412,7 @@ pub fn parse_sizes(v: &mut Value) -> Result<(), Error> {
             for (k, x) in m.iter_mut() {
                 match x {
                     Value::String(s) if keys.contains(&k.as_str()) => {
-                        let (n, hex_suffix) = strtosz(s).map_err(|range| {
-                            Error::msg(if range {
-                                format!("Value '{s}' is out of range for parameter '{k}'")
-                            } else {
-                                format!(
-                                    "Parameter '{k}' expects a non-negative number below 2^64\n\
-                                     Optional suffix k, M, G, T, P or E means kilo-, mega-, \
-                                     giga-, tera-, peta-\nand exabytes, respectively."
-                                )
-                            })
-                        })?;
-                        if hex_suffix {
-                            eprintln!(
-                                "vmm-img: warning: Using a multiplier suffix on hex numbers is \
-                                 deprecated: {s}"
-                            );
-                        }
-                        *x = Value::from(n);
+                        *x = Value::from(option_size(k, s)?);
                     }
                     _ => parse_sizes(x)?,
                 }

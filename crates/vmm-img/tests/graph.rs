@@ -688,6 +688,22 @@ fn raw_create_allocates_the_first_block_like_qemu() {
     ] {
         same(args, d);
     }
+    // -o values as QEMU's option parser reads them (strtosz sizes, numbers, enums), the
+    // options raw images know, a size given twice.
+    for (fmt, o, size) in [
+        ("qcow2", "size=1Q", None),
+        ("qcow2", "size=16E", None),
+        ("qcow2", "compat=9", Some("1M")),
+        ("qcow2", "refcount_bits=x", Some("1M")),
+        ("qcow2", "compression_type=x", Some("1M")),
+        ("qcow2", "size=64k", Some("1M")),
+        ("raw", "cluster_size=4k", Some("1M")),
+        ("raw", "size=1.5k", None),
+    ] {
+        let mut args = vec!["create", "-q", "-f", fmt, "-o", o, "o.img"];
+        args.extend(size);
+        same(&args, d);
+    }
 }
 
 #[test]
