@@ -211,7 +211,14 @@ fn create_image(
                     size = Some(img.size());
                 }
             }
-            Err(e) if !unsafe_ => return Err(e),
+            Err(e) if !unsafe_ => {
+                // bdrv_open's error (without img_open's prefix) and QEMU's hint.
+                let m = e.to_string();
+                let m = m
+                    .strip_prefix(&format!("Could not open '{}': ", bp.display()))
+                    .unwrap_or(&m);
+                return Err(Error::msg(format!("{m}\nCould not open backing image.")));
+            }
             Err(_) => {}
         }
     }
@@ -489,6 +496,7 @@ struct MapEntry {
     file: Option<String>,
 }
 
+/// The file map's File column names for data at `depth` (`top`: the top image's).
 fn layer_name(img: &Image, depth: u32, top: &str) -> String {
     if depth == 0 {
         return top.to_string();
@@ -572,6 +580,13 @@ pub fn map(src: &Source<'_>, output: &str) -> Result<i32, Error> {
             println!("[{}]", lines.join(",\n"));
         }
         _ => {
+            // The top image's data lives in its external data file when it has one, named
+            // as in the header (QEMU opens it by that name).
+            let top = match &img {
+                Image::Qcow2(q) => q.info().format_specific.data_file,
+                _ => None,
+            };
+            let top = top.as_deref().unwrap_or(filename);
             println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
             let hex = |v: u64| {
                 if v == 0 {
@@ -594,7 +609,7 @@ pub fn map(src: &Source<'_>, output: &str) -> Result<i32, Error> {
                         hex(o),
                         e.file
                             .clone()
-                            .unwrap_or_else(|| layer_name(&img, e.depth, filename))
+                            .unwrap_or_else(|| layer_name(&img, e.depth, top))
                     );
                 }
             }

@@ -349,15 +349,35 @@ pub struct GraphOpener {
     pub files: qcow2::FollowFiles,
 }
 
+/// Why a backing file did not open, as QEMU's `bdrv_open_backing_file` reports it:
+/// `Could not open backing file: ` before the backing image's own error (a file that cannot
+/// be opened: `Could not open 'PATH': <strerror>`, with PATH resolved against the image).
+fn backing_error(e: qcow2::Error, path: &std::path::Path) -> qcow2::Error {
+    let why = match e {
+        // Worded already (a deeper layer, or an image opened through the graph).
+        qcow2::Error::InvalidArgument(m) => m,
+        qcow2::Error::Io(io) => format!(
+            "Could not open '{}': {}",
+            path.display(),
+            crate::img::strerror(&io)
+        ),
+        qcow2::Error::Open { reason, .. } => {
+            let reason = match reason.find(" (os error ") {
+                Some(i) => reason[..i].to_string(),
+                None => reason,
+            };
+            format!("Could not open '{}': {reason}", path.display())
+        }
+        other => other.to_string(),
+    };
+    qcow2::Error::InvalidArgument(format!("Could not open backing file: {why}"))
+}
+
 impl qcow2::ImageOpener for GraphOpener {
     fn open_backing(
         &self,
         req: &qcow2::backing::BackingRequest<'_>,
     ) -> qcow2::Result<Arc<dyn BlockRead>> {
-        let fail = |reason: String| qcow2::Error::Open {
-            name: req.name.to_string(),
-            reason,
-        };
         let src = Source::path(req.name, req.format);
         if src.uses_graph() {
             let cache = if self.files.direct {
@@ -365,19 +385,54 @@ impl qcow2::ImageOpener for GraphOpener {
             } else {
                 Cache::Writeback
             };
-            let g = GraphImage::open(&src, false, cache, false).map_err(|e| fail(e.to_string()))?;
+            let g = GraphImage::open(&src, false, cache, false).map_err(|e| {
+                qcow2::Error::InvalidArgument(format!("Could not open backing file: {e}"))
+            })?;
             return Ok(Arc::new(GraphReader(Arc::new(g))));
         }
         let path = qcow2::backing::resolve_relative(req.name, req.image_path);
+        self.open_backing_file(req, &path)
+            .map_err(|e| backing_error(e, &path))
+    }
+
+    fn open_data_file(
+        &self,
+        req: &qcow2::backing::DataFileRequest<'_>,
+    ) -> qcow2::Result<Arc<dyn qcow2::Storage>> {
+        // QEMU: `Could not open 'NAME': <strerror>` (the name as in the header).
+        self.files.open_data_file(req).map_err(|e| match e {
+            qcow2::Error::Open { name, reason } => qcow2::Error::Open {
+                reason: match reason.find(" (os error ") {
+                    Some(i) => reason[..i].to_string(),
+                    None => reason,
+                },
+                name,
+            },
+            other => other,
+        })
+    }
+}
+
+impl GraphOpener {
+    /// Opens the backing file at `path` (a plain file).
+    fn open_backing_file(
+        &self,
+        req: &qcow2::backing::BackingRequest<'_>,
+        path: &std::path::Path,
+    ) -> qcow2::Result<Arc<dyn BlockRead>> {
+        let fail = |reason: String| qcow2::Error::Open {
+            name: req.name.to_string(),
+            reason,
+        };
         let fmt = match req.format {
             Some(f) => f,
-            None => qcow2::backing::probe_format(&path).map_err(|e| fail(e.to_string()))?,
+            None => qcow2::backing::probe_format(path)?,
         };
         if fmt != "qcow2" || req.depth + 1 > self.files.max_depth {
-            return self.files.open_backing(req);
+            return qcow2::ImageOpener::open_backing(&self.files, req);
         }
         // A qcow2 layer: opened with this opener, so json: names deeper down open too.
-        let canon = path.canonicalize().map_err(|e| fail(e.to_string()))?;
+        let canon = path.canonicalize()?;
         if req.chain.contains(&canon) {
             return Err(fail("backing chain contains a loop".into()));
         }
@@ -388,15 +443,7 @@ impl qcow2::ImageOpener for GraphOpener {
             direct: self.files.direct,
             ..Default::default()
         };
-        let img = qcow2::Qcow2::open_path_in_chain(&path, opts, req.depth + 1, &chain)
-            .map_err(|e| fail(e.to_string()))?;
+        let img = qcow2::Qcow2::open_path_in_chain(path, opts, req.depth + 1, &chain)?;
         Ok(Arc::new(img))
-    }
-
-    fn open_data_file(
-        &self,
-        req: &qcow2::backing::DataFileRequest<'_>,
-    ) -> qcow2::Result<Arc<dyn qcow2::Storage>> {
-        self.files.open_data_file(req)
     }
 }

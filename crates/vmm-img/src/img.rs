@@ -99,6 +99,18 @@ impl Image {
                 )?))),
             };
         }
+        // QEMU's file-posix open fails first: `Could not open 'PATH': <strerror>`.
+        if let Err(e) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+        {
+            let p = path.display();
+            return Err(Error::msg(format!(
+                "Could not open '{p}': Could not open '{p}': {}",
+                strerror(&e)
+            )));
+        }
         let probed = fmt.is_none();
         let fmt = match fmt {
             Some(f) => f.to_string(),

@@ -731,3 +731,60 @@ fn snapshots_of_raw_and_bitmap_images_like_qemu() {
         same(&["snapshot", "-a", n, "base.qcow2"], d);
     }
 }
+
+#[test]
+fn open_errors_and_data_files_like_qemu() {
+    let Some(t) = images() else { return };
+    let d = t.path();
+    // Backing files that do not open, at each depth; the file itself missing.
+    sh(
+        "qemu-img",
+        "create -q -f qcow2 -u -b gone.qcow2 -F qcow2 mb.qcow2 1M",
+        d,
+    );
+    sh(
+        "qemu-img",
+        "create -q -f qcow2 -u -b mb.qcow2 -F qcow2 c2.qcow2 1M",
+        d,
+    );
+    sh(
+        "qemu-img",
+        "create -q -f qcow2 -u -b r.raw -F qcow2 bad.qcow2 1M",
+        d,
+    );
+    let abs = format!("{}/c2.qcow2", d.display());
+    for args in [
+        &["info", "nonexist.qcow2"][..],
+        &["map", "mb.qcow2"],
+        &["map", "c2.qcow2"],
+        &["map", &abs],
+        &["map", "bad.qcow2"],
+        &["info", "--backing-chain", "mb.qcow2"],
+        &["compare", "mb.qcow2", "r.raw"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "nonexist.qcow2",
+            "-F",
+            "qcow2",
+            "x.qcow2",
+            "1M",
+        ],
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "mb.qcow2", "-F", "qcow2", "x.qcow2", "1M",
+        ],
+    ] {
+        same(args, d);
+    }
+    // map names an external data file as the header does.
+    sh(
+        "qemu-img",
+        "create -q -f qcow2 -o data_file=df.raw df.qcow2 1M",
+        d,
+    );
+    ok(run("qemu-io", &["-c", "write 0 64k", "df.qcow2"], d));
+    assert!(same(&["map", "df.qcow2"], d).contains(" df.raw\n"));
+}
