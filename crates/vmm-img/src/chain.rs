@@ -437,6 +437,8 @@ pub fn commit(a: &CommitArgs<'_>) -> Result<i32, Error> {
     let cache = a.cache.unwrap_or("writeback");
     let cache = Cache::parse(cache)?;
     let drop = a.keep || a.base.is_some();
+    // qemu-img commit opens the whole chain first: its open errors come before anything.
+    let _opened = Image::open_opts(path, a.fmt, false, cache, false)?;
     let layers = chain_below(path, a.fmt)?;
     if layers.is_empty() {
         return Err(Error::msg("Image does not have a backing file"));

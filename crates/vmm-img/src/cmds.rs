@@ -428,6 +428,7 @@ pub fn check(
             Plain::Other(d) => (src.name.to_string(), d.to_string()),
         }
     } else {
+        crate::img::check_openable(Path::new(src.name), writable)?;
         let fmt = match src.fmt {
             Some(f) => f.to_string(),
             None => qcow2::backing::probe_format(Path::new(src.name))?.to_string(),
@@ -440,13 +441,14 @@ pub fn check(
         eprintln!("vmm-img: This image format does not support checks");
         return Ok(63);
     }
+    // qemu-img check opens the backing chain too (a missing backing file fails it).
     let img = Qcow2::open_path(
         path,
         qcow2::OpenOptions {
             writable,
             allow_corrupt: writable,
             repair_dirty: false,
-            no_backing: true,
+            opener: std::sync::Arc::new(crate::graph_img::GraphOpener::default()),
             ..Default::default()
         },
     )
@@ -627,7 +629,8 @@ pub fn snapshot(
     filename: &str,
 ) -> Result<i32, Error> {
     let writable = create.is_some() || apply.is_some() || delete.is_some();
-    let img = Image::open_opts(Path::new(filename), fmt, writable, Cache::Writeback, true)?;
+    // qemu-img snapshot opens the backing chain too.
+    let img = Image::open_opts(Path::new(filename), fmt, writable, Cache::Writeback, false)?;
     let q = match &img {
         Image::Graph(g) => return graph_snapshot(g, list, create, apply, delete),
         Image::Raw(_) => {
@@ -784,7 +787,8 @@ pub fn resize(
             .ok_or_else(|| Error::msg(format!("Invalid preallocation mode: '{p}'")))?,
         None => Preallocation::Off,
     };
-    let img = Image::open_opts(Path::new(filename), fmt, true, Cache::Writeback, true)?;
+    // qemu-img resize opens the backing chain too.
+    let img = Image::open_opts(Path::new(filename), fmt, true, Cache::Writeback, false)?;
     let cur = img.size();
     let new = if let Some(rest) = size.strip_prefix('+') {
         cur + parse_size(rest)?

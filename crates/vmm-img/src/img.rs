@@ -99,18 +99,7 @@ impl Image {
                 )?))),
             };
         }
-        // QEMU's file-posix open fails first: `Could not open 'PATH': <strerror>`.
-        if let Err(e) = std::fs::OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-        {
-            let p = path.display();
-            return Err(Error::msg(format!(
-                "Could not open '{p}': Could not open '{p}': {}",
-                strerror(&e)
-            )));
-        }
+        check_openable(path, writable)?;
         let probed = fmt.is_none();
         let fmt = match fmt {
             Some(f) => f.to_string(),
@@ -250,6 +239,25 @@ impl Image {
                 "{what} is not supported for {} images opened through the block graph",
                 g.format()
             ))),
+        }
+    }
+}
+
+/// Fails as qemu-img does when the file itself does not open (file-posix's error inside
+/// img_open's): `Could not open 'PATH': Could not open 'PATH': <strerror>`.
+pub fn check_openable(path: &Path, writable: bool) -> Result<(), Error> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let p = path.display();
+            Err(Error::msg(format!(
+                "Could not open '{p}': Could not open '{p}': {}",
+                strerror(&e)
+            )))
         }
     }
 }

@@ -761,6 +761,13 @@ fn open_errors_and_data_files_like_qemu() {
         &["map", "bad.qcow2"],
         &["info", "--backing-chain", "mb.qcow2"],
         &["compare", "mb.qcow2", "r.raw"],
+        // check, snapshot, resize and commit open the backing chain too.
+        &["check", "mb.qcow2"],
+        &["check", "nonexist.qcow2"],
+        &["snapshot", "-l", "mb.qcow2"],
+        &["snapshot", "-c", "s", "c2.qcow2"],
+        &["resize", "mb.qcow2", "2M"],
+        &["commit", "c2.qcow2"],
         &[
             "create",
             "-q",
