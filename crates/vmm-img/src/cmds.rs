@@ -422,10 +422,15 @@ pub fn check(
         Some(r) => return Err(Error::msg(format!("Invalid option for -r: '{r}'"))),
     };
     let writable = fix != Fix::NONE;
+    // A qcow2 image over something else than a plain file: checked through the graph.
+    let mut over_graph = false;
     let (filename, fmt) = if src.uses_graph() {
         match reduce(src)? {
             Plain::File { path, fmt } => (path, fmt.to_string()),
-            Plain::Other(d) => (src.name.to_string(), d.to_string()),
+            Plain::Other(d) => {
+                over_graph = d == "qcow2";
+                (src.name.to_string(), d.to_string())
+            }
         }
     } else {
         crate::img::check_openable(Path::new(src.name), writable)?;
@@ -435,24 +440,30 @@ pub fn check(
         };
         (src.name.to_string(), fmt)
     };
-    let filename = filename.as_str();
-    let path = Path::new(filename);
     if fmt != "qcow2" {
         eprintln!("vmm-img: This image format does not support checks");
         return Ok(63);
     }
-    // qemu-img check opens the backing chain too (a missing backing file fails it).
-    let img = Qcow2::open_path(
-        path,
-        qcow2::OpenOptions {
-            writable,
-            allow_corrupt: writable,
-            repair_dirty: false,
-            opener: std::sync::Arc::new(crate::graph_img::GraphOpener::default()),
-            ..Default::default()
-        },
-    )
-    .map_err(|e| Error::msg(format!("Could not open '{filename}': {e}")))?;
+    // Declared first: the graph holding the file outlives the image over it.
+    let mut _file_graph = None;
+    let img = if over_graph {
+        let (img, g) = crate::graph_img::qcow2_over_graph(src, writable)?;
+        _file_graph = Some(g);
+        img
+    } else {
+        // qemu-img check opens the backing chain too (a missing backing file fails it).
+        Qcow2::open_path(
+            Path::new(&filename),
+            qcow2::OpenOptions {
+                writable,
+                allow_corrupt: writable,
+                repair_dirty: false,
+                opener: std::sync::Arc::new(crate::graph_img::GraphOpener::default()),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| Error::msg(format!("Could not open '{filename}': {e}")))?
+    };
     let r = img.check(fix)?;
     for m in &r.messages {
         if m.starts_with("ERROR") || m.starts_with("Leaked") {
@@ -462,7 +473,8 @@ pub fn check(
     match output {
         "json" => println!(
             "{}",
-            output::pretty(&output::check_json(&r, filename, "qcow2"))
+            // The name as given (a json: or --image-opts string too).
+            output::pretty(&output::check_json(&r, src.name, "qcow2"))
         ),
         _ if quiet => {}
         _ => {

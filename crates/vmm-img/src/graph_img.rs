@@ -340,6 +340,50 @@ pub fn reduce(src: &Source<'_>) -> Result<Plain, Error> {
     })
 }
 
+/// A qcow2 image whose file is not a plain file (a filter between them, as in
+/// `{"driver": "qcow2", "file": {"driver": "blkdebug", ...}}`), opened with the qcow2 crate
+/// over its file node in the graph, for the subcommands that need the format itself
+/// (check). Returns the image and the graph holding its file, which must outlive it.
+pub fn qcow2_over_graph(
+    src: &Source<'_>,
+    writable: bool,
+) -> Result<(qcow2::Qcow2, GraphImage), Error> {
+    let wrap = |e: Error| Error::msg(format!("Could not open '{}': {e}", src.name));
+    let tree = legacy_tree(src).map_err(wrap)?;
+    let file = match tree.get("file") {
+        Some(f @ Value::Object(_)) => format!("json:{f}"),
+        _ => {
+            return Err(wrap(Error::msg(
+                "A block device must be specified for \"file\"",
+            )))
+        }
+    };
+    let fsrc = Source {
+        name: &file,
+        fmt: None,
+        image_opts: false,
+        force_share: src.force_share,
+    };
+    let fg = GraphImage::open(&fsrc, writable, Cache::Writeback, true)?;
+    let edge = fg
+        .backend()
+        .root_edge()
+        .ok_or_else(|| wrap(Error::msg("the image's file node is gone")))?;
+    let storage: Arc<dyn qcow2::Storage> = Arc::new(block_graph::drivers::qcow2::EdgeStorage(edge));
+    let img = qcow2::Qcow2::open(
+        storage,
+        qcow2::OpenOptions {
+            writable,
+            allow_corrupt: writable,
+            repair_dirty: false,
+            no_backing: true,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| wrap(Error::msg(e.to_string())))?;
+    Ok((img, fg))
+}
+
 /// The qcow2 crate's opener for backing files, extended to backing files named `json:{...}`
 /// (or with a format other than qcow2 and raw), which open through the graph as QEMU opens
 /// them; plain files open as [`qcow2::FollowFiles`] opens them, at any depth.

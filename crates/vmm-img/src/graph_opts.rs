@@ -125,23 +125,15 @@ enum Role {
     Protocol,
 }
 
-/// The protocol a file name names (QEMU's `bdrv_find_protocol` for what the graph has).
-fn protocol_of(m: &mut Map<String, Value>) -> Result<String, Error> {
-    let Some(f) = m
-        .get("filename")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-    else {
+/// The protocol a file name in the options names (QEMU's `bdrv_find_protocol` without
+/// protocol prefixes, which only a file name given outside the options may carry: a
+/// `file.filename` of `null-co://` is a file of that name): a host device or a file.
+fn protocol_of(m: &Map<String, Value>) -> Result<String, Error> {
+    let Some(f) = m.get("filename").and_then(Value::as_str) else {
         return Err(Error::msg("The 'file' block driver requires a file name"));
     };
-    for p in ["null-co", "null-aio"] {
-        if f == format!("{p}://") {
-            m.remove("filename");
-            return Ok(p.into());
-        }
-    }
     use std::os::unix::fs::FileTypeExt;
-    let dev = std::fs::metadata(&f).is_ok_and(|md| md.file_type().is_block_device());
+    let dev = std::fs::metadata(f).is_ok_and(|md| md.file_type().is_block_device());
     Ok(if dev { "host_device" } else { "file" }.into())
 }
 
@@ -236,6 +228,16 @@ fn normalise(v: &mut Value, role: Role, child: &str) -> Result<(), Error> {
             },
         };
         m.insert("driver".into(), Value::String(d));
+    }
+    if m.get("driver").and_then(Value::as_str) == Some("quorum") {
+        // quorum_open: the children are counted first, a missing vote-threshold reads 0.
+        if m.get("children")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+        {
+            return Err(Error::msg("Number of provided children must be 1 or more"));
+        }
+        m.entry("vote-threshold").or_insert(Value::from(0));
     }
     if format_driver(m) && !m.contains_key("file") {
         return Err(Error::msg("A block device must be specified for \"file\""));
@@ -538,7 +540,8 @@ mod tests {
         .unwrap();
         assert_eq!(
             t,
-            json!({"driver": "raw", "backing": null, "file": {"driver": "null-co"}})
+            json!({"driver": "raw", "backing": null,
+                "file": {"driver": "file", "filename": "null-co://"}})
         );
         let e = |name: &str| {
             legacy_tree(&Source::path(name, None))

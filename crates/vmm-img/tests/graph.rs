@@ -795,3 +795,42 @@ fn open_errors_and_data_files_like_qemu() {
     ok(run("qemu-io", &["-c", "write 0 64k", "df.qcow2"], d));
     assert!(same(&["map", "df.qcow2"], d).contains(" df.raw\n"));
 }
+
+#[test]
+fn legacy_open_rules_and_check_through_filters_like_qemu() {
+    let Some(t) = images() else { return };
+    let d = t.path();
+    let top = format!("{}/top.qcow2", d.display());
+    // check of a qcow2 image over a filter runs through the graph; JSON names the image
+    // as given.
+    let dbg = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"blkdebug","image":{{"driver":"file","filename":"{top}"}}}}}}"#
+    );
+    let plain =
+        format!(r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{top}"}}}}"#);
+    for args in [
+        &["check", &dbg][..],
+        &["check", "--output=json", &dbg],
+        &["check", "-r", "all", &dbg],
+        &["check", "--output=json", &plain],
+    ] {
+        same(args, d);
+    }
+    // A file name in the options is a file, whatever prefix it has; quorum's legacy
+    // checks come in QEMU's order.
+    for args in [
+        &[
+            "info",
+            "--image-opts",
+            "driver=raw,file.filename=null-co://",
+        ][..],
+        &["info", r#"json:{"driver":"quorum"}"#],
+        &["info", r#"json:{"driver":"quorum","children":[]}"#],
+        &[
+            "info",
+            r#"json:{"driver":"quorum","children":[{"driver":"null-co"}]}"#,
+        ],
+    ] {
+        same(args, d);
+    }
+}
