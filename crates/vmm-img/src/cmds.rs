@@ -10,7 +10,7 @@ use qcow2::{CompressionType, CreateOptions, DirtyBitmap, ImageInfo, Preallocatio
 use crate::graph_img::{
     has_dirty_flag, node_info, reduce, resolve, to_status, GraphImage, Plain, Source,
 };
-use crate::img::{create_raw, parse_size, Cache, Image};
+use crate::img::{create_raw, Cache, Image};
 use crate::output;
 use crate::Error;
 
@@ -149,7 +149,9 @@ pub fn create(
     size: Option<String>,
 ) -> Result<i32, Error> {
     // qemu-img reads the size argument itself; bdrv_img_create's errors name the file.
-    let size = size.map(|s| parse_size(&s)).transpose()?;
+    let size = size
+        .map(|s| crate::img::cvtnum("image size", &s))
+        .transpose()?;
     create_image(
         fmt,
         options,
@@ -799,29 +801,40 @@ pub fn resize(
             .ok_or_else(|| Error::msg(format!("Invalid preallocation mode: '{p}'")))?,
         None => Preallocation::Off,
     };
+    let src = Source::path(filename, fmt);
+    // Images that are no plain qcow2 or raw file resize through the graph.
+    let graph = match src.uses_graph() {
+        true => match reduce(&src)? {
+            Plain::File { .. } => None,
+            Plain::Other(_) => Some(GraphImage::open_resizable(&src, Cache::Writeback)?),
+        },
+        false => None,
+    };
     // qemu-img resize opens the backing chain too.
-    let img = Image::open_opts(Path::new(filename), fmt, true, Cache::Writeback, false)?;
+    let img = match graph {
+        Some(g) => Image::Graph(std::sync::Arc::new(g)),
+        None => Image::open_opts(Path::new(filename), fmt, true, Cache::Writeback, false)?,
+    };
     let cur = img.size();
+    // The size as qemu-img's resize options read it (after a relative sign).
+    let parse = |s: &str| crate::graph_opts::option_size("size", s);
     let new = if let Some(rest) = size.strip_prefix('+') {
-        cur + parse_size(rest)?
+        cur.checked_add(parse(rest)?)
+            .ok_or_else(|| Error::msg("New image size must be positive"))?
     } else if let Some(rest) = size.strip_prefix('-') {
-        cur.checked_sub(parse_size(rest)?)
+        cur.checked_sub(parse(rest)?)
             .ok_or_else(|| Error::msg("New image size must be positive"))?
     } else {
-        parse_size(size)?
+        parse(size)?
     };
     if new < cur && !shrink {
-        match &img {
-            Image::Qcow2(_) => {
-                return Err(Error::msg(
-                    "Use the --shrink option to perform a shrink operation.",
-                ))
-            }
-            Image::Raw(_) => eprintln!(
-                "WARNING: Image should be shrunk, but the --shrink option was not given; continuing anyway"
-            ),
-            Image::Graph(_) => {}
-        }
+        // qemu-img 7.2 refuses for every format, with a warning after the error.
+        return Err(Error::msg(
+            "Use the --shrink option to perform a shrink operation.\n\
+             vmm-img: warning: Shrinking an image will delete all data beyond the shrunken \
+             image's end. Before performing such an operation, make sure there is no \
+             important data there.",
+        ));
     }
     match &img {
         Image::Qcow2(q) => {
@@ -831,8 +844,13 @@ pub fn resize(
         Image::Raw(r) => {
             r.storage().set_len(new)?;
         }
-        Image::Graph(_) => {
-            return Err(Error::msg("Image format driver does not support resize"));
+        Image::Graph(g) => {
+            if prealloc != Preallocation::Off {
+                return Err(Error::msg(
+                    "Preallocation is not supported for images opened through the block graph",
+                ));
+            }
+            g.truncate(new)?;
         }
     }
     if !quiet {
@@ -868,33 +886,99 @@ pub fn bitmap(a: &BitmapArgs) -> Result<i32, Error> {
     if a.granularity.is_some() && !a.add {
         return Err(Error::msg("granularity only supported with --add"));
     }
-    let (filename, fmt) = resolve(&Source::new(
-        &a.filename,
-        a.fmt.as_deref(),
-        a.image_opts,
-        false,
-    ))?;
-    let img = Image::open_opts(
-        Path::new(&filename),
-        fmt.as_deref(),
-        true,
-        Cache::Writeback,
-        true,
-    )?;
-    let q = img.qcow2("Bitmaps")?;
+    // qemu-img reads -g with cvtnum while parsing its options.
+    let granularity = a
+        .granularity
+        .as_deref()
+        .map(|g| crate::img::cvtnum("granularity", g))
+        .transpose()?;
     let name = &a.bitmap;
+    // The first operation names the failure (qemu-img runs them in turn).
+    let op = [
+        (a.add, "add"),
+        (a.remove, "remove"),
+        (a.clear, "clear"),
+        (a.enable, "enable"),
+        (a.disable, "disable"),
+        (a.merge.is_some(), "merge"),
+    ]
+    .into_iter()
+    .find_map(|(on, op)| on.then_some(op))
+    .unwrap_or("add");
+    let fail = |op: &str, why: String| {
+        Error::msg(format!("Operation {op} on bitmap {name} failed: {why}"))
+    };
+    let src = Source::new(&a.filename, a.fmt.as_deref(), a.image_opts, false);
+    let (filename, fmt) = resolve(&src)?;
+    let rsrc = Source::path(&filename, fmt.as_deref());
+    // Declared first: a graph holding a qcow2 image's file outlives the image.
+    let mut _file_graph = None;
+    let over_graph;
+    let img;
+    let q: &Qcow2 = if rsrc.uses_graph() && matches!(reduce(&rsrc)?, Plain::Other("qcow2")) {
+        let (q, g) = crate::graph_img::qcow2_over_graph(&rsrc, true)?;
+        _file_graph = Some(g);
+        over_graph = q;
+        &over_graph
+    } else {
+        img = Image::open_opts(
+            Path::new(&filename),
+            fmt.as_deref(),
+            true,
+            Cache::Writeback,
+            true,
+        )?;
+        match &img {
+            Image::Qcow2(q) => q,
+            other => {
+                // No persistent bitmaps below other formats: nothing to find, nothing to add.
+                if op != "add" {
+                    return Err(fail(op, format!("Dirty bitmap '{name}' not found")));
+                }
+                let node = match other {
+                    Image::Graph(g) => g.node().name().to_string(),
+                    _ => {
+                        drop(img);
+                        let raw = Source::path(&filename, Some("raw"));
+                        let g = GraphImage::open(&raw, false, Cache::Writeback, true)?;
+                        g.node().name().to_string()
+                    }
+                };
+                return Err(fail(
+                    op,
+                    format!("Can't store persistent bitmaps to {node}: Operation not supported"),
+                ));
+            }
+        }
+    };
+    let not_found = |op: &str, b: &str| fail(op, format!("Dirty bitmap '{b}' not found"));
     if a.add {
-        let g = match &a.granularity {
-            Some(g) => parse_size(g)?,
+        let g = match granularity {
+            Some(g) if g < 512 || !g.is_power_of_two() => {
+                return Err(fail(
+                    "add",
+                    "Granularity must be power of 2 and at least 512".into(),
+                ))
+            }
+            Some(g) => g,
             None => q.cluster_size().clamp(4096, 65536),
         };
         if q.bitmap_list().iter().any(|b| &b.name == name) {
-            return Err(Error::msg(format!("Bitmap already exists: {name}")));
+            return Err(fail("add", format!("Bitmap already exists: {name}")));
         }
         q.bitmap_store(&DirtyBitmap::new(name, g, q.size()))?;
     }
     if a.clear || a.enable || a.disable || a.merge.is_some() {
-        let mut bm = q.bitmap_read(name)?;
+        let first = if a.clear {
+            "clear"
+        } else if a.enable {
+            "enable"
+        } else if a.disable {
+            "disable"
+        } else {
+            "merge"
+        };
+        let mut bm = q.bitmap_read(name).map_err(|_| not_found(first, name))?;
         if a.clear {
             bm.bits.fill(0);
         }
@@ -915,9 +999,9 @@ pub fn bitmap(a: &BitmapArgs) -> Result<i32, Error> {
                         true,
                     )?;
                     let sq = si.qcow2("Bitmaps")?.clone();
-                    sq.bitmap_read(src)?
+                    sq.bitmap_read(src).map_err(|_| not_found("merge", src))?
                 }
-                None => q.bitmap_read(src)?,
+                None => q.bitmap_read(src).map_err(|_| not_found("merge", src))?,
             };
             let nbits = (sb.bits.len() * 8) as u64;
             for i in 0..nbits {
@@ -932,7 +1016,8 @@ pub fn bitmap(a: &BitmapArgs) -> Result<i32, Error> {
         q.bitmap_store(&bm)?;
     }
     if a.remove {
-        q.bitmap_remove(name)?;
+        q.bitmap_remove(name)
+            .map_err(|_| not_found("remove", name))?;
     }
     q.close()?;
     Ok(0)

@@ -61,6 +61,28 @@ impl GraphImage {
         cache: Cache,
         no_backing: bool,
     ) -> Result<Self, Error> {
+        let perm = if writable {
+            Perm::CONSISTENT_READ | Perm::WRITE
+        } else {
+            Perm::CONSISTENT_READ
+        };
+        Self::open_perm(src, perm, cache, no_backing)
+    }
+
+    /// Opens `src` for writing and resizing (qemu-img resize's `BDRV_O_RESIZE`).
+    pub fn open_resizable(src: &Source<'_>, cache: Cache) -> Result<Self, Error> {
+        let perm = Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE;
+        Self::open_perm(src, perm, cache, false)
+    }
+
+    /// [`GraphImage::open`] with the permissions `perm` on the root.
+    fn open_perm(
+        src: &Source<'_>,
+        perm: Perm,
+        cache: Cache,
+        no_backing: bool,
+    ) -> Result<Self, Error> {
+        let writable = perm.contains(Perm::WRITE);
         let wrap = |e: Error| Error::msg(format!("Could not open '{}': {e}", src.name));
         if src.image_opts && src.fmt.is_some() {
             return Err(Error::msg(
@@ -93,10 +115,6 @@ impl GraphImage {
         let node = graph
             .open_node(&opts, &Inherit::top(), false)
             .map_err(|e| wrap(lock_hint(block_err(e), &given)))?;
-        let mut perm = Perm::CONSISTENT_READ;
-        if writable {
-            perm |= Perm::WRITE;
-        }
         let shared = if src.force_share {
             Perm::ALL
         } else {
@@ -195,6 +213,16 @@ impl GraphImage {
     /// Block status through the whole chain, and the node that answers.
     pub fn status(&self, off: u64, len: u64) -> Result<RangeStatus, Error> {
         self.be.block_status(off, len).map_err(block_err)
+    }
+
+    /// Resizes the image (the root must have been opened with
+    /// [`GraphImage::open_resizable`]).
+    pub fn truncate(&self, len: u64) -> Result<(), Error> {
+        let edge = self
+            .be
+            .root_edge()
+            .ok_or_else(|| Error::msg("No medium inserted"))?;
+        edge.truncate(len).map_err(block_err)
     }
 
     /// Block status in the qcow2 crate's terms.
@@ -364,7 +392,13 @@ pub fn qcow2_over_graph(
         image_opts: false,
         force_share: src.force_share,
     };
-    let fg = GraphImage::open(&fsrc, writable, Cache::Writeback, true)?;
+    // A qcow2 node writing its file may grow it (QEMU's qcow2 takes RESIZE on its file).
+    let perm = if writable {
+        Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE
+    } else {
+        Perm::CONSISTENT_READ
+    };
+    let fg = GraphImage::open_perm(&fsrc, perm, Cache::Writeback, true)?;
     let edge = fg
         .backend()
         .root_edge()

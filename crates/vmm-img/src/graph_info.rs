@@ -225,6 +225,37 @@ pub fn has_dirty_flag(n: &Node) -> bool {
     block_graph::qmp::query::image_info(n).dirty_flag.is_some()
 }
 
+/// The persistent bitmaps of a qcow2 node as qcow2's format-specific info lists them
+/// (flags `in-use` for bitmaps left inconsistent, `auto` for enabled ones), when the
+/// driver's own info has none; `None` when there are none, as QEMU leaves the list out.
+fn qcow2_bitmaps(n: &Node) -> Option<Vec<qcow2::BitmapInfo>> {
+    if n.driver_name() != "qcow2" {
+        return None;
+    }
+    // The node lists its bitmaps newest first; the image directory oldest first.
+    let list: Vec<qcow2::BitmapInfo> = n
+        .bitmaps()
+        .iter()
+        .rev()
+        .filter(|b| b.is_persistent())
+        .map(|b| {
+            let mut flags = Vec::new();
+            if b.is_inconsistent() {
+                flags.push("in-use".to_string());
+            }
+            if b.is_enabled() {
+                flags.push("auto".to_string());
+            }
+            qcow2::BitmapInfo {
+                name: b.name().to_string(),
+                granularity: b.granularity(),
+                flags,
+            }
+        })
+        .collect();
+    (!list.is_empty()).then_some(list)
+}
+
 /// `qemu-img info`'s data of one node, in the qcow2 crate's shape the printers take;
 /// `given` are the user's options for the node, if any.
 pub fn node_info(n: &Node, given: Option<&Value>) -> qcow2::ImageInfo {
@@ -256,23 +287,27 @@ pub fn node_info(n: &Node, given: Option<&Value>) -> qcow2::ImageInfo {
                 .collect()
         })
         .unwrap_or_default();
-    let bitmaps = d.get("bitmaps").and_then(Value::as_array).map(|a| {
-        a.iter()
-            .map(|x| qcow2::BitmapInfo {
-                name: x.get("name").and_then(Value::as_str).unwrap_or("").into(),
-                granularity: u(x, "granularity").unwrap_or(0),
-                flags: x
-                    .get("flags")
-                    .and_then(Value::as_array)
-                    .map(|f| {
-                        f.iter()
-                            .filter_map(|s| s.as_str().map(str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            })
-            .collect()
-    });
+    let bitmaps = d
+        .get("bitmaps")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|x| qcow2::BitmapInfo {
+                    name: x.get("name").and_then(Value::as_str).unwrap_or("").into(),
+                    granularity: u(x, "granularity").unwrap_or(0),
+                    flags: x
+                        .get("flags")
+                        .and_then(Value::as_array)
+                        .map(|f| {
+                            f.iter()
+                                .filter_map(|s| s.as_str().map(str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                })
+                .collect()
+        })
+        .or_else(|| qcow2_bitmaps(n));
     qcow2::ImageInfo {
         filename: Some(display_filename(n, given)),
         format: n.driver_name().to_string(),

@@ -312,7 +312,7 @@ const SIZE_OPTS: &[(&str, &[&str])] = &[
 /// fraction and one suffix of `B`, `k`, `M`, `G`, `T`, `P`, `E` (any case). `Err(true)`
 /// when it does not fit 64 bits, `Err(false)` when it is not a size; the flag of `Ok`
 /// says whether a hex number had a suffix (deprecated).
-fn strtosz(s: &str) -> Result<(u64, bool), bool> {
+pub fn strtosz(s: &str) -> Result<(u64, bool), bool> {
     let t = s.trim_start_matches(|c: char| c.is_ascii_whitespace());
     let t = t.strip_prefix('+').unwrap_or(t);
     let digits = |t: &str, radix: u32| t.find(|c: char| !c.is_digit(radix)).unwrap_or(t.len());

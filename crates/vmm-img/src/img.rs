@@ -385,6 +385,29 @@ pub fn fmt_g3(x: f64) -> String {
     s
 }
 
+/// A size argument as qemu-img's `cvtnum` reads it (`qemu_strtosz`, at most `i64::MAX`),
+/// with its two-line error naming the argument.
+pub fn cvtnum(name: &str, s: &str) -> Result<u64, Error> {
+    let max = i64::MAX as u64;
+    match crate::graph_opts::strtosz(s) {
+        Ok((n, hex_suffix)) if n <= max => {
+            if hex_suffix {
+                eprintln!(
+                    "vmm-img: warning: Using a multiplier suffix on hex numbers is deprecated: {s}"
+                );
+            }
+            Ok(n)
+        }
+        Err(false) => Err(Error::msg(format!(
+            "Invalid {name} specified. You may use k, M, G, T, P or E suffixes for\n\
+             vmm-img: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+        ))),
+        _ => Err(Error::msg(format!(
+            "Invalid {name} specified. Must be between 0 and {max}."
+        ))),
+    }
+}
+
 /// Parses a size with qemu's suffixes (k, M, G, T, P, E; b for bytes; plain number = bytes).
 pub fn parse_size(s: &str) -> Result<u64, Error> {
     let s = s.trim();

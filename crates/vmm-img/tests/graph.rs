@@ -834,3 +834,75 @@ fn legacy_open_rules_and_check_through_filters_like_qemu() {
         same(args, d);
     }
 }
+
+#[test]
+fn resize_and_bitmap_like_qemu() {
+    let Some(t) = images() else { return };
+    let d = t.path();
+    // resize through the graph (qcow2 over a filter, a raw window), refusals as 7.2's.
+    std::fs::copy(d.join("top.qcow2"), d.join("v.qcow2")).unwrap();
+    std::fs::copy(d.join("top.qcow2"), d.join("q.qcow2")).unwrap();
+    sh("qemu-img", "create -q -f raw v.raw 1M", d);
+    sh("qemu-img", "create -q -f raw q.raw 1M", d);
+    for (tool, img) in [("vmm", "v"), ("qemu", "q")] {
+        let dbg = format!(
+            r#"json:{{"driver":"qcow2","file":{{"driver":"blkdebug","image":{{"driver":"file","filename":"{}/{img}.qcow2"}}}}}}"#,
+            d.display()
+        );
+        let win = format!(
+            r#"json:{{"driver":"raw","offset":4096,"file":{{"driver":"file","filename":"{}/{img}.raw"}}}}"#,
+            d.display()
+        );
+        for args in [["resize", &dbg, "2M"], ["resize", &win, "+1M"]] {
+            let r = if tool == "vmm" {
+                vmm(&args, d)
+            } else {
+                run("qemu-img", &args, d)
+            };
+            assert_eq!(ok(r), "Image resized.\n");
+        }
+    }
+    assert_eq!(
+        std::fs::metadata(d.join("v.raw")).unwrap().len(),
+        std::fs::metadata(d.join("q.raw")).unwrap().len()
+    );
+    assert_eq!(
+        qemu(&["info", "v.qcow2"], d).replace("v.qcow2", "x"),
+        qemu(&["info", "q.qcow2"], d).replace("q.qcow2", "x")
+    );
+    let fixed = format!(
+        r#"json:{{"driver":"raw","size":4096,"file":{{"driver":"file","filename":"{}/v.raw"}}}}"#,
+        d.display()
+    );
+    for args in [
+        &["resize", &fixed, "2M"][..],
+        &["resize", "v.qcow2", "1M"],
+        &["resize", "-f", "raw", "v.raw", "64k"],
+        &["resize", "v.qcow2", "1Q"],
+        &["create", "-q", "-f", "qcow2", "x.qcow2", "1Q"],
+    ] {
+        same(args, d);
+    }
+    // bitmap: qemu-img's "Operation ... failed" errors; a qcow2 image over a filter.
+    qemu(&["bitmap", "--add", "v.qcow2", "b"], d);
+    for args in [
+        &["bitmap", "--add", "v.qcow2", "b"][..],
+        &["bitmap", "--remove", "v.qcow2", "x"],
+        &["bitmap", "--clear", "v.qcow2", "x"],
+        &["bitmap", "--merge", "x", "v.qcow2", "b"],
+        &["bitmap", "--add", "-g", "3k", "v.qcow2", "c"],
+        &["bitmap", "--add", "-g", "abc", "v.qcow2", "c"],
+        &["bitmap", "--enable", "-f", "raw", "r.raw", "b"],
+        &["bitmap", "--remove", r#"json:{"driver":"null-co"}"#, "b"],
+    ] {
+        same(args, d);
+    }
+    let dbg = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"blkdebug","image":{{"driver":"file","filename":"{}/v.qcow2"}}}}}}"#,
+        d.display()
+    );
+    ok(vmm(&["bitmap", "--add", &dbg, "b2"], d));
+    let info = same(&["info", "-U", &dbg], d);
+    assert!(info.contains("name: b2"), "{info}");
+    assert!(qemu(&["check", "v.qcow2"], d).starts_with("No errors were found"));
+}
