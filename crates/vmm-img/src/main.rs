@@ -5,6 +5,7 @@ mod bench;
 mod chain;
 mod cmds;
 mod convert;
+mod edit;
 mod graph_img;
 mod graph_info;
 mod graph_opts;
@@ -426,7 +427,7 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
         } => {
             let (filename, fmt) =
                 resolve(&Source::new(&filename, fmt.as_deref(), image_opts, false))?;
-            cmds::snapshot(list, create, apply, delete, fmt.as_deref(), &filename)
+            edit::snapshot(list, create, apply, delete, fmt.as_deref(), &filename)
         }
         Cmd::Resize {
             fmt,
@@ -439,7 +440,7 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
         } => {
             let (filename, fmt) =
                 resolve(&Source::new(&filename, fmt.as_deref(), image_opts, false))?;
-            cmds::resize(
+            edit::resize(
                 fmt.as_deref(),
                 shrink,
                 preallocation.as_deref(),
@@ -462,7 +463,7 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             image_opts,
             filename,
             bitmap,
-        } => cmds::bitmap(&cmds::BitmapArgs {
+        } => edit::bitmap(&edit::BitmapArgs {
             add,
             remove,
             clear,
