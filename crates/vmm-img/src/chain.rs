@@ -102,7 +102,8 @@ fn compare_inner(a: &CompareArgs<'_>, progress: &Progress) -> Result<i32, Error>
             let s1 = status(&ia, a.a, off, sa - off)?;
             let s2 = status(&ib, a.b, off, sb - off)?;
             let mut chunk = s1.len.min(s2.len).max(1);
-            if a.strict && !same_status(&s1, &s2) {
+            let (eof1, eof2) = (off + s1.len >= sa, off + s2.len >= sb);
+            if a.strict && !same_status(&s1, eof1, &s2, eof2) {
                 say(format!("Strict mode: Offset {off} block status mismatch!"));
                 return Ok(None);
             }
@@ -181,9 +182,12 @@ fn compare_inner(a: &CompareArgs<'_>, progress: &Progress) -> Result<i32, Error>
 
 /// Whether two block statuses agree for `compare -s` (allocation, zero, data, and whether a
 /// host offset is known).
-fn same_status(a: &BlockStatus, b: &BlockStatus) -> bool {
-    (a.allocated, a.zero, a.data, a.offset.is_some())
-        == (b.allocated, b.zero, b.data, b.offset.is_some())
+/// Whether two block statuses are equal as strict compare sees them: QEMU compares the
+/// whole flag word, which includes `BDRV_BLOCK_EOF` for an answer that reaches the end of
+/// its image (`eof_a`, `eof_b`).
+fn same_status(a: &BlockStatus, eof_a: bool, b: &BlockStatus, eof_b: bool) -> bool {
+    (a.allocated, a.zero, a.data, a.offset.is_some(), eof_a)
+        == (b.allocated, b.zero, b.data, b.offset.is_some(), eof_b)
 }
 
 /// Arguments of `rebase`.

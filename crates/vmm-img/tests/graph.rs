@@ -906,3 +906,22 @@ fn resize_and_bitmap_like_qemu() {
     assert!(info.contains("name: b2"), "{info}");
     assert!(qemu(&["check", "v.qcow2"], d).starts_with("No errors were found"));
 }
+
+#[test]
+fn strict_compare_sees_the_end_of_file_flag() {
+    let Some(t) = images() else { return };
+    let d = t.path();
+    // top.qcow2 reads base.qcow2's data at 0, nothing at 64k..128k; base ends its
+    // unallocated tail at EOF, so QEMU's flag words differ at 64k.
+    let dbg = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"blkdebug","image":{{"driver":"file","filename":"{}/top.qcow2"}}}}}}"#,
+        d.display()
+    );
+    for args in [
+        &["compare", "-s", "top.qcow2", "base.qcow2"][..],
+        &["compare", "-s", &dbg, "base.qcow2"],
+        &["compare", "-s", "base.qcow2", "base.qcow2"],
+    ] {
+        same(args, d);
+    }
+}
