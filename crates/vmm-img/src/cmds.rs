@@ -135,22 +135,29 @@ pub fn create_qcow2(path: &Path, q: &CreateOptions) -> Result<(), Error> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn create(
-    fmt: &str,
-    options: &[String],
-    backing: Option<String>,
-    backing_fmt: Option<String>,
-    unsafe_: bool,
-    quiet: bool,
-    filename: &str,
-    size: Option<String>,
-) -> Result<i32, Error> {
+/// Arguments of `create` but the size.
+pub struct CreateArgs<'a> {
+    pub fmt: &'a str,
+    pub options: &'a [String],
+    pub backing: Option<String>,
+    pub backing_fmt: Option<String>,
+    pub unsafe_: bool,
+    pub quiet: bool,
+    pub filename: &'a str,
+}
+
+pub fn create(a: CreateArgs<'_>, size: Option<String>) -> Result<i32, Error> {
     // qemu-img reads the size argument itself; bdrv_img_create's errors name the file.
     let size = size
         .map(|s| crate::img::cvtnum("image size", &s))
         .transpose()?;
-    create_image(
+    let filename = a.filename;
+    create_image(a, size).map_err(|e| Error::msg(format!("{filename}: {e}")))
+}
+
+/// `create` after its size argument (QEMU's `bdrv_img_create`).
+fn create_image(a: CreateArgs<'_>, size: Option<u64>) -> Result<i32, Error> {
+    let CreateArgs {
         fmt,
         options,
         backing,
@@ -158,23 +165,7 @@ pub fn create(
         unsafe_,
         quiet,
         filename,
-        size,
-    )
-    .map_err(|e| Error::msg(format!("{filename}: {e}")))
-}
-
-/// `create` after its size argument (QEMU's `bdrv_img_create`).
-#[allow(clippy::too_many_arguments)]
-fn create_image(
-    fmt: &str,
-    options: &[String],
-    backing: Option<String>,
-    backing_fmt: Option<String>,
-    unsafe_: bool,
-    quiet: bool,
-    filename: &str,
-    size: Option<u64>,
-) -> Result<i32, Error> {
+    } = a;
     if fmt != "qcow2" && fmt != "raw" {
         return Err(Error::msg(format!("Unknown file format '{fmt}'")));
     }

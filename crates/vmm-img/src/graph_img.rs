@@ -439,13 +439,11 @@ fn backing_error(e: qcow2::Error, path: &std::path::Path) -> qcow2::Error {
             path.display(),
             crate::img::strerror(&io)
         ),
-        qcow2::Error::Open { reason, .. } => {
-            let reason = match reason.find(" (os error ") {
-                Some(i) => reason[..i].to_string(),
-                None => reason,
-            };
-            format!("Could not open '{}': {reason}", path.display())
-        }
+        qcow2::Error::Open { reason, .. } => format!(
+            "Could not open '{}': {}",
+            path.display(),
+            crate::img::without_os_error(reason)
+        ),
         other => other.to_string(),
     };
     qcow2::Error::InvalidArgument(format!("Could not open backing file: {why}"))
@@ -480,10 +478,7 @@ impl qcow2::ImageOpener for GraphOpener {
         // QEMU: `Could not open 'NAME': <strerror>` (the name as in the header).
         self.files.open_data_file(req).map_err(|e| match e {
             qcow2::Error::Open { name, reason } => qcow2::Error::Open {
-                reason: match reason.find(" (os error ") {
-                    Some(i) => reason[..i].to_string(),
-                    None => reason,
-                },
+                reason: crate::img::without_os_error(reason),
                 name,
             },
             other => other,

@@ -275,7 +275,11 @@ pub fn probed_raw_warning(path: &Path) {
 
 /// The error text of an OS error as QEMU prints it (`strerror`, without Rust's suffix).
 pub fn strerror(e: &std::io::Error) -> String {
-    let m = e.to_string();
+    without_os_error(e.to_string())
+}
+
+/// A message without the ` (os error N)` Rust appends to an OS error's text.
+pub fn without_os_error(m: String) -> String {
     match m.find(" (os error ") {
         Some(i) => m[..i].to_string(),
         None => m,

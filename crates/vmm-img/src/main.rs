@@ -307,13 +307,15 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             filename,
             size,
         } => cmds::create(
-            &fmt,
-            &options,
-            backing,
-            backing_fmt,
-            unsafe_,
-            quiet,
-            &filename,
+            cmds::CreateArgs {
+                fmt: &fmt,
+                options: &options,
+                backing,
+                backing_fmt,
+                unsafe_,
+                quiet,
+                filename: &filename,
+            },
             size,
         ),
         Cmd::Info {
