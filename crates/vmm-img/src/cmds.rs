@@ -313,22 +313,34 @@ fn image_info(path: &Path, img: &Image) -> ImageInfo {
 type Infos = Vec<(ImageInfo, bool, bool)>;
 
 fn graph_infos(src: &Source<'_>, chain: bool) -> Result<Infos, Error> {
-    let g = GraphImage::open(src, false, Cache::Writeback, !chain)?;
-    g.refuse_backing_options(src.name)?;
-    let mut infos = Vec::new();
-    let mut cur = Some(g.node().clone());
-    let mut given = Some(g.given());
-    while let Some(n) = cur {
-        infos.push((
-            node_info(&n, given),
-            n.driver_name() == "qcow2",
-            has_dirty_flag(&n),
-        ));
-        if !chain {
-            break;
+    // qemu-img opens every layer without its backing file and follows the backing file
+    // names the layers' info gives (so "backing": null still shows the header's chain).
+    let (top, next, next_fmt) = {
+        let g = GraphImage::open(src, false, Cache::Writeback, true)?;
+        g.refuse_backing_options(src.name)?;
+        let n = g.node();
+        let i = node_info(n, Some(g.given()));
+        let (next, next_fmt) = (
+            i.full_backing_filename.clone(),
+            i.backing_filename_format.clone(),
+        );
+        if chain && next.is_none() {
+            if let Some(b) = &i.backing_filename {
+                return Err(Error::msg(format!(
+                    "Could not determine absolute backing filename, but backing filename \
+                     '{b}' present"
+                )));
+            }
         }
-        cur = n.backing().map(|e| e.node());
-        given = given.and_then(|g| g.get("backing"));
+        (
+            (i, n.driver_name() == "qcow2", has_dirty_flag(n)),
+            next,
+            next_fmt,
+        )
+    };
+    let mut infos = vec![top];
+    if let (true, Some(next)) = (chain, next) {
+        infos.extend(file_infos(&Source::path(&next, next_fmt.as_deref()), true)?);
     }
     Ok(infos)
 }

@@ -166,6 +166,20 @@ fn no_io_filename(n: &Node) -> Option<String> {
     (!f.starts_with("json:")).then_some(f)
 }
 
+/// Whether QEMU's `bdrv_refresh_filename` may name the node after its primary child: only
+/// a node that is no filter, over a child QEMU opened as a protocol (raw over a qcow2 node,
+/// or qcow2 over raw, gets a `json:` name). Nodes that name themselves, and nodes without
+/// a primary child, keep the graph's answer.
+fn takes_child_name(n: &Node) -> bool {
+    let d = n.driver();
+    match n.primary_child() {
+        Some(c) if d.filename().is_none() => {
+            !d.is_filter() && PROTOCOL_OPENED.contains(&c.node().driver_name())
+        }
+        _ => true,
+    }
+}
+
 /// The drivers of the graph QEMU opens as protocols (`bdrv_file_open`).
 const PROTOCOL_OPENED: &[&str] = &[
     "file",
@@ -183,7 +197,7 @@ pub fn display_filename(n: &Node, given: Option<&Value>) -> String {
         return f;
     }
     let f = block_graph::filename::node_filename(n);
-    if !f.starts_with("json:") {
+    if !f.starts_with("json:") && takes_child_name(n) {
         return f;
     }
     let mut o = block_graph::filename::full_options(n);

@@ -925,3 +925,29 @@ fn strict_compare_sees_the_end_of_file_flag() {
         same(args, d);
     }
 }
+
+#[test]
+fn names_and_backing_chains_of_nested_formats_like_qemu() {
+    let Some(t) = images() else { return };
+    let d = t.path();
+    let top = format!("{}/top.qcow2", d.display());
+    let raw = format!("{}/r.raw", d.display());
+    // A format over a format node keeps a json: name (QEMU names a node after its
+    // child only when that child is a protocol); --backing-chain follows the header's
+    // backing file even where the options leave it closed.
+    for name in [
+        format!(
+            r#"json:{{"driver":"raw","file":{{"driver":"raw","file":{{"driver":"file","filename":"{raw}"}}}}}}"#
+        ),
+        format!(
+            r#"json:{{"driver":"qcow2","file":{{"driver":"raw","file":{{"driver":"file","filename":"{top}"}}}}}}"#
+        ),
+        format!(
+            r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"blkdebug","image":{{"driver":"file","filename":"{top}"}}}}}}"#
+        ),
+    ] {
+        same(&["info", &name], d);
+        same(&["info", "--backing-chain", &name], d);
+        same(&["info", "--output=json", "--backing-chain", &name], d);
+    }
+}
