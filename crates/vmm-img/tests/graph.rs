@@ -620,7 +620,10 @@ fn info_and_map_name_filters_like_qemu() {
     let base = over_dbg("base.qcow2");
     assert!(same(&["map", &base], d).contains(" blkdebug::/"));
     same(&["map", &top], d);
-    // Data without an offset (quorum) cannot be shown by the human format.
+    // Data without an offset (quorum, compressed clusters) cannot be shown by the human
+    // format.
+    qemu(&["convert", "-c", "-O", "qcow2", "top.qcow2", "c.qcow2"], d);
+    same(&["map", "c.qcow2"], d);
     let q = format!(
         r#"json:{{"driver":"quorum","vote-threshold":1,"children":[{{"driver":"raw","file":{{"driver":"file","filename":"{}/r.raw"}}}}]}}"#,
         d.display()
