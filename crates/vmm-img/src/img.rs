@@ -251,7 +251,18 @@ pub fn check_openable(path: &Path, writable: bool) -> Result<(), Error> {
         .write(writable)
         .open(path)
     {
-        Ok(_) => Ok(()),
+        Ok(f) => {
+            // Devices open as host_device; anything else must be a regular file.
+            use std::os::unix::fs::FileTypeExt;
+            let t = f.metadata()?.file_type();
+            if t.is_file() || t.is_block_device() || t.is_char_device() {
+                return Ok(());
+            }
+            let p = path.display();
+            Err(Error::msg(format!(
+                "Could not open '{p}': 'file' driver requires '{p}' to be a regular file"
+            )))
+        }
         Err(e) => {
             let p = path.display();
             Err(Error::msg(format!(

@@ -758,6 +758,8 @@ fn open_errors_and_data_files_like_qemu() {
     let abs = format!("{}/c2.qcow2", d.display());
     for args in [
         &["info", "nonexist.qcow2"][..],
+        &["info", "."],
+        &["check", "."],
         &["map", "mb.qcow2"],
         &["map", "c2.qcow2"],
         &["map", &abs],
