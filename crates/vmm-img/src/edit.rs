@@ -9,17 +9,18 @@ use crate::img::{Cache, Image};
 use crate::output;
 use crate::Error;
 
+/// `snapshot` on `src` (a plain file, or a `json:` name with `-U` as given).
 pub fn snapshot(
     list: bool,
     create: Option<String>,
     apply: Option<String>,
     delete: Option<String>,
-    fmt: Option<&str>,
-    filename: &str,
+    src: &Source<'_>,
 ) -> Result<i32, Error> {
+    let (fmt, filename) = (src.fmt, src.name);
     let writable = create.is_some() || apply.is_some() || delete.is_some();
     // qemu-img snapshot opens the backing chain too.
-    let img = Image::open_opts(Path::new(filename), fmt, writable, Cache::Writeback, false)?;
+    let img = Image::open_src_opts(src, writable, Cache::Writeback, false)?;
     let q = match &img {
         Image::Graph(g) => return graph_snapshot(g, list, create, apply, delete),
         Image::Raw(_) => {

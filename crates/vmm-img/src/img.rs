@@ -89,13 +89,26 @@ impl Image {
         no_backing: bool,
     ) -> Result<Self, Error> {
         let src = Source::path(path.to_str().unwrap_or_default(), fmt);
+        Self::open_src_opts(&src, writable, cache, no_backing)
+    }
+
+    /// [`Image::open_opts`] of a source named on the command line (with `-U`, which the
+    /// graph applies to QEMU's image locks).
+    pub fn open_src_opts(
+        src: &Source<'_>,
+        writable: bool,
+        cache: Cache,
+        no_backing: bool,
+    ) -> Result<Self, Error> {
+        let path = Path::new(src.name);
+        let fmt = src.fmt;
         if src.uses_graph() {
-            return match reduce(&src)? {
+            return match reduce(src)? {
                 Plain::File { path, fmt } => {
                     Self::open_opts(Path::new(&path), Some(fmt), writable, cache, no_backing)
                 }
                 Plain::Other(_) => Ok(Image::Graph(Arc::new(GraphImage::open(
-                    &src, writable, cache, no_backing,
+                    src, writable, cache, no_backing,
                 )?))),
             };
         }

@@ -423,13 +423,18 @@ fn run(cmd: Cmd) -> Result<i32, Error> {
             delete,
             fmt,
             quiet: _,
-            force_share: _,
+            force_share,
             image_opts,
             filename,
         } => {
-            let (filename, fmt) =
-                resolve(&Source::new(&filename, fmt.as_deref(), image_opts, false))?;
-            edit::snapshot(list, create, apply, delete, fmt.as_deref(), &filename)
+            let (filename, fmt) = resolve(&Source::new(
+                &filename,
+                fmt.as_deref(),
+                image_opts,
+                force_share,
+            ))?;
+            let src = Source::new(&filename, fmt.as_deref(), false, force_share);
+            edit::snapshot(list, create, apply, delete, &src)
         }
         Cmd::Resize {
             fmt,

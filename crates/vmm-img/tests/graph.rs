@@ -433,6 +433,13 @@ fn qemu_image_locks_apply() {
     // -U shares the image, as in qemu-img.
     same(&["info", "-U", &j], d);
     same(&["map", "-U", "--output=json", &j], d);
+    // snapshot -l through the graph takes the lock unless -U.
+    let dbg = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"blkdebug","image":{{"driver":"file","filename":"{}/top.qcow2"}}}}}}"#,
+        d.display()
+    );
+    same(&["snapshot", "-l", &dbg], d);
+    same(&["snapshot", "-l", "-U", &dbg], d);
 }
 
 #[test]
