@@ -8,11 +8,14 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 
 use qcow2::AlignedBuf;
 
+mod range_locks;
 pub(crate) mod uring;
+
+use range_locks::RangeLocks;
 
 use crate::batch::{run_one, BatchBuf, BatchReq};
 use crate::driver::{BlockDriver, CopyExtent, DriverStatus, StatusKind, WriteFlags, ZeroFlags};
@@ -39,46 +42,6 @@ const LOCK_PERM_BASE: i64 = 100;
 const LOCK_SHARED_BASE: i64 = 200;
 /// The permission bits QEMU 7.2 locks (consistent read, write, write unchanged, resize).
 const LOCK_BITS: u32 = 4;
-
-/// Byte ranges being written, so that a read-modify-write of an unaligned `O_DIRECT` write
-/// never overlaps another write of the same blocks.
-#[derive(Default)]
-struct RangeLocks {
-    ranges: Mutex<Vec<(u64, u64, bool)>>,
-    cv: Condvar,
-}
-
-struct RangeGuard<'a> {
-    locks: &'a RangeLocks,
-    range: (u64, u64, bool),
-}
-
-impl RangeLocks {
-    fn lock(&self, start: u64, end: u64, exclusive: bool) -> RangeGuard<'_> {
-        let mut r = mlock(&self.ranges);
-        while r
-            .iter()
-            .any(|&(s, e, x)| s < end && start < e && (x || exclusive))
-        {
-            r = self.cv.wait(r).unwrap_or_else(|e| e.into_inner());
-        }
-        r.push((start, end, exclusive));
-        RangeGuard {
-            locks: self,
-            range: (start, end, exclusive),
-        }
-    }
-}
-
-impl Drop for RangeGuard<'_> {
-    fn drop(&mut self) {
-        let mut r = mlock(&self.locks.ranges);
-        if let Some(i) = r.iter().position(|x| *x == self.range) {
-            r.swap_remove(i);
-        }
-        self.locks.cv.notify_all();
-    }
-}
 
 /// The `file` driver's state.
 pub struct FileDriver {
@@ -850,109 +813,4 @@ impl BlockDriver for FileDriver {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn open(path: &std::path::Path, direct: bool) -> FileDriver {
-        FileDriver::open(&FileOptions {
-            filename: path.to_string_lossy().into(),
-            read_only: false,
-            direct,
-            locking: true,
-        })
-        .unwrap()
-    }
-
-    #[test]
-    fn vectored_io_and_holes() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
-        let f = open(&p, false);
-        let a = [1u8; 100];
-        let b = [2u8; 28];
-        f.write(
-            4096,
-            &[IoSlice::new(&a), IoSlice::new(&b)],
-            WriteFlags { fua: true },
-        )
-        .unwrap();
-        let mut x = [0u8; 64];
-        let mut y = [0u8; 64];
-        f.read(
-            4096 + 64,
-            &mut [IoSliceMut::new(&mut x), IoSliceMut::new(&mut y)],
-        )
-        .unwrap();
-        assert_eq!(&x[..36], &[1u8; 36][..]);
-        assert_eq!(&x[36..], &[2u8; 28][..]);
-        assert_eq!(y, [0u8; 64]);
-        f.write_zeroes(
-            0,
-            8192,
-            ZeroFlags {
-                may_unmap: true,
-                fua: false,
-            },
-        )
-        .unwrap();
-        let mut z = [9u8; 128];
-        f.read(4096, &mut [IoSliceMut::new(&mut z)]).unwrap();
-        assert_eq!(z, [0u8; 128]);
-        assert_eq!(f.length().unwrap(), 1 << 20);
-        f.truncate(2 << 20).unwrap();
-        assert_eq!(f.length().unwrap(), 2 << 20);
-        let st = f.block_status(1 << 20, 1 << 20).unwrap();
-        assert!(matches!(
-            st.kind,
-            StatusKind::Zero { .. } | StatusKind::Data { .. }
-        ));
-    }
-
-    #[test]
-    fn missing_file_is_worded_like_qemu() {
-        let e = FileDriver::open(&FileOptions {
-            filename: "/nonexistent/x".into(),
-            read_only: true,
-            direct: false,
-            locking: true,
-        })
-        .err()
-        .unwrap();
-        assert_eq!(
-            e.to_string(),
-            "Could not open '/nonexistent/x': No such file or directory"
-        );
-    }
-
-    #[test]
-    fn direct_io_bounces_unaligned_requests() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("d");
-        std::fs::write(&p, vec![7u8; 64 << 10]).unwrap();
-        let f = match FileDriver::open(&FileOptions {
-            filename: p.to_string_lossy().into(),
-            read_only: false,
-            direct: true,
-            locking: false,
-        }) {
-            Ok(f) => f,
-            // tmpfs has no O_DIRECT.
-            Err(BlockError::Io { errno, .. }) if errno == libc::EINVAL => return,
-            Err(e) => panic!("{e}"),
-        };
-        assert!(f.alignment() >= 512);
-        let data = [3u8; 700];
-        f.write(100, &[IoSlice::new(&data)], WriteFlags::default())
-            .unwrap();
-        let mut back = [0u8; 1000];
-        f.read(0, &mut [IoSliceMut::new(&mut back)]).unwrap();
-        assert_eq!(&back[..100], &[7u8; 100][..]);
-        assert_eq!(&back[100..800], &[3u8; 700][..]);
-        assert_eq!(&back[800..], &[7u8; 200][..]);
-        f.write_zeroes(1, 10, ZeroFlags::default()).unwrap();
-        f.read(0, &mut [IoSliceMut::new(&mut back)]).unwrap();
-        assert_eq!(back[0], 7);
-        assert_eq!(&back[1..11], &[0u8; 10][..]);
-    }
-}
+mod tests;
