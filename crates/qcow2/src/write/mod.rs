@@ -60,7 +60,29 @@ pub struct WritePlan<'a> {
     registered: Range<u64>,
 }
 
-impl WritePlan<'_> {
+impl<'a> WritePlan<'a> {
+    /// A write of `len` bytes at guest `offset` into allocated clusters at `host`: nothing
+    /// to copy, nothing to commit.
+    #[inline]
+    pub(crate) fn in_place(
+        img: &'a Qcow2,
+        guard: IoGuard<'a>,
+        offset: u64,
+        len: u64,
+        host: u64,
+    ) -> Self {
+        WritePlan {
+            img,
+            _guard: guard,
+            offset,
+            len,
+            host_offset: host,
+            cow: Vec::new(),
+            commits: SmallVec::new(),
+            registered: 0..0,
+        }
+    }
+
     /// Whether the plan allocates (needs [`Qcow2::commit_write`] to publish anything).
     pub fn needs_commit(&self) -> bool {
         !self.commits.is_empty()

@@ -106,16 +106,7 @@ impl Qcow2 {
         let cs = self.geo.cs();
         if let Some((n, host)) = crate::hot::data_run(self, offset, len, true) {
             // Written in place, found without the lock (and clear of metadata).
-            return Ok(Some(WritePlan {
-                img: self,
-                _guard: guard,
-                offset,
-                len: n,
-                host_offset: host,
-                cow: Vec::new(),
-                commits: SmallVec::new(),
-                registered: 0..0,
-            }));
+            return Ok(Some(WritePlan::in_place(self, guard, offset, n, host)));
         }
         {
             let mut t = self.lock_tables_for(offset);
@@ -125,16 +116,7 @@ impl Qcow2 {
             };
             if n > 0 {
                 self.overlap_check(&t, host, n)?;
-                return Ok(Some(WritePlan {
-                    img: self,
-                    _guard: guard,
-                    offset,
-                    len: n,
-                    host_offset: host,
-                    cow: Vec::new(),
-                    commits: SmallVec::new(),
-                    registered: 0..0,
-                }));
+                return Ok(Some(WritePlan::in_place(self, guard, offset, n, host)));
             }
         }
         // Allocation: a run of clusters within one L2 table.
