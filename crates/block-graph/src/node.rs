@@ -206,6 +206,21 @@ impl Node {
         roots_above(std::slice::from_ref(self))
     }
 
+    /// Whether a root above this node is being drained: requests that wait by choice (a
+    /// throttle queue, emulated latency) should then finish at once, as the drain waits
+    /// for them.
+    pub(crate) fn drained_above(&self) -> bool {
+        fn walk(n: &Node, depth: usize) -> bool {
+            depth <= 64
+                && n.parents().iter().any(|e| match e.parent() {
+                    Some(Parent::Root(r)) => r.gate().is_quiesced(),
+                    Some(Parent::Node(w)) => w.upgrade().is_some_and(|p| walk(&p, depth + 1)),
+                    None => false,
+                })
+        }
+        walk(self, 0)
+    }
+
     /// The end of the highest write so far (`wr_highest_offset`).
     pub fn wr_highest_offset(&self) -> u64 {
         self.wr_highest_offset.load(Ordering::Relaxed)

@@ -188,6 +188,7 @@ pub(crate) fn open_driver(
                 latency: Duration::from_nanos(n.latency_ns.unwrap_or(0)),
                 read_zeroes: n.read_zeroes.unwrap_or(false),
                 given,
+                node: ctx.node_cell(),
             }))
         }
         BlockdevOptionsBranch::Raw(r) => {

@@ -2,11 +2,13 @@
 //! nothing, with optional emulated latency and zeroed reads (for benchmarks and tests).
 
 use std::io::{IoSlice, IoSliceMut};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use crate::driver::{BlockDriver, DriverStatus, StatusKind, WriteFlags};
 use crate::error::Result;
 use crate::iov::zero_iov;
+use crate::node::Node;
 
 /// The null driver's state.
 #[derive(Debug, Clone)]
@@ -21,12 +23,40 @@ pub struct NullDriver {
     pub read_zeroes: bool,
     /// The options given explicitly, in QEMU's order, for the `json:` filename.
     pub given: Vec<(&'static str, serde_json::Value)>,
+    /// The node of this driver (filled once it is open), to see drains above it.
+    pub node: Arc<OnceLock<Weak<Node>>>,
 }
 
+/// The longest sleep of an emulated latency between two looks for a drain.
+const LATENCY_SLICE: Duration = Duration::from_millis(10);
+
 impl NullDriver {
+    /// Waits the emulated latency. A drain above the node ends the wait early: a drain
+    /// waits for the requests in flight, and a latency of hours (`latency-ns` takes any
+    /// 64-bit value) would otherwise hold the monitor for as long.
     fn wait(&self) {
-        if !self.latency.is_zero() {
-            std::thread::sleep(self.latency);
+        if self.latency.is_zero() {
+            return;
+        }
+        // A latency too long for the clock (`checked_add` fails) lasts until a drain.
+        let end = Instant::now().checked_add(self.latency);
+        loop {
+            let left = match end {
+                Some(e) => e.saturating_duration_since(Instant::now()),
+                None => LATENCY_SLICE,
+            };
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(left.min(LATENCY_SLICE));
+            let drained = self
+                .node
+                .get()
+                .and_then(Weak::upgrade)
+                .is_some_and(|n| n.drained_above());
+            if drained {
+                return;
+            }
         }
     }
 }

@@ -21,7 +21,7 @@ use crate::drivers::OpenCtx;
 use crate::error::{BlockError, Result};
 use crate::graph::BlockGraph;
 use crate::iov::{iov_len, iov_len_mut};
-use crate::node::{Edge, Node, Parent};
+use crate::node::{Edge, Node};
 use crate::perm::ChildRole;
 use crate::throttle::ThrottleGroup;
 
@@ -30,18 +30,6 @@ pub struct ThrottleDriver {
     file: Arc<Edge>,
     group: Arc<ThrottleGroup>,
     node: Arc<OnceLock<Weak<Node>>>,
-}
-
-/// Whether a root above `n` is drained (requests waiting in the filter then pass).
-fn drained_above(n: &Node, depth: usize) -> bool {
-    if depth > 64 {
-        return false;
-    }
-    n.parents().iter().any(|e| match e.parent() {
-        Some(Parent::Root(r)) => r.gate().is_quiesced(),
-        Some(Parent::Node(w)) => w.upgrade().is_some_and(|p| drained_above(&p, depth + 1)),
-        None => false,
-    })
 }
 
 impl ThrottleDriver {
@@ -72,7 +60,7 @@ impl ThrottleDriver {
         }
         let node = self.node.get().and_then(Weak::upgrade);
         self.group.intercept(write, bytes, || {
-            node.as_ref().is_some_and(|n| drained_above(n, 0))
+            node.as_ref().is_some_and(|n| n.drained_above())
         });
     }
 }
