@@ -43,6 +43,35 @@ fn words_for(size: u64, granularity: u64) -> usize {
     size.div_ceil(granularity).div_ceil(64) as usize
 }
 
+/// Memory all dirty bitmaps of the process may take together. A bitmap's size follows its
+/// node's (one bit per granule), and node sizes come from clients (`null-co`'s `size`,
+/// `block_resize`): without a bound, one command could make the process allocate
+/// gigabytes. 1 GiB covers 512 TiB of disk at the default 64 KiB granularity.
+pub const BITMAP_MEMORY_LIMIT: u64 = 1 << 30;
+
+/// Bytes of bitmap words allocated in this process.
+static BITMAP_MEMORY: AtomicU64 = AtomicU64::new(0);
+
+/// Takes `bytes` of the bitmaps' memory budget.
+fn reserve(bytes: u64) -> Result<()> {
+    let before = BITMAP_MEMORY.fetch_add(bytes, Ordering::Relaxed);
+    if before.saturating_add(bytes) > BITMAP_MEMORY_LIMIT {
+        BITMAP_MEMORY.fetch_sub(bytes, Ordering::Relaxed);
+        return Err(BlockError::generic(format!(
+            "Bitmap too large: dirty bitmaps may use at most {} MiB of memory in all, and \
+             this one needs {} MiB more",
+            BITMAP_MEMORY_LIMIT >> 20,
+            bytes.div_ceil(1 << 20)
+        )));
+    }
+    Ok(())
+}
+
+/// Gives `bytes` of the budget back.
+fn release(bytes: u64) {
+    BITMAP_MEMORY.fetch_sub(bytes, Ordering::Relaxed);
+}
+
 fn lock_read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|e| e.into_inner())
 }
@@ -66,9 +95,7 @@ impl DirtyBitmap {
     pub fn new(name: &str, granularity: u64, size: u64) -> Result<Self> {
         check_granularity(granularity)?;
         let n = words_for(size, granularity);
-        if n as u64 > (1u64 << 32) {
-            return Err(BlockError::generic("Bitmap too large"));
-        }
+        reserve(n as u64 * 8)?;
         Ok(DirtyBitmap {
             name: name.to_string(),
             granularity,
@@ -300,10 +327,17 @@ impl DirtyBitmap {
         }
     }
 
-    /// Follows a resize of the node: new granules start clean.
-    pub fn resize(&self, size: u64) {
+    /// Follows a resize of the node: new granules start clean. Fails, changing nothing,
+    /// when the larger bitmap would exceed [`BITMAP_MEMORY_LIMIT`].
+    pub fn resize(&self, size: u64) -> Result<()> {
         let n = words_for(size, self.granularity);
         let mut w = lock_write(&self.words);
+        let old = w.len();
+        if n > old {
+            reserve((n - old) as u64 * 8)?;
+        } else {
+            release((old - n) as u64 * 8);
+        }
         w.resize_with(n, || AtomicU64::new(0));
         // Clear bits past the new end in the last word.
         let granules = size.div_ceil(self.granularity);
@@ -314,6 +348,13 @@ impl DirtyBitmap {
             }
         }
         self.size.store(size, Ordering::Release);
+        Ok(())
+    }
+}
+
+impl Drop for DirtyBitmap {
+    fn drop(&mut self) {
+        release(lock_read(&self.words).len() as u64 * 8);
     }
 }
 
@@ -376,12 +417,24 @@ mod tests {
     }
 
     #[test]
+    fn bitmaps_past_the_memory_budget_are_refused() {
+        // 2^43 bytes at 512-byte granules: 2 GiB of words, past the 1 GiB budget.
+        let e = DirtyBitmap::new("big", 512, 1 << 43).unwrap_err();
+        assert!(e.to_string().starts_with("Bitmap too large"), "{e}");
+        let b = DirtyBitmap::new("b", 512, 1 << 20).unwrap();
+        assert!(b.resize(1 << 43).is_err());
+        assert_eq!(b.size(), 1 << 20, "a refused resize changes nothing");
+        b.resize(2 << 20).unwrap();
+        assert_eq!(b.size(), 2 << 20);
+    }
+
+    #[test]
     fn resize_clears_tail() {
         let b = DirtyBitmap::new("b", 512, 512 * 100).unwrap();
         b.set_range(0, 512 * 100);
-        b.resize(512 * 10);
+        b.resize(512 * 10).unwrap();
         assert_eq!(b.count(), 512 * 10);
-        b.resize(512 * 200);
+        b.resize(512 * 200).unwrap();
         assert_eq!(b.count(), 512 * 10);
         assert_eq!(b.next_dirty(512 * 10), None);
     }

@@ -621,16 +621,36 @@ impl Node {
         if self.is_read_only() {
             return Err(BlockError::generic("Image is read-only"));
         }
-        self.driver.truncate(len)?;
-        let new = self.driver.length()?;
-        let new = if self.driver.is_protocol() {
-            new.div_ceil(512) * 512
-        } else {
-            new
+        let old = self.length();
+        let bitmaps = rlock(&self.bitmaps);
+        // The bitmaps grow first: a size they can't follow is refused before the image
+        // changes.
+        for (i, b) in bitmaps.iter().enumerate() {
+            if let Err(e) = b.resize(len) {
+                for b in &bitmaps[..i] {
+                    let _ = b.resize(old);
+                }
+                return Err(e);
+            }
+        }
+        let truncated = self
+            .driver
+            .truncate(len)
+            .and_then(|()| self.driver.length());
+        let new = match truncated {
+            Ok(n) if self.driver.is_protocol() => n.div_ceil(512) * 512,
+            Ok(n) => n,
+            Err(e) => {
+                for b in bitmaps.iter() {
+                    let _ = b.resize(old);
+                }
+                return Err(e);
+            }
         };
         self.len.store(new, Ordering::Release);
-        for b in rlock(&self.bitmaps).iter() {
-            b.resize(new);
+        for b in bitmaps.iter() {
+            // Rounding by the driver: at most a word either way, within the budget taken.
+            let _ = b.resize(new);
         }
         Ok(())
     }
