@@ -333,14 +333,16 @@ fn fuzz(machine: &str, default_seed: u64) {
         sock.display(),
         img.display()
     );
-    let mut child = Command::new("sh")
-        .args(["-c", &script, VMM])
-        .current_dir(d)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .expect("start vmm-reference");
+    let mut child = KillOnDrop(
+        Command::new("sh")
+            .args(["-c", &script, VMM])
+            .current_dir(d)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start vmm-reference"),
+    );
     wait_for_path(&sock);
     let mut raw = Raw::connect(&sock);
     raw.recv();
@@ -459,7 +461,7 @@ fn fuzz(machine: &str, default_seed: u64) {
         assert!(msg.get("return").is_some(), "{q} after fuzzing: {msg}");
     }
     raw.send("{\"execute\": \"quit\"}\n");
-    let status = wait(&mut child, Duration::from_secs(60));
+    let status = wait(&mut child.0, Duration::from_secs(60));
     let log = std::fs::read_to_string(d.join("stderr.log")).unwrap_or_default();
     assert!(
         !log.contains("panicked") && !log.contains("memory allocation"),
@@ -469,6 +471,17 @@ fn fuzz(machine: &str, default_seed: u64) {
         status.success(),
         "exit status {status} (seed {seed}):\n{log}"
     );
+}
+
+/// The VMM under test, killed when the test ends in any way (a failed assertion included),
+/// so that a failing run leaves no process behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn wait(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
