@@ -34,18 +34,8 @@ fn backend(g: &mut BlockGraph, opts: serde_json::Value) -> Arc<block_graph::Bloc
     let be = g
         .create_backend("vd0", Some(&node), Default::default())
         .expect("backend");
-    g.attach_device(
-        &be,
-        DeviceAttach {
-            id: "vd0".into(),
-            read_only: false,
-            share_rw: false,
-            resizable: true,
-            removable: false,
-            has_tray: false,
-        },
-    )
-    .expect("attach");
+    g.attach_device(&be, DeviceAttach::disk("vd0"))
+        .expect("attach");
     be
 }
 

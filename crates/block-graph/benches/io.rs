@@ -133,18 +133,7 @@ fn open_graph(img: &str) -> (BlockGraph, Arc<BlockBackend>) {
     .unwrap();
     let n = g.blockdev_add(&t).unwrap();
     let be = g.create_backend("d", Some(&n), Default::default()).unwrap();
-    g.attach_device(
-        &be,
-        DeviceAttach {
-            id: "v".into(),
-            read_only: false,
-            share_rw: false,
-            resizable: true,
-            removable: false,
-            has_tray: false,
-        },
-    )
-    .unwrap();
+    g.attach_device(&be, DeviceAttach::disk("v")).unwrap();
     (g, be)
 }
 
@@ -629,18 +618,7 @@ fn throttle_accuracy() {
             n = g.blockdev_add(&t).unwrap();
         }
         let be = g.create_backend("d", Some(&n), Default::default()).unwrap();
-        g.attach_device(
-            &be,
-            DeviceAttach {
-                id: "v".into(),
-                read_only: false,
-                share_rw: false,
-                resizable: true,
-                removable: false,
-                has_tray: false,
-            },
-        )
-        .unwrap();
+        g.attach_device(&be, DeviceAttach::disk("v")).unwrap();
         if !filter {
             let t = qapi_types::BlockIOThrottle::from_qmp_strict(serde_json::json!({
                 "device": "d", "bps": bps, "bps_rd": 0, "bps_wr": 0,

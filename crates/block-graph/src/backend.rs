@@ -92,6 +92,20 @@ pub struct DeviceAttach {
     pub has_tray: bool,
 }
 
+impl DeviceAttach {
+    /// A read-write disk such as virtio-blk: resizable, not shared, no removable media.
+    pub fn disk(id: impl Into<String>) -> Self {
+        DeviceAttach {
+            id: id.into(),
+            read_only: false,
+            share_rw: false,
+            resizable: true,
+            removable: false,
+            has_tray: false,
+        }
+    }
+}
+
 /// Checks a new backend name as QEMU's `blk_set_name` and option parsing do.
 pub fn check_new_device_name(g: &BlockGraph, id: &str) -> Result<()> {
     if !id_wellformed(id) {

@@ -131,12 +131,8 @@ mod tests {
         g.attach_device(
             &be,
             DeviceAttach {
-                id: "vd0".into(),
-                read_only: false,
-                share_rw: false,
                 resizable: false,
-                removable: false,
-                has_tray: false,
+                ..DeviceAttach::disk("vd0")
             },
         )
         .unwrap();

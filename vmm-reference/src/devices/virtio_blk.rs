@@ -350,18 +350,8 @@ pub(crate) mod tests {
         let be = g
             .create_backend("disk", Some(&node), Default::default())
             .unwrap();
-        g.attach_device(
-            &be,
-            block_graph::DeviceAttach {
-                id: "virtio-disk0".into(),
-                read_only: false,
-                share_rw: false,
-                resizable: true,
-                removable: false,
-                has_tray: false,
-            },
-        )
-        .unwrap();
+        g.attach_device(&be, block_graph::DeviceAttach::disk("virtio-disk0"))
+            .unwrap();
         (g, be)
     }
 

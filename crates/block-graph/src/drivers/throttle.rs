@@ -312,18 +312,8 @@ mod tests {
                              "throttle-group": "tg", "file": "n0"}));
         let n = g.blockdev_add(&t).unwrap();
         let be = g.create_backend("d", Some(&n), Default::default()).unwrap();
-        g.attach_device(
-            &be,
-            crate::DeviceAttach {
-                id: "v".into(),
-                read_only: false,
-                share_rw: false,
-                resizable: true,
-                removable: false,
-                has_tray: false,
-            },
-        )
-        .unwrap();
+        g.attach_device(&be, crate::DeviceAttach::disk("v"))
+            .unwrap();
         let start = Instant::now();
         let mut buf = [1u8; 512];
         for _ in 0..6 {

@@ -65,14 +65,7 @@ pub fn opts(v: Value) -> BlockdevOptions {
 
 /// A read-write guest device.
 pub fn disk(id: &str) -> DeviceAttach {
-    DeviceAttach {
-        id: id.into(),
-        read_only: false,
-        share_rw: false,
-        resizable: true,
-        removable: false,
-        has_tray: false,
-    }
+    DeviceAttach::disk(id)
 }
 
 /// A CD-ROM-like device with a tray.

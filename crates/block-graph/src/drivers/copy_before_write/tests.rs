@@ -68,12 +68,8 @@ fn setup(target_filter: Option<Value>) -> Setup {
     g.attach_device(
         &be,
         DeviceAttach {
-            id: "vd0".into(),
-            read_only: false,
-            share_rw: false,
             resizable: false,
-            removable: false,
-            has_tray: false,
+            ..DeviceAttach::disk("vd0")
         },
     )
     .unwrap();
