@@ -54,9 +54,13 @@ static BITMAP_MEMORY: AtomicU64 = AtomicU64::new(0);
 
 /// Takes `bytes` of the bitmaps' memory budget.
 fn reserve(bytes: u64) -> Result<()> {
-    let before = BITMAP_MEMORY.fetch_add(bytes, Ordering::Relaxed);
-    if before.saturating_add(bytes) > BITMAP_MEMORY_LIMIT {
-        BITMAP_MEMORY.fetch_sub(bytes, Ordering::Relaxed);
+    // Only ever add what fits: a refused request must not, even for an instant, make
+    // the budget look spent to bitmaps created at the same time.
+    let taken = BITMAP_MEMORY.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+        used.checked_add(bytes)
+            .filter(|&total| total <= BITMAP_MEMORY_LIMIT)
+    });
+    if taken.is_err() {
         return Err(BlockError::generic(format!(
             "Bitmap too large: dirty bitmaps may use at most {} MiB of memory in all, and \
              this one needs {} MiB more",
