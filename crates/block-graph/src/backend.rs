@@ -20,7 +20,7 @@ use crate::graph::{id_wellformed, BlockGraph};
 use crate::iov::{iov_len, iov_len_mut};
 use crate::node::{mlock, rlock, wlock, Edge, Node, Parent, RangeStatus, RootInfo};
 use crate::perm::{ChildRole, Perm};
-use crate::stats::{AcctType, Stats};
+use crate::stats::Stats;
 use crate::throttle::{ThrottleGroup, ThrottleLimits};
 
 /// Options of a BlockBackend.
@@ -130,8 +130,14 @@ pub fn device_name_of(r: &RootInfo) -> Option<String> {
     (!d.is_empty()).then_some(d)
 }
 
-/// A BlockBackend. I/O methods take `&self` and may be called from any thread; they are
-/// accounted, pass the backend's drain gate and follow the medium and tray state.
+/// A BlockBackend. I/O methods take `&self` and may be called from any thread; they pass
+/// the backend's drain gate and follow the medium and tray state.
+///
+/// As in QEMU, the backend does not account its requests: the guest device does, through
+/// [`BlockBackend::stats`] (QEMU's `block_acct_start`/`block_acct_done` on
+/// `blk_get_stats`), because only the device knows what the guest asked for: a request it
+/// refuses is *invalid*, requests it merges are *merged*, and I/O that is not the guest's
+/// (a block job's, the monitor's) is not the guest's statistics.
 pub struct BlockBackend {
     name: String,
     info: Arc<RootInfo>,
@@ -444,9 +450,9 @@ impl BlockBackend {
     /// Runs `f` on the root edge after the checks QEMU's BlockBackend makes (medium present
     /// and reachable, range inside the medium, write permission), holding the root for the
     /// request (it only changes while the backend is drained).
+    #[inline]
     fn with_root<R>(
         &self,
-        ty: AcctType,
         offset: u64,
         len: u64,
         write: bool,
@@ -454,16 +460,13 @@ impl BlockBackend {
     ) -> Result<R> {
         let g = rlock(&self.root);
         let Some(e) = g.as_ref().filter(|_| !self.is_tray_open()) else {
-            self.stats.invalid(ty);
             return Err(BlockError::errno(libc::ENOMEDIUM));
         };
         if write && !e.perm().contains(Perm::WRITE) {
-            self.stats.invalid(ty);
             return Err(BlockError::errno(libc::EACCES));
         }
         e.with_node(|n| {
             if offset.checked_add(len).is_none_or(|end| end > n.length()) {
-                self.stats.invalid(ty);
                 return Err(BlockError::errno(libc::EIO));
             }
             f(e, n)
@@ -474,12 +477,9 @@ impl BlockBackend {
     pub fn read(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
         let len = iov_len_mut(iov) as u64;
         let _g = self.info.gate.enter();
-        self.with_root(AcctType::Read, offset, len, false, |_, n| {
-            let c = self.stats.start(AcctType::Read, len);
+        self.with_root(offset, len, false, |_, n| {
             self.throttle(false, len);
-            let r = n.read(offset, iov);
-            self.stats.done(c, r.is_ok());
-            r
+            n.read(offset, iov)
         })
     }
 
@@ -492,15 +492,12 @@ impl BlockBackend {
     pub fn write(&self, offset: u64, iov: &[IoSlice<'_>], mut flags: WriteFlags) -> Result<()> {
         let len = iov_len(iov) as u64;
         let _g = self.info.gate.enter();
-        self.with_root(AcctType::Write, offset, len, true, |e, n| {
+        self.with_root(offset, len, true, |e, n| {
             if !n.options().cache_writeback {
                 flags.fua = true;
             }
-            let c = self.stats.start(AcctType::Write, len);
             self.throttle(true, len);
-            let r = e.write_on(n, offset, iov, flags);
-            self.stats.done(c, r.is_ok());
-            r
+            e.write_on(n, offset, iov, flags)
         })
     }
 
@@ -510,23 +507,16 @@ impl BlockBackend {
     }
 
     /// Runs a batch of reads and writes with all of them in flight at once (see
-    /// [`crate::batch`]): one gate entry, one permission and medium check, one clock read
-    /// at the start and one at the end for the accounting (every request of the batch gets
-    /// the batch's latency), the throttle per request, then one call down the graph. Sets
-    /// `result` of every request whose `result` is `None`.
+    /// [`crate::batch`]): one gate entry, one permission and medium check, the throttle per
+    /// request, then one call down the graph. Sets `result` of every request whose `result`
+    /// is `None`. Like the single-request methods it does not account: a device accounts
+    /// the batch (one [`Stats::start`] and [`Stats::same_start`] for the others, then
+    /// [`Stats::done_batch`]: one clock read at each end).
     pub fn submit_batch(&self, reqs: &mut [BatchReq<'_>]) {
         let _g = self.info.gate.enter();
         let root = rlock(&self.root);
-        let ty = |r: &BatchReq<'_>| {
-            if r.is_write() {
-                AcctType::Write
-            } else {
-                AcctType::Read
-            }
-        };
         let Some(e) = root.as_ref().filter(|_| !self.is_tray_open()) else {
             for r in reqs.iter_mut().filter(|r| r.is_pending()) {
-                self.stats.invalid(ty(r));
                 r.result = Some(Err(BlockError::errno(libc::ENOMEDIUM)));
             }
             return;
@@ -535,17 +525,13 @@ impl BlockBackend {
         e.with_node(|n| {
             let size = n.length();
             let write_through = !n.options().cache_writeback;
-            let t0 = self.stats.start(AcctType::Read, 0);
-            let mut acct = Vec::with_capacity(reqs.len());
-            for (i, r) in reqs.iter_mut().enumerate().filter(|(_, r)| r.is_pending()) {
-                let (t, len) = (ty(r), r.len() as u64);
+            for r in reqs.iter_mut().filter(|r| r.is_pending()) {
+                let len = r.len() as u64;
                 if r.is_write() && !writable {
-                    self.stats.invalid(t);
                     r.result = Some(Err(BlockError::errno(libc::EACCES)));
                     continue;
                 }
                 if r.offset.checked_add(len).is_none_or(|end| end > size) {
-                    self.stats.invalid(t);
                     r.result = Some(Err(BlockError::errno(libc::EIO)));
                     continue;
                 }
@@ -553,34 +539,24 @@ impl BlockBackend {
                     r.fua = true;
                 }
                 self.throttle(r.is_write(), len);
-                acct.push((i, self.stats.same_start(&t0, t, len)));
             }
             e.submit_batch_on(n, reqs);
-            self.stats.done_batch(
-                acct.into_iter()
-                    .map(|(i, c)| (c, matches!(reqs[i].result, Some(Ok(()))))),
-            );
         })
     }
 
     /// Makes a range read as zero (accounted as a write).
     pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         let _g = self.info.gate.enter();
-        self.with_root(AcctType::Write, offset, len, true, |e, n| {
-            let c = self.stats.start(AcctType::Write, len);
+        self.with_root(offset, len, true, |e, n| {
             self.throttle(true, len);
-            let r = e.write_zeroes_on(n, offset, len, flags);
-            self.stats.done(c, r.is_ok());
-            r
+            e.write_zeroes_on(n, offset, len, flags)
         })
     }
 
     /// Discards a range (not accounted: the statistics have no discard counters).
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let _g = self.info.gate.enter();
-        self.with_root(AcctType::Write, offset, len, true, |_, n| {
-            n.discard(offset, len)
-        })
+        self.with_root(offset, len, true, |_, n| n.discard(offset, len))
     }
 
     /// Flushes the medium.
@@ -588,13 +564,9 @@ impl BlockBackend {
         let _g = self.info.gate.enter();
         let e = rlock(&self.root).clone();
         let Some(e) = e.filter(|_| !self.is_tray_open()) else {
-            self.stats.invalid(AcctType::Flush);
             return Err(BlockError::errno(libc::ENOMEDIUM));
         };
-        let c = self.stats.start(AcctType::Flush, 0);
-        let r = e.flush();
-        self.stats.done(c, r.is_ok());
-        r
+        e.flush()
     }
 
     /// The medium's length (0 without medium).

@@ -6,11 +6,13 @@
 //! - [`BlockGraph`] owns the graph; it is changed on one thread (the monitor's) through
 //!   `&mut`. [`BlockGraph::blockdev_add`] opens nodes from `qapi_types::BlockdevOptions`.
 //! - [`BlockBackend`] is what a guest device uses: `&self` I/O methods callable from any
-//!   thread, accounted, gated for drain.
+//!   thread, gated for drain; the device accounts its requests in the backend's
+//!   [`stats::Stats`], as QEMU's devices do.
 //! - [`Node`] and [`Edge`] are the graph; [`driver::BlockDriver`] is what a driver
 //!   implements.
 //!
 //! ```
+//! use block_graph::stats::AcctType;
 //! use block_graph::{BlockGraph, DeviceAttach, WriteFlags};
 //! use qapi_types::{BlockdevOptions, QapiType};
 //! use serde_json::json;
@@ -26,10 +28,11 @@
 //!     resizable: true, removable: false, has_tray: false,
 //! }).unwrap();
 //! be.write_buf(0, &[1u8; 512], WriteFlags::default()).unwrap();
+//! // A guest device accounts its requests (QEMU's block_acct_*), here a read:
 //! let mut buf = [9u8; 512];
-//! be.read_buf(0, &mut buf).unwrap();
+//! be.stats().account(AcctType::Read, 512, || be.read_buf(0, &mut buf)).unwrap();
 //! assert_eq!(buf, [0u8; 512]);
-//! assert_eq!(be.stats().report(0).wr_operations, 1);
+//! assert_eq!(be.stats().report(0).rd_operations, 1);
 //! ```
 #![deny(missing_docs)]
 

@@ -1,7 +1,8 @@
 //! I/O accounting of a BlockBackend: every field of QEMU's `BlockDeviceStats`, including
 //! timed statistics over configurable intervals (QEMU's `BlockAcctStats` and
-//! `TimedAverage`). Counters are atomics; only the timed statistics, when configured, take a
-//! per-backend lock.
+//! `TimedAverage`). As in QEMU, the guest device accounts its requests (`block_acct_*`),
+//! not the BlockBackend's request methods. Counters are atomics; only the timed statistics,
+//! when configured, take a per-backend lock.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -218,6 +219,30 @@ impl Stats {
     pub fn done(&self, c: AcctCookie, ok: bool) {
         let now = self.now();
         self.finish(c, ok, now);
+    }
+
+    /// Accounts the request `f` runs (of `bytes`, of type `ty`): [`Stats::start`], `f`,
+    /// then [`Stats::done`] with its outcome. What a device wraps around each guest request
+    /// it passes to its BlockBackend:
+    ///
+    /// ```
+    /// # use block_graph::stats::{AcctType, Stats};
+    /// let stats = Stats::default();
+    /// let r: Result<(), std::io::Error> = stats.account(AcctType::Read, 4096, || Ok(()));
+    /// assert!(r.is_ok());
+    /// assert_eq!(stats.report(0).rd_operations, 1);
+    /// ```
+    #[inline]
+    pub fn account<R, E>(
+        &self,
+        ty: AcctType,
+        bytes: u64,
+        f: impl FnOnce() -> std::result::Result<R, E>,
+    ) -> std::result::Result<R, E> {
+        let c = self.start(ty, bytes);
+        let r = f();
+        self.done(c, r.is_ok());
+        r
     }
 
     /// Finishes requests that started with the same cookie time (a batch) with one clock

@@ -92,9 +92,9 @@ fn batches_allocate_rewrite_and_read_back() {
         let be = backend(&mut g, &img, false);
         round_trip(&be, &offs[..first], &bufs[..first]);
         round_trip(&be, &offs[first..], &bufs[first..]);
+        // The backend does not account (its device does, as in QEMU).
         let st = be.stats().report(0);
-        assert_eq!(st.wr_operations, offs.len() as i64);
-        assert_eq!(st.rd_operations, 2 * offs.len() as i64);
+        assert_eq!((st.wr_operations, st.rd_operations), (0, 0));
         g.close_all();
     }
     // The same writes, in the same order, on a raw image: the images must match.
@@ -181,7 +181,7 @@ fn direct_io_batches_mix_aligned_and_bounced_requests() {
 }
 
 #[test]
-fn invalid_requests_fail_alone_and_are_accounted() {
+fn invalid_requests_fail_alone() {
     let mut g = BlockGraph::new();
     let n = g
         .blockdev_add(&opts(json!({
@@ -215,8 +215,11 @@ fn invalid_requests_fail_alone_and_are_accounted() {
     drop(reqs);
     assert_eq!(a, [0u8; 512]);
     let st = be.stats().report(n.wr_highest_offset());
-    assert_eq!((st.rd_operations, st.wr_operations), (1, 1));
-    assert_eq!(st.invalid_wr_operations, 1);
+    assert_eq!(
+        (st.rd_operations, st.wr_operations, st.invalid_wr_operations),
+        (0, 0, 0),
+        "a device accounts, not the backend"
+    );
     assert_eq!(st.wr_highest_offset, 65536 + 512);
     let b = n.bitmap("b").unwrap();
     assert_eq!(b.count(), 65536, "the batched write set its bitmap");

@@ -1,9 +1,11 @@
 //! Error paths driven by blkdebug: werror/rerror policies, BLOCK_IO_ERROR, the I/O status
-//! and the accounting of failed requests.
+//! and the accounting of failed requests (done as a guest device does it: around each
+//! request, with [`block_graph::stats::Stats::account`]).
 
 mod common;
 
-use block_graph::{BlockError, BlockGraph, WriteFlags};
+use block_graph::stats::AcctType;
+use block_graph::{BlockBackend, BlockError, BlockGraph, WriteFlags};
 use common::*;
 use qapi_types::{BlockDeviceIoStatus, BlockErrorAction};
 use serde_json::{json, Value};
@@ -43,6 +45,20 @@ fn io_error_data(g: &BlockGraph) -> Vec<Value> {
         .collect()
 }
 
+/// A read as a guest device makes it: accounted around the backend's request.
+fn dev_read(be: &BlockBackend, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+    be.stats().account(AcctType::Read, buf.len() as u64, || {
+        be.read_buf(offset, buf)
+    })
+}
+
+/// A write as a guest device makes it.
+fn dev_write(be: &BlockBackend, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+    be.stats().account(AcctType::Write, buf.len() as u64, || {
+        be.write_buf(offset, buf, WriteFlags::default())
+    })
+}
+
 #[test]
 fn read_errors_are_reported_and_counted() {
     let (g, be, _d) = setup(
@@ -50,7 +66,7 @@ fn read_errors_are_reported_and_counted() {
         json!({"inject-error": [{"event": "read_aio", "errno": 5, "once": true}]}),
     );
     let mut buf = [0u8; 512];
-    let e = be.read_buf(0, &mut buf).unwrap_err();
+    let e = dev_read(&be, 0, &mut buf).unwrap_err();
     assert_eq!(e.errno_value(), libc::EIO);
     assert_eq!(be.io_error(true, &e), BlockErrorAction::Report);
     assert_eq!(
@@ -61,7 +77,7 @@ fn read_errors_are_reported_and_counted() {
         ]
     );
     // once: the next read succeeds.
-    be.read_buf(0, &mut buf).unwrap();
+    dev_read(&be, 0, &mut buf).unwrap();
     assert_eq!(buf, [0x5a; 512]);
     let st = be.stats().report(0);
     assert_eq!(
@@ -78,9 +94,7 @@ fn werror_stop_sets_the_io_status() {
         json!({"inject-error": [{"event": "write_aio", "errno": 28}]}),
     );
     be.iostatus_enable();
-    let e = be
-        .write_buf(0, &[1; 512], WriteFlags::default())
-        .unwrap_err();
+    let e = dev_write(&be, 0, &[1; 512]).unwrap_err();
     assert_eq!(e.errno_value(), libc::ENOSPC);
     assert_eq!(be.io_error(false, &e), BlockErrorAction::Stop);
     assert_eq!(be.iostatus(), Some(BlockDeviceIoStatus::Nospace));
@@ -152,12 +166,17 @@ fn failed_requests_without_account_failed() {
         json!({"inject-error": [{"event": "pwritev", "errno": 5}]}),
     );
     // pwritev is raised by the generic layer at the blkdebug node itself.
-    let e = be
-        .write_buf(0, &[1; 512], WriteFlags::default())
-        .unwrap_err();
+    let e = dev_write(&be, 0, &[1; 512]).unwrap_err();
     assert_eq!(e.errno_value(), libc::EIO);
+    // A request past the end: the backend refuses it without counting it; the device
+    // that checks the range first counts it as invalid (QEMU's block_acct_invalid).
     let mut buf = [0u8; 16];
-    assert!(be.read_buf(2 << 20, &mut buf).is_err());
+    assert_eq!(
+        be.read_buf(2 << 20, &mut buf).unwrap_err().errno_value(),
+        libc::EIO
+    );
+    assert_eq!(be.stats().report(0).invalid_rd_operations, 0);
+    be.stats().invalid(AcctType::Read);
     let st = be.stats().report(0);
     assert_eq!(st.failed_wr_operations, 1);
     assert_eq!(st.wr_total_time_ns, 0);
