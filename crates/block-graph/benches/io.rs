@@ -14,12 +14,13 @@
 //! [--qemu-aio threads|native|io_uring] [--only TEXT]` (`--direct`: cache=none everywhere, on /var/tmp
 //! unless `--dir` says otherwise). Other modes: `--throttle` (accuracy at 10 MB/s and 1000
 //! IOPS over 10 s), `--mem [--vmm PATH]` (100 qcow2 nodes: this process, `vmm-reference
-//! --no-guest` and qemu-storage-daemon), `--uring`, `--one graph|crate read|write [--count N]`.
+//! --no-guest` and qemu-storage-daemon), `--uring`, `--one graph|graph-acct|crate read|write [--count N]`.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use block_graph::batch::BatchReq;
+use block_graph::stats::AcctType;
 use block_graph::{BlockBackend, BlockGraph, DeviceAttach, WriteFlags};
 use qapi_types::{BlockdevOptions, QapiType};
 
@@ -139,15 +140,34 @@ fn open_graph(img: &str) -> (BlockGraph, Arc<BlockBackend>) {
 
 /// Depth N as N threads with one request each.
 fn graph_path(img: &str, c: Case) -> f64 {
+    graph_path_with(img, c, false)
+}
+
+/// The graph path; `accounted`: each request also accounted as a guest device does it
+/// (`Stats::account` around it: two clock reads and the counters).
+fn graph_path_with(img: &str, c: Case, accounted: bool) -> f64 {
     let (mut g, be) = open_graph(img);
     let b2 = be.clone();
     let t = run_threads(
         c,
         Arc::new(move |off, buf: &mut [u8]| {
-            if c.write {
-                b2.write_buf(off, buf, WriteFlags::default()).unwrap();
+            let len = buf.len() as u64;
+            let mut io = || {
+                if c.write {
+                    b2.write_buf(off, buf, WriteFlags::default())
+                } else {
+                    b2.read_buf(off, buf)
+                }
+            };
+            if accounted {
+                let ty = if c.write {
+                    AcctType::Write
+                } else {
+                    AcctType::Read
+                };
+                b2.stats().account(ty, len, io).unwrap();
             } else {
-                b2.read_buf(off, buf).unwrap();
+                io().unwrap();
             }
         }),
     );
@@ -299,7 +319,8 @@ fn main() {
         .status()
         .expect("qemu-img bench");
     if let Some(i) = args.iter().position(|a| a == "--one") {
-        // One case on one path, for profilers: --one graph|crate read|write
+        // One case on one path, for profilers: --one graph|graph-acct|crate read|write
+        // (graph-acct: the graph path with each request accounted as a device does).
         let which = args.get(i + 1).map(String::as_str).unwrap_or("graph");
         let write = args.get(i + 2).map(String::as_str) == Some("write");
         // `--count N` (default 400000): few requests for instruction counters such as
@@ -314,10 +335,10 @@ fn main() {
             depth: 1,
             count,
         };
-        let t = if which == "crate" {
-            crate_path(&img, c)
-        } else {
-            graph_path(&img, c)
+        let t = match which {
+            "crate" => crate_path(&img, c),
+            "graph-acct" => graph_path_with(&img, c, true),
+            _ => graph_path(&img, c),
         };
         let cpu = LAST_CPU_NS.load(std::sync::atomic::Ordering::Relaxed);
         println!(
