@@ -14,6 +14,7 @@ use qapi_types::{
 
 use crate::batch::BatchReq;
 use crate::driver::{WriteFlags, ZeroFlags};
+use crate::edge::Route;
 use crate::error::{BlockError, Result};
 use crate::events::EventQueue;
 use crate::graph::{id_wellformed, BlockGraph};
@@ -140,8 +141,8 @@ pub fn device_name_of(r: &RootInfo) -> Option<String> {
 /// (a block job's, the monitor's) is not the guest's statistics.
 pub struct BlockBackend {
     name: String,
+    /// The gate and the medium (root edge and node) that requests go through.
     info: Arc<RootInfo>,
-    root: RwLock<Option<Arc<Edge>>>,
     perm: Mutex<(Perm, Perm)>,
     dev: Mutex<Option<DeviceAttach>>,
     tray_open: AtomicBool,
@@ -185,7 +186,6 @@ impl BlockBackend {
         Arc::new(BlockBackend {
             name: name.to_string(),
             info,
-            root: RwLock::new(None),
             perm: Mutex::new((perm, shared)),
             dev: Mutex::new(None),
             tray_open: AtomicBool::new(false),
@@ -232,12 +232,12 @@ impl BlockBackend {
 
     /// The medium's root node.
     pub fn root_node(&self) -> Option<Arc<Node>> {
-        rlock(&self.root).as_ref().map(|e| e.node())
+        self.info.route().as_ref().map(|r| r.node.clone())
     }
 
     /// The root edge.
     pub fn root_edge(&self) -> Option<Arc<Edge>> {
-        rlock(&self.root).clone()
+        self.info.route().as_ref().map(|r| r.edge.clone())
     }
 
     /// The permissions the backend takes on its medium.
@@ -292,7 +292,7 @@ impl BlockBackend {
 
     /// Whether a medium is inserted and reachable (tray closed).
     pub fn is_available(&self) -> bool {
-        rlock(&self.root).is_some() && !self.is_tray_open()
+        self.info.route().is_some() && !self.is_tray_open()
     }
 
     /// The I/O status (`None`: not enabled for this device).
@@ -397,7 +397,7 @@ impl BlockBackend {
     pub(crate) fn detach_root(&self) -> Option<Arc<Node>> {
         self.info.gate.quiesce();
         self.info.gate.wait_idle();
-        let old = wlock(&self.root).take();
+        let old = self.info.set_route(None);
         self.info.gate.unquiesce();
         old.map(|e| e.node())
     }
@@ -458,19 +458,20 @@ impl BlockBackend {
         write: bool,
         f: impl FnOnce(&Edge, &Node) -> Result<R>,
     ) -> Result<R> {
-        let g = rlock(&self.root);
-        let Some(e) = g.as_ref().filter(|_| !self.is_tray_open()) else {
+        let g = self.info.route();
+        let Some(r) = g.as_ref().filter(|_| !self.is_tray_open()) else {
             return Err(BlockError::errno(libc::ENOMEDIUM));
         };
-        if write && !e.perm().contains(Perm::WRITE) {
+        if write && !r.edge.perm().contains(Perm::WRITE) {
             return Err(BlockError::errno(libc::EACCES));
         }
-        e.with_node(|n| {
-            if offset.checked_add(len).is_none_or(|end| end > n.length()) {
-                return Err(BlockError::errno(libc::EIO));
-            }
-            f(e, n)
-        })
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > r.node.length())
+        {
+            return Err(BlockError::errno(libc::EIO));
+        }
+        f(&r.edge, &r.node)
     }
 
     /// Reads `iov` at `offset`.
@@ -514,15 +515,16 @@ impl BlockBackend {
     /// [`Stats::done_batch`]: one clock read at each end).
     pub fn submit_batch(&self, reqs: &mut [BatchReq<'_>]) {
         let _g = self.info.gate.enter();
-        let root = rlock(&self.root);
-        let Some(e) = root.as_ref().filter(|_| !self.is_tray_open()) else {
+        let root = self.info.route();
+        let Some(Route { edge: e, node: n }) = root.as_ref().filter(|_| !self.is_tray_open())
+        else {
             for r in reqs.iter_mut().filter(|r| r.is_pending()) {
                 r.result = Some(Err(BlockError::errno(libc::ENOMEDIUM)));
             }
             return;
         };
         let writable = e.perm().contains(Perm::WRITE);
-        e.with_node(|n| {
+        {
             let size = n.length();
             let write_through = !n.options().cache_writeback;
             for r in reqs.iter_mut().filter(|r| r.is_pending()) {
@@ -541,10 +543,10 @@ impl BlockBackend {
                 self.throttle(r.is_write(), len);
             }
             e.submit_batch_on(n, reqs);
-        })
+        }
     }
 
-    /// Makes a range read as zero (accounted as a write).
+    /// Makes a range read as zero.
     pub fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         let _g = self.info.gate.enter();
         self.with_root(offset, len, true, |e, n| {
@@ -562,7 +564,7 @@ impl BlockBackend {
     /// Flushes the medium.
     pub fn flush(&self) -> Result<()> {
         let _g = self.info.gate.enter();
-        let e = rlock(&self.root).clone();
+        let e = self.root_edge();
         let Some(e) = e.filter(|_| !self.is_tray_open()) else {
             return Err(BlockError::errno(libc::ENOMEDIUM));
         };
@@ -571,7 +573,7 @@ impl BlockBackend {
 
     /// The medium's length (0 without medium).
     pub fn length(&self) -> u64 {
-        rlock(&self.root).as_ref().map_or(0, |e| e.length())
+        self.info.route().as_ref().map_or(0, |r| r.node.length())
     }
 
     /// Allocation status through the whole chain (`qemu-img map` style).
@@ -638,7 +640,7 @@ impl BlockGraph {
         be: &Arc<BlockBackend>,
         node: &Arc<Node>,
     ) -> Result<()> {
-        if rlock(&be.root).is_some() {
+        if be.info.route().is_some() {
             return Err(BlockError::generic(
                 "There already is a medium in the device",
             ));
@@ -646,9 +648,9 @@ impl BlockGraph {
         let (p, s) = be.perm();
         let e = Edge::new("root", ChildRole::Filtered, node.clone(), p, s);
         e.set_parent(Parent::Root(be.info.clone()));
-        *wlock(&be.root) = Some(e);
+        be.info.set_route(Some(e));
         if let Err(err) = self.refresh_perms() {
-            let old = wlock(&be.root).take();
+            let old = be.info.set_route(None);
             drop(old);
             let _ = self.refresh_perms();
             return Err(err);
@@ -684,7 +686,7 @@ impl BlockGraph {
         let old_dev = mlock(&be.dev).replace(dev.clone());
         be.tray.store(dev.has_tray, Ordering::Release);
         *mlock(&be.perm) = (perm, shared);
-        if let Some(e) = rlock(&be.root).as_ref() {
+        if let Some(e) = be.root_edge() {
             e.set_perm(perm, shared);
         }
         let old_desc = be.info.desc();
@@ -699,7 +701,7 @@ impl BlockGraph {
                 Ordering::Release,
             );
             *mlock(&be.dev) = old_dev;
-            if let Some(e) = rlock(&be.root).as_ref() {
+            if let Some(e) = be.root_edge() {
                 e.set_perm(old_perm.0, old_perm.1);
             }
             let _ = self.refresh_perms();
@@ -717,7 +719,7 @@ impl BlockGraph {
         *mlock(&be.dev) = None;
         be.tray.store(false, Ordering::Release);
         *mlock(&be.perm) = (Perm::NONE, Perm::ALL);
-        if let Some(e) = rlock(&be.root).as_ref() {
+        if let Some(e) = be.root_edge() {
             e.set_perm(Perm::NONE, Perm::ALL);
         }
         let _ = self.refresh_perms();

@@ -3,7 +3,7 @@
 
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, Weak};
 
 use crate::driver::{WriteFlags, ZeroFlags};
 use crate::error::{BlockError, Result};
@@ -17,8 +17,20 @@ use crate::perm::{ChildRole, Perm};
 #[derive(Debug)]
 pub struct RootInfo {
     pub(crate) gate: RootGate,
+    /// A BlockBackend's medium: its root edge and the node behind it.
+    route: RwLock<Option<Route>>,
     desc: Mutex<String>,
     device: Mutex<String>,
+}
+
+/// A BlockBackend's way into the graph: its root edge and the node behind that edge, held
+/// together so that a request reaches the node under one read lock instead of the
+/// backend's and the edge's (two atomic read-modify-writes fewer per request). The node is
+/// kept in step with the edge by [`Edge::replace_child`].
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    pub(crate) edge: Arc<Edge>,
+    pub(crate) node: Arc<Node>,
 }
 
 impl RootInfo {
@@ -27,6 +39,7 @@ impl RootInfo {
     pub fn new(desc: impl Into<String>) -> Arc<Self> {
         Arc::new(RootInfo {
             gate: RootGate::default(),
+            route: RwLock::new(None),
             desc: Mutex::new(desc.into()),
             device: Mutex::new(String::new()),
         })
@@ -56,6 +69,21 @@ impl RootInfo {
     /// The gate of this root's requests.
     pub fn gate(&self) -> &RootGate {
         &self.gate
+    }
+
+    /// The medium of a BlockBackend, read-locked.
+    #[inline]
+    pub(crate) fn route(&self) -> RwLockReadGuard<'_, Option<Route>> {
+        rlock(&self.route)
+    }
+
+    /// Sets (or takes out, with `None`) a BlockBackend's root edge; returns the old one.
+    pub(crate) fn set_route(&self, edge: Option<Arc<Edge>>) -> Option<Arc<Edge>> {
+        let new = edge.map(|edge| Route {
+            node: edge.node(),
+            edge,
+        });
+        std::mem::replace(&mut *wlock(&self.route), new).map(|r| r.edge)
     }
 }
 
@@ -180,6 +208,14 @@ impl Edge {
         let me = Arc::as_ptr(self);
         mlock(&c.parents).retain(|w| w.as_ptr() != me);
         mlock(&new.parents).insert(0, Arc::downgrade(self));
+        if let Some(Parent::Root(r)) = self.parent.get() {
+            if let Some(route) = wlock(&r.route)
+                .as_mut()
+                .filter(|route| Arc::ptr_eq(&route.edge, self))
+            {
+                route.node = new.clone();
+            }
+        }
         *c = new;
     }
 
