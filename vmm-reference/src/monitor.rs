@@ -95,8 +95,11 @@ impl Monitors {
         self.server.handle_event(registry, event, &mut call);
     }
 
-    /// Sends the events the handlers raised to every negotiated client.
+    /// Sends the events the handlers raised to every negotiated client,
+    /// after stopping the VM if a disk asked for it (an I/O error with the
+    /// `stop` policy: the main loop calls this after every wake-up).
     pub fn flush_events(&mut self, vmm: &mut Vmm) {
+        vmm.handle_io_error_stop();
         for e in vmm.events.drain(..) {
             self.server.broadcast(&e);
         }

@@ -74,14 +74,40 @@ impl Vmm {
         }
     }
 
-    /// `cont`: runs the vCPUs again and sends RESUME.
+    /// `cont`: resets the I/O status of every BlockBackend (as QEMU's
+    /// qmp_cont), runs the vCPUs again, sends RESUME, and lets the disks
+    /// retry the requests an I/O error stopped the VM on.
     pub fn cont(&mut self) {
         if let Some(m) = &self.machine {
-            if matches!(self.run_state, RunState::Paused | RunState::Prelaunch) {
+            for be in self.block.backends() {
+                be.iostatus_reset();
+            }
+            if matches!(
+                self.run_state,
+                RunState::Paused | RunState::Prelaunch | RunState::IoError
+            ) {
                 m.resume();
                 self.run_state = RunState::Running;
                 self.events.push(event::Resume::message());
+                m.restart_held_requests();
             }
+        }
+    }
+
+    /// Acts on a disk's request to stop the VM after an I/O error with the
+    /// `stop` policy: a running VM is paused with run state `io-error` and
+    /// STOP follows the disk's BLOCK_IO_ERROR. A VM that is not running
+    /// stays in its state (QEMU's do_vm_stop). Called by the main loop.
+    pub fn handle_io_error_stop(&mut self) {
+        let Some(m) = &self.machine else { return };
+        if !m.take_io_error_stop() {
+            return;
+        }
+        self.events.extend(self.block.take_events());
+        if self.run_state == RunState::Running {
+            m.pause();
+            self.run_state = RunState::IoError;
+            self.events.push(event::Stop::message());
         }
     }
 

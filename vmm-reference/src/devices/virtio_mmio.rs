@@ -75,6 +75,7 @@ impl VirtioMmioBlk {
         for q in &mut self.queues {
             q.reset();
         }
+        self.engine.reset();
         self.status = 0;
         self.interrupt_status = 0;
         self.driver_features = 0;
@@ -181,6 +182,14 @@ impl VirtioMmioBlk {
         }
     }
 
+    /// The VM resumes: the queues holding a request kept by the `stop`
+    /// error policy are served again, the kept request first.
+    pub fn restart_held(&mut self) {
+        for q in self.engine.take_held() {
+            self.notify(u32::from(q));
+        }
+    }
+
     /// QueueNotify: processes the queue's requests on the calling thread
     /// (the vCPU that wrote the register, or the main loop woken by the
     /// queue's ioeventfd) and interrupts the driver when it asks for it.
@@ -191,7 +200,7 @@ impl VirtioMmioBlk {
         let Some(q) = self.queues.get_mut(index as usize) else {
             return;
         };
-        match self.engine.serve(q, &self.mem) {
+        match self.engine.serve(index as u16, q, &self.mem) {
             Served::Idle => {}
             Served::Interrupt => {
                 self.interrupt_status |= INT_VRING;

@@ -226,6 +226,7 @@ impl VirtioPciBlk {
         for q in &mut self.queues {
             q.reset();
         }
+        self.engine.reset();
         self.queue_vectors.fill(NO_VECTOR);
         self.config_vector = NO_VECTOR;
         self.driver_features = 0;
@@ -262,7 +263,7 @@ impl VirtioPciBlk {
         let Some(q) = self.queues.get_mut(i) else {
             return;
         };
-        match self.engine.serve(q, &self.mem) {
+        match self.engine.serve(i as u16, q, &self.mem) {
             Served::Idle => {}
             Served::Interrupt => self.interrupt(self.queue_vectors[i], ISR_QUEUE),
             Served::Broken => {
@@ -270,6 +271,14 @@ impl VirtioPciBlk {
                 self.config_generation = self.config_generation.wrapping_add(1);
                 self.interrupt(self.config_vector, ISR_CONFIG);
             }
+        }
+    }
+
+    /// The VM resumes: the queues holding a request kept by the `stop`
+    /// error policy are served again, the kept request first.
+    pub fn restart_held(&mut self) {
+        for q in self.engine.take_held() {
+            self.notify(u32::from(q));
         }
     }
 

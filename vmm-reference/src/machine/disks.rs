@@ -12,7 +12,7 @@ use super::bus::IoBus;
 use super::irq::KvmIrqs;
 use super::{BlockDeviceSpec, Machine, MachineError, QueueNotifier};
 use crate::devices::pci::{PciBus, SharedPciDevice, SLOTS};
-use crate::devices::virtio_blk::BlkEngine;
+use crate::devices::virtio_blk::{BlkEngine, IoErrorStop};
 use crate::devices::virtio_pci::{PciPlacement, VirtioPciBlk};
 
 /// Where the BARs of the PCI devices go: slot N at this + N * 64 KiB.
@@ -44,6 +44,7 @@ pub(super) struct PlugContext<'a> {
     pub pci: &'a PciBus,
     pub memory: &'a GuestMemoryMmap,
     pub bus: Weak<IoBus>,
+    pub io_error_stop: &'a Arc<IoErrorStop>,
 }
 
 /// Puts `disk` in `slot` (or the lowest free one); returns the disk and the
@@ -94,7 +95,8 @@ pub(super) fn plug(
         intx: intx.try_clone()?,
         notifiers: clones,
     };
-    let engine = BlkEngine::new(disk.backend.clone(), disk.read_only, &disk.id);
+    let mut engine = BlkEngine::new(disk.backend.clone(), disk.read_only, &disk.id);
+    engine.set_io_error_stop(cx.io_error_stop.clone());
     let hooks: Arc<dyn crate::devices::msix::VmHooks> = cx.irqs.clone();
     let mut dev = match VirtioPciBlk::new(engine, cx.memory.clone(), queues, place, hooks) {
         Ok(d) => d,
@@ -169,6 +171,7 @@ impl Machine {
             pci: self.bus.pci(),
             memory: &self.memory,
             bus: Arc::downgrade(&self.bus),
+            io_error_stop: &self.io_error_stop,
         };
         let slot = disk.slot;
         let (d, notifiers) = plug(cx, disk, slot)?;

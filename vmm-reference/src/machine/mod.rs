@@ -19,7 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::pci::PciBus;
-use crate::devices::virtio_blk::BlkEngine;
+use crate::devices::virtio_blk::{BlkEngine, IoErrorStop};
 use crate::devices::virtio_mmio::{SharedMmioDevice, VirtioMmioBlk, NOTIFY_OFFSET, WINDOW};
 use crate::devices::QueueNotify;
 use bus::{EventFdTrigger, InputReady, IoBus, SerialPort, COM1_IRQ};
@@ -130,6 +130,9 @@ pub struct Machine {
     irqs: Arc<KvmIrqs>,
     pci_disks: Vec<PciDisk>,
     mmio_ids: Vec<String>,
+    mmio_disks: Vec<SharedMmioDevice>,
+    /// The disks' requests to stop the VM on an I/O error (werror/rerror=stop).
+    io_error_stop: Arc<IoErrorStop>,
     memory: GuestMemoryMmap,
     vcpus: Vcpus,
     bus: Arc<IoBus>,
@@ -208,7 +211,12 @@ impl Machine {
         )));
         let vm = Arc::new(vm);
         let irqs = KvmIrqs::new(vm.clone());
+        let stop_waker = waker.clone();
+        let io_error_stop = IoErrorStop::new(Some(Box::new(move || {
+            let _ = stop_waker.wake();
+        })));
         let mut mmio = Vec::new();
+        let mut mmio_disks = Vec::new();
         let mut mmio_ids = Vec::new();
         let mut notifiers = Vec::new();
         let (pci_specs, mmio_specs): (Vec<_>, Vec<_>) = disks
@@ -219,7 +227,8 @@ impl Machine {
             vm.register_irqfd(&irq, VIRTIO_MMIO_IRQ + i as u32)
                 .map_err(|e| MachineError::KvmCall("KVM_IRQFD", e))?;
             mmio_ids.push(disk.id.clone());
-            let engine = BlkEngine::new(disk.backend, disk.read_only, &disk.id);
+            let mut engine = BlkEngine::new(disk.backend, disk.read_only, &disk.id);
+            engine.set_io_error_stop(io_error_stop.clone());
             let dev: SharedMmioDevice = Arc::new(Mutex::new(VirtioMmioBlk::new(
                 engine,
                 memory.clone(),
@@ -239,6 +248,7 @@ impl Machine {
                     });
                 }
             }
+            mmio_disks.push(dev.clone());
             mmio.push((base, dev));
         }
         let bus = Arc::new(IoBus::new(
@@ -256,6 +266,7 @@ impl Machine {
                 pci: bus.pci(),
                 memory: &memory,
                 bus: Arc::downgrade(&bus),
+                io_error_stop: &io_error_stop,
             };
             let (d, n) = disks::plug(cx, disk, slot)?;
             pci_disks.push(d);
@@ -300,6 +311,8 @@ impl Machine {
             irqs,
             pci_disks,
             mmio_ids,
+            mmio_disks,
+            io_error_stop,
             memory,
             vcpus,
             bus,
@@ -318,6 +331,28 @@ impl Machine {
     /// Lets the vCPUs run.
     pub fn resume(&self) {
         self.vcpus.resume();
+    }
+
+    /// Takes a disk's pending request to stop the VM for an I/O error
+    /// (werror/rerror=stop); the main loop acts on it, since a disk served
+    /// on a vCPU thread can't wait for the vCPUs to park.
+    pub fn take_io_error_stop(&self) -> bool {
+        self.io_error_stop.take()
+    }
+
+    /// The VM resumed: every disk runs the requests it kept when an I/O
+    /// error stopped the VM, then the rest of their queues (QEMU's
+    /// virtio_blk_dma_restart_cb). They may fail and stop the VM again.
+    pub fn restart_held_requests(&self) {
+        for d in &self.pci_disks {
+            d.device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restart_held();
+        }
+        for d in &self.mmio_disks {
+            d.lock().unwrap_or_else(|e| e.into_inner()).restart_held();
+        }
     }
 
     /// Puts the machine back in its power-on state; the vCPUs are left
