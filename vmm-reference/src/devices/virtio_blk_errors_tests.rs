@@ -29,6 +29,20 @@ fn failing_disk(
     disk_with_rule(dir, rule, werror, rerror)
 }
 
+/// An engine on [`failing_disk`] in a new directory (each image is locked
+/// by its graph).
+fn failing_engine(
+    event: &str,
+    errno: i32,
+    werror: BlockdevOnError,
+    rerror: BlockdevOnError,
+) -> (tempfile::TempDir, BlockGraph, Arc<BlockBackend>, BlkEngine) {
+    let dir = tempfile::tempdir().unwrap();
+    let (g, be) = failing_disk(dir.path(), event, errno, werror, rerror);
+    let e = BlkEngine::new(be.clone(), false, "x");
+    (dir, g, be, e)
+}
+
 /// A 1 MiB raw disk over a blkdebug node with the `inject-error` rule
 /// `rule`; on a backend with `werror`/`rerror`.
 fn disk_with_rule(
@@ -197,15 +211,12 @@ fn report_fails_the_request_and_counts_it_as_failed() {
 
 #[test]
 fn ignore_completes_the_request_as_successful() {
-    let dir = tempfile::tempdir().unwrap();
-    let (g, be) = failing_disk(
-        dir.path(),
+    let (dir, g, be, mut e) = failing_engine(
         "write_aio",
         libc::EIO,
         BlockdevOnError::Ignore,
         BlockdevOnError::Report,
     );
-    let mut e = BlkEngine::new(be.clone(), false, "x");
     let mem = mem();
     mem.write_slice(&[0x77; 4096], GuestAddress(DATA)).unwrap();
     assert_eq!(submit(&mut e, &mem, T_OUT, 8, Some((4096, false))), S_OK);
@@ -216,6 +227,33 @@ fn ignore_completes_the_request_as_successful() {
     let on_disk = std::fs::read(dir.path().join("disk.raw")).unwrap();
     assert_eq!(&on_disk[8 * 512..8 * 512 + 4096], &[0u8; 4096][..]);
     assert_eq!(be.iostatus(), Some(BlockDeviceIoStatus::Ok));
+}
+
+#[test]
+fn failed_write_zeroes_follow_werror_and_ignored_reads_count_as_done() {
+    let (_dir, g, be, mut e) = failing_engine(
+        "pwritev_zero",
+        libc::EIO,
+        BlockdevOnError::Report,
+        BlockdevOnError::Ignore,
+    );
+    let mem = mem();
+    assert_eq!(submit_segment(&mut e, &mem, T_WRITE_ZEROES, 16, 8), S_IOERR);
+    assert_eq!(io_error_actions(&g), ["report"]);
+    let s = stats(&be);
+    assert_eq!((s.wr_operations, s.failed_wr_operations), (0, 1));
+
+    let (_dir, g, be, mut e) = failing_engine(
+        "read_aio",
+        libc::EIO,
+        BlockdevOnError::Report,
+        BlockdevOnError::Ignore,
+    );
+    assert_eq!(submit(&mut e, &mem, T_IN, 8, Some((4096, true))), S_OK);
+    assert_eq!(io_error_actions(&g), ["ignore"]);
+    let s = stats(&be);
+    assert_eq!((s.rd_operations, s.rd_bytes), (1, 4096));
+    assert_eq!(s.failed_rd_operations, 0);
 }
 
 /// A queue with a 4 KiB write of 0x5a at sector 8 (head 0) and a 4 KiB
@@ -331,16 +369,12 @@ fn enospc_stops_by_default_and_a_read_error_stops_with_rerror_stop() {
     assert_eq!(io_error_actions(&g), ["stop"]);
     assert_eq!(be.iostatus(), Some(BlockDeviceIoStatus::Nospace));
 
-    // Another image: the first one stays locked by its graph.
-    let dir = tempfile::tempdir().unwrap();
-    let (g, be) = failing_disk(
-        dir.path(),
+    let (_dir, g, be, mut e) = failing_engine(
         "read_aio",
         libc::EIO,
         BlockdevOnError::Report,
         BlockdevOnError::Stop,
     );
-    let mut e = BlkEngine::new(be.clone(), false, "x");
     let mem = super::tests::mem(); // `mem` is shadowed here
     let (mock, mut q) = write_then_read(&mem);
     // The write completes, the read after it is kept.
