@@ -100,25 +100,33 @@ fn io_status(c: &mut JobClient) -> Value {
     vd0_entry(c, "query-block")["io-status"].clone()
 }
 
-/// The write of chunk [`CHUNK`] fails with ENOSPC: the VM stops on it and
-/// `cont` retries it.
+/// The write of chunk [`CHUNK`] fails with ENOSPC (or, with `werror=stop`
+/// in `dev_opts`, `errno`): the VM stops on it and `cont` retries it.
 fn stop_then_cont_retries(test: &str, model: &str, dev_opts: &str) {
+    stop_on_errno_then_cont_retries(test, libc::ENOSPC, model, dev_opts)
+}
+
+fn stop_on_errno_then_cont_retries(test: &str, errno: i32, model: &str, dev_opts: &str) {
     if !kvm_usable(test) {
         return;
     }
-    let (_dir, img, mut vmm) = guest(libc::ENOSPC, true, model, dev_opts);
+    let nospace = errno == libc::ENOSPC;
+    let (_dir, img, mut vmm) = guest(errno, true, model, dev_opts);
     let mut c = JobClient::new(vmm.negotiated());
     let err = c.wait_event("BLOCK_IO_ERROR", |e| e["event"] == "BLOCK_IO_ERROR");
     assert_eq!(err["data"]["operation"], "write", "{err}");
     assert_eq!(err["data"]["action"], "stop", "{err}");
-    assert_eq!(err["data"]["nospace"], true, "{err}");
+    assert_eq!(err["data"]["nospace"], nospace, "{err}");
     assert_eq!(err["data"]["node-name"], "disk0", "{err}");
     c.wait_event("STOP", |e| e["event"] == "STOP");
     assert_eq!(
         c.ok("query-status", json!({})),
         json!({"status": "io-error", "singlestep": false, "running": false})
     );
-    assert_eq!(io_status(&mut c), "nospace");
+    assert_eq!(
+        io_status(&mut c),
+        if nospace { "nospace" } else { "failed" }
+    );
     // The guest waits for its write: nothing completed, no progress.
     let before = console(&mut c);
     assert!(!before.contains("I/O error"), "{before}");
@@ -151,6 +159,18 @@ fn stop_then_cont_retries(test: &str, model: &str, dev_opts: &str) {
     let b = data[at];
     assert!(b == (CHUNK + 1) as u8 || b == (CHUNK + 2) as u8, "{b}");
     assert!(data[at..at + 4096].iter().all(|&x| x == b));
+}
+
+/// `werror=stop` on the device (QEMU's device property): any write error
+/// stops the VM, not only ENOSPC.
+#[test]
+fn eio_with_werror_stop_on_the_device_stops_the_vm() {
+    stop_on_errno_then_cont_retries(
+        "eio_with_werror_stop_on_the_device_stops_the_vm",
+        libc::EIO,
+        "virtio-blk",
+        ",werror=stop",
+    );
 }
 
 #[test]

@@ -71,7 +71,7 @@ pub struct Cli {
     #[arg(long = "blockdev", value_name = "SPEC")]
     pub blockdev: Vec<String>,
 
-    /// A device: `virtio-blk,drive=NODE,id=ID[,num-queues=N][,read-only=on][,ioeventfd=off][,addr=SLOT]`
+    /// A device: `virtio-blk,drive=NODE,id=ID[,num-queues=N][,read-only=on][,ioeventfd=off][,addr=SLOT][,werror=stop][,rerror=stop]`
     /// (virtio-blk and virtio-blk-pci: virtio-pci; virtio-blk-device: virtio-mmio).
     #[arg(long = "device", value_name = "SPEC")]
     pub device: Vec<DeviceSpec>,
@@ -158,6 +158,34 @@ pub struct DeviceSpec {
     pub transport: crate::machine::Transport,
     /// The PCI slot (`addr=`, QEMU's hexadecimal `SLOT[.0]`).
     pub slot: Option<u8>,
+    /// `werror=`: what a failed write does (report, ignore, enospc, stop; `auto`, the
+    /// default, keeps the backend's: enospc).
+    pub werror: Option<qapi_types::BlockdevOnError>,
+    /// `rerror=`: what a failed read does (report, ignore, stop; `auto`, the default,
+    /// keeps the backend's: report).
+    pub rerror: Option<qapi_types::BlockdevOnError>,
+}
+
+/// QEMU's `BlockdevOnError` device property values (`auto`: the backend's policy).
+fn parse_on_error(
+    model: &str,
+    prop: &str,
+    v: &str,
+) -> Result<Option<qapi_types::BlockdevOnError>, String> {
+    use qapi_types::BlockdevOnError as E;
+    Ok(Some(match v {
+        "auto" => return Ok(None),
+        "report" => E::Report,
+        "ignore" => E::Ignore,
+        "stop" => E::Stop,
+        // QEMU refuses enospc for reads (a read can't run out of space).
+        "enospc" if prop == "werror" => E::Enospc,
+        _ => {
+            return Err(format!(
+                "Property '{model}.{prop}' doesn't take value '{v}'"
+            ))
+        }
+    }))
 }
 
 impl DeviceSpec {
@@ -171,6 +199,18 @@ impl DeviceSpec {
             removable: false,
             has_tray: false,
         }
+    }
+
+    /// The options of the device's BlockBackend: its `werror`/`rerror` where given.
+    pub fn backend_options(&self) -> block_graph::BackendOptions {
+        let mut o = block_graph::BackendOptions::default();
+        if let Some(w) = &self.werror {
+            o.werror = w.clone();
+        }
+        if let Some(r) = &self.rerror {
+            o.rerror = r.clone();
+        }
+        o
     }
 
     /// The disk to put on the machine, doing its I/O on `backend`.
@@ -216,6 +256,7 @@ impl FromStr for DeviceSpec {
         let (mut drive, mut id, mut queues, mut read_only, mut ioeventfd) =
             (None, None, 1u16, false, true);
         let mut slot = None;
+        let (mut werror, mut rerror) = (None, None);
         for opt in parts {
             let (k, v) = opt
                 .split_once('=')
@@ -232,6 +273,8 @@ impl FromStr for DeviceSpec {
                 }
                 "read-only" => read_only = matches!(v, "on" | "true" | "yes"),
                 "ioeventfd" => ioeventfd = matches!(v, "on" | "true" | "yes"),
+                "werror" => werror = parse_on_error(model, k, v)?,
+                "rerror" => rerror = parse_on_error(model, k, v)?,
                 "addr" if transport == crate::machine::Transport::Pci => {
                     slot = Some(parse_pci_addr(v)?)
                 }
@@ -249,6 +292,8 @@ impl FromStr for DeviceSpec {
             ioeventfd,
             transport,
             slot,
+            werror,
+            rerror,
         })
     }
 }
@@ -439,7 +484,31 @@ mod tests {
                 ioeventfd: false,
                 transport: crate::machine::Transport::Pci,
                 slot: None,
+                werror: None,
+                rerror: None,
             }]
+        );
+        // werror/rerror: QEMU's BlockdevOnError values, auto keeps the backend's.
+        let dev = parse(&["--device", "virtio-blk,drive=d,werror=stop,rerror=ignore"]).unwrap();
+        let o = dev.device[0].backend_options();
+        assert_eq!(
+            (o.werror, o.rerror),
+            (
+                qapi_types::BlockdevOnError::Stop,
+                qapi_types::BlockdevOnError::Ignore
+            )
+        );
+        let dev = parse(&["--device", "virtio-blk,drive=d,werror=auto"]).unwrap();
+        assert_eq!(
+            dev.device[0].backend_options().werror,
+            qapi_types::BlockdevOnError::Enospc
+        );
+        let err = parse(&["--device", "virtio-blk,drive=x,rerror=enospc"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("Property 'virtio-blk.rerror' doesn't take value 'enospc'"),
+            "{err}"
         );
         let dev = parse(&["--device", "virtio-blk-device,drive=d,id=m"]).unwrap();
         assert_eq!(dev.device[0].transport, crate::machine::Transport::Mmio);
@@ -462,6 +531,7 @@ mod tests {
             "virtio-blk,drive=x,addr=3.1",
             "virtio-blk-device,drive=x,addr=3",
             "virtio-blk,drive=x,bus=pci.1",
+            "virtio-blk,drive=x,werror=sometimes",
         ] {
             assert!(parse(&["--device", bad]).is_err(), "{bad}");
         }

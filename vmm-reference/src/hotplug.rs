@@ -279,7 +279,7 @@ fn device_add(
     })?;
     let backend = vmm
         .block
-        .create_backend(&dev.id, Some(&node), Default::default())?;
+        .create_backend(&dev.id, Some(&node), dev.backend_options())?;
     let attached = vmm.block.attach_device(&backend, dev.device_attach());
     let plugged = attached.map_err(QmpError::from).and_then(|()| {
         let machine = vmm

@@ -262,7 +262,7 @@ fn start_machine(
             .lookup_either(&dev.drive)
             .map_err(|e| format!("--device drive={}: {e}", dev.drive))?;
         let backend = block
-            .create_backend(&dev.id, Some(&node), Default::default())
+            .create_backend(&dev.id, Some(&node), dev.backend_options())
             .map_err(|e| format!("--device id={}: {e}", dev.id))?;
         block
             .attach_device(&backend, dev.device_attach())
