@@ -2,7 +2,7 @@
 //! driver sits behind, and the links of the graph.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
 
 use qapi_types::event::{BlockWriteThreshold, BlockWriteThresholdData};
@@ -99,11 +99,21 @@ pub struct Node {
     wr_highest_offset: AtomicU64,
     write_threshold: AtomicU64,
     bitmaps: RwLock<Vec<Arc<DirtyBitmap>>>,
-    has_bitmaps: AtomicBool,
     events: Arc<EventQueue>,
     closed: AtomicBool,
-    ro: AtomicBool,
+    /// What a write must go through besides the driver ([`HOOK_READ_ONLY`] ...), in one
+    /// word so that the usual write, with none of them, costs one load.
+    hooks: AtomicU8,
 }
+
+/// [`Node`]'s hooks: the node is read-only (writes fail with `EACCES`).
+const HOOK_READ_ONLY: u8 = 1;
+/// A write threshold may be set (the threshold itself says whether it still is).
+const HOOK_THRESHOLD: u8 = 2;
+/// Dirty bitmaps record the writes.
+const HOOK_BITMAPS: u8 = 4;
+/// `detect-zeroes` is on.
+const HOOK_DETECT_ZEROES: u8 = 8;
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -142,10 +152,16 @@ impl Node {
             wr_highest_offset: AtomicU64::new(0),
             write_threshold: AtomicU64::new(0),
             bitmaps: RwLock::new(Vec::new()),
-            has_bitmaps: AtomicBool::new(false),
             events,
             closed: AtomicBool::new(false),
-            ro: AtomicBool::new(opts.read_only),
+            hooks: AtomicU8::new(
+                if opts.read_only { HOOK_READ_ONLY } else { 0 }
+                    | if opts.detect_zeroes != DetectZeroes::Off {
+                        HOOK_DETECT_ZEROES
+                    } else {
+                        0
+                    },
+            ),
             opts,
         });
         for e in rlock(&node.children).iter() {
@@ -176,7 +192,7 @@ impl Node {
 
     /// Whether the node is read-only.
     pub fn is_read_only(&self) -> bool {
-        self.ro.load(Ordering::Acquire)
+        self.hooks.load(Ordering::Acquire) & HOOK_READ_ONLY != 0
     }
 
     /// Whether the node is a filter created implicitly (hidden from `query-block`).
@@ -276,7 +292,24 @@ impl Node {
 
     /// Sets the write threshold (0 disables it).
     pub fn set_write_threshold(&self, t: u64) {
-        self.write_threshold.store(t, Ordering::SeqCst);
+        // The hook first, then the threshold: a write never sees a threshold without its
+        // hook. A threshold that fired leaves the hook set (the slow path finds 0) until
+        // the next change, since clearing it there could race with a new threshold.
+        if t != 0 {
+            self.set_hook(HOOK_THRESHOLD, true);
+            self.write_threshold.store(t, Ordering::SeqCst);
+        } else {
+            self.write_threshold.store(0, Ordering::SeqCst);
+            self.set_hook(HOOK_THRESHOLD, false);
+        }
+    }
+
+    fn set_hook(&self, bit: u8, on: bool) {
+        if on {
+            self.hooks.fetch_or(bit, Ordering::AcqRel);
+        } else {
+            self.hooks.fetch_and(!bit, Ordering::AcqRel);
+        }
     }
 
     #[inline]
@@ -335,7 +368,7 @@ impl Node {
         }
         // QEMU lists the newest bitmap first.
         b.insert(0, bm);
-        self.has_bitmaps.store(true, Ordering::Release);
+        self.set_hook(HOOK_BITMAPS, true);
         Ok(())
     }
 
@@ -344,13 +377,13 @@ impl Node {
         let mut b = wlock(&self.bitmaps);
         let i = b.iter().position(|x| x.name() == name)?;
         let bm = b.remove(i);
-        self.has_bitmaps.store(!b.is_empty(), Ordering::Release);
+        self.set_hook(HOOK_BITMAPS, !b.is_empty());
         Some(bm)
     }
 
     #[inline]
     fn mark_dirty(&self, offset: u64, len: u64) {
-        if self.has_bitmaps.load(Ordering::Acquire) {
+        if self.hooks.load(Ordering::Acquire) & HOOK_BITMAPS != 0 {
             self.mark_dirty_bitmaps(offset, len);
         }
     }
@@ -435,6 +468,27 @@ impl Node {
     pub(crate) fn write(&self, offset: u64, iov: &[IoSlice<'_>], flags: WriteFlags) -> Result<()> {
         let len = iov_len(iov) as u64;
         Self::check_request(offset, len)?;
+        // The usual write: nothing to check, detect or record but the highest offset.
+        if self.hooks.load(Ordering::Acquire) == 0
+            && crate::drivers::blkdebug::LIVE.load(Ordering::Relaxed) == 0
+            && len != 0
+        {
+            self.driver.write(offset, iov, flags)?;
+            self.finish_write(offset, len, offset + len > self.length());
+            return Ok(());
+        }
+        self.write_hooked(offset, len, iov, flags)
+    }
+
+    /// [`Node::write`] when a hook is set (or a blkdebug rule lives).
+    #[inline(never)]
+    fn write_hooked(
+        &self,
+        offset: u64,
+        len: u64,
+        iov: &[IoSlice<'_>],
+        flags: WriteFlags,
+    ) -> Result<()> {
         if self.is_read_only() {
             return Err(BlockError::errno(libc::EACCES));
         }
@@ -669,7 +723,7 @@ impl Node {
             }
         }
         self.driver.reopen_read_only()?;
-        self.ro.store(true, Ordering::Release);
+        self.set_hook(HOOK_READ_ONLY, true);
         Ok(())
     }
 
@@ -687,7 +741,7 @@ impl Node {
             )));
         }
         self.driver.reopen_read_write()?;
-        self.ro.store(false, Ordering::Release);
+        self.set_hook(HOOK_READ_ONLY, false);
         Ok(())
     }
 
@@ -712,7 +766,7 @@ impl Node {
         if let Err(e) = self.driver.close() {
             log::error!("node '{}': close failed: {e}", self.name);
         }
-        self.ro.store(true, Ordering::Release);
+        self.set_hook(HOOK_READ_ONLY, true);
     }
 }
 
