@@ -292,7 +292,7 @@ impl Edge {
     }
 
     /// [`Edge::write`] to `n`, the node the caller already holds through this edge.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn write_on(
         &self,
         n: &Node,

@@ -448,10 +448,9 @@ impl BlockDriver for Qcow2Driver {
         let total = iov_len(iov) as u64;
         let mut done = 0u64;
         while done < total {
-            let plan = self
-                .img
-                .prepare_write(offset + done, total - done)
-                .map_err(BlockError::from)?;
+            // `?` converts the error itself; `map_err(..)?` would move the plan (a few
+            // hundred bytes) into a Result of another layout first.
+            let plan = self.img.prepare_write(offset + done, total - done)?;
             let n = plan.len;
             self.file.debug_event(BlkdebugEvent::WriteAio);
             if done == 0 && n == total {
