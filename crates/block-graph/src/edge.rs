@@ -247,7 +247,7 @@ impl Edge {
     }
 
     /// Reads from the child.
-    #[inline]
+    #[inline(always)]
     pub fn read(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
         let _r = self.root_request();
         rlock(&self.child).read(offset, iov)
@@ -284,7 +284,7 @@ impl Edge {
     }
 
     /// Writes to the child (needs the write permission; past the end, the resize one).
-    #[inline]
+    #[inline(always)]
     pub fn write(&self, offset: u64, iov: &[IoSlice<'_>], flags: WriteFlags) -> Result<()> {
         let _r = self.root_request();
         let n = rlock(&self.child);

@@ -408,7 +408,7 @@ impl Node {
         Ok(())
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn read(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
         let len = iov_len_mut(iov) as u64;
         Self::check_request(offset, len)?;
@@ -464,7 +464,7 @@ impl Node {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn write(&self, offset: u64, iov: &[IoSlice<'_>], flags: WriteFlags) -> Result<()> {
         let len = iov_len(iov) as u64;
         Self::check_request(offset, len)?;
