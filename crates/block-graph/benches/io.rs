@@ -14,10 +14,15 @@
 //! [--qemu-aio threads|native|io_uring] [--only TEXT]` (`--direct`: cache=none everywhere, on /var/tmp
 //! unless `--dir` says otherwise). Other modes: `--throttle` (accuracy at 10 MB/s and 1000
 //! IOPS over 10 s), `--mem [--vmm PATH]` (100 qcow2 nodes: this process, `vmm-reference
-//! --no-guest` and qemu-storage-daemon), `--uring`, `--one graph|graph-acct|crate read|write [--count N]`.
+//! --no-guest` and qemu-storage-daemon), `--uring`, `--one graph|graph-acct|crate read|write [--count N]`,
+//! `--ab read|write [--pairs N] [--count N] [--acct]` (graph and crate alternated in one
+//! process, medians of the pairs' ratios: `benches/io/ab.rs`).
 
 use std::sync::Arc;
 use std::time::Instant;
+
+#[path = "io/ab.rs"]
+mod ab;
 
 use block_graph::batch::BatchReq;
 use block_graph::stats::AcctType;
@@ -318,6 +323,25 @@ fn main() {
         ])
         .status()
         .expect("qemu-img bench");
+    if let Some(i) = args.iter().position(|a| a == "--ab") {
+        // --ab read|write [--pairs N] [--count N] [--acct]: graph and crate alternated in
+        // this process (see benches/io/ab.rs).
+        let write = args.get(i + 1).map(String::as_str) == Some("write");
+        let pairs = arg_value(&args, "--pairs")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60);
+        let count = arg_value(&args, "--count")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000);
+        let side = if args.iter().any(|a| a == "--acct") {
+            ab::GraphSide::Accounted
+        } else {
+            ab::GraphSide::Plain
+        };
+        ab::run(&img, write, pairs, count, side);
+        let _ = std::fs::remove_file(&img);
+        return;
+    }
     if let Some(i) = args.iter().position(|a| a == "--one") {
         // One case on one path, for profilers: --one graph|graph-acct|crate read|write
         // (graph-acct: the graph path with each request accounted as a device does).
