@@ -235,6 +235,13 @@ impl BlockDriver for FileDriver {
     }
 
     fn read(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> Result<()> {
+        // The usual read through the page cache: one buffer, filled by one call. Anything
+        // else (a short read, an error, EINTR) is redone by the full path.
+        if let [one] = &*iov {
+            if self.align == 1 && self.preadv_once(offset, iov) == one.len() as isize {
+                return Ok(());
+            }
+        }
         let len = iov_len_mut(iov);
         if self.aligned_iov(
             offset,
@@ -252,10 +259,17 @@ impl BlockDriver for FileDriver {
     }
 
     fn write(&self, offset: u64, iov: &[IoSlice<'_>], flags: WriteFlags) -> Result<()> {
-        let len = iov_len(iov);
         if self.align == 1 {
+            // As for reads: one buffer written whole by one call, else the full path
+            // (which writes it again from the start: the same bytes at the same place).
+            if let [one] = iov {
+                if !flags.fua && self.pwritev_once(offset, iov, false) == one.len() as isize {
+                    return Ok(());
+                }
+            }
             return self.pwritev_full(offset, iov, flags.fua);
         }
+        let len = iov_len(iov);
         let (start, blen) = self.bounce_range(offset, len);
         if self.aligned_iov(
             offset,
