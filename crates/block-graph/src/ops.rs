@@ -312,23 +312,34 @@ impl BlockGraph {
                 "'{device}' and image file are not in the same chain"
             )));
         }
-        if image.is_read_only() {
-            return Err(BlockError::generic(format!(
-                "Could not change backing file to '{backing_file}': node '{}' is read-only \
-                 (this block layer does not reopen nodes read-write)",
-                image.name()
-            )));
-        }
-        let fmt = image.backing().map(|b| b.node().driver_name().to_string());
-        let _d = self.drain(std::slice::from_ref(&image));
-        image
-            .driver()
-            .change_backing_file(Some(backing_file), fmt.as_deref())
-            .map_err(|e| {
+        // As QEMU's qmp_change_backing_file: a read-only image (an old active layer) is
+        // reopened read-write for the header update, and read-only again afterwards.
+        let changed = if image.is_read_only() {
+            self.reopen_read_write(&image).map_err(|e| {
                 BlockError::generic(format!(
                     "Could not change backing file to '{backing_file}': {e}"
                 ))
-            })
+            })?
+        } else {
+            Vec::new()
+        };
+        let fmt = image.backing().map(|b| b.node().driver_name().to_string());
+        let r = {
+            let _d = self.drain(std::slice::from_ref(&image));
+            image
+                .driver()
+                .change_backing_file(Some(backing_file), fmt.as_deref())
+                .map_err(|e| {
+                    BlockError::generic(format!(
+                        "Could not change backing file to '{backing_file}': {e}"
+                    ))
+                })
+        };
+        if changed.is_empty() {
+            return r;
+        }
+        let restored = self.restore_read_only(&changed);
+        r.and(restored)
     }
 }
 

@@ -724,13 +724,31 @@ fn remaining_commands_and_their_errors() {
         .find(|n| n["node-name"] == "ov")
         .unwrap();
     assert_eq!(ovi["image"]["backing-filename"], "c.qcow2");
+    // Once another snapshot made `ov` a read-only backing image, it is reopened read-write
+    // for the change and read-only again afterwards, as QEMU does.
+    let ov2 = dir.path().join("ov2.qcow2");
+    m.ok("blockdev-snapshot-sync", json!({"device": "d", "snapshot-file": p(&ov2), "snapshot-node-name": "ov2", "format": "qcow2"}));
+    m.ok(
+        "change-backing-file",
+        json!({"device": "d", "image-node-name": "ov", "backing-file": "./c.qcow2"}),
+    );
+    let ni = m.ok("query-named-block-nodes", json!({}));
+    let ovi = ni
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "ov")
+        .unwrap();
+    assert_eq!(ovi["image"]["backing-filename"], "./c.qcow2");
+    assert_eq!(ovi["ro"], true, "read-only again: {ovi}");
     drop(q);
     drop(be);
     m.vmm.block.close_all();
     let info: Value = serde_json::from_str(&qemu_img(&["info", "--output=json", p(&ov)])).unwrap();
-    assert_eq!(info["backing-filename"], "c.qcow2");
+    assert_eq!(info["backing-filename"], "./c.qcow2");
     assert_eq!(info["backing-filename-format"], "qcow2");
     assert_clean(&ov);
+    assert_clean(&ov2);
     assert_clean(&img);
 }
 

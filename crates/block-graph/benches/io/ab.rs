@@ -1,8 +1,11 @@
 //! `--ab`: the graph path and the qcow2 crate alone, alternated in one process, to measure
 //! their difference at depth 1 more finely than whole runs can on a shared machine.
 //!
-//! Each path has its own copy of the same fully allocated image (the graph locks its image,
-//! and two writers must not share one), both copied the same way. A pair runs `--count` sequential requests on the
+//! Both paths use the same fully allocated image file: how a file was written decides how
+//! the page cache holds it (folio sizes), which changes the kernel's cost of every request
+//! by more than the graph's overhead, so two copies of one image are not comparable. The
+//! crate opens it without image locks beside the graph; only data clusters are rewritten in
+//! place, so the metadata both have cached stays true (a benchmark-only arrangement). A pair runs `--count` sequential requests on the
 //! graph, then as many on the crate, each timed by the thread's CPU clock; the pair's ratio
 //! is graph / crate. Adjacent blocks see the same machine state, so the median of the pair
 //! ratios (and its spread) says what the overhead is even when the machine's speed drifts
@@ -42,15 +45,9 @@ fn median(v: &mut [f64]) -> f64 {
 /// Runs `pairs` pairs of `count` 4 KiB sequential requests (reads, or writes with `write`)
 /// and prints the medians: ns per request of each path and the ratio.
 pub fn run(img: &str, write: bool, pairs: usize, count: u64, side: GraphSide) {
-    // Both copies made the same way: how a file was written decides how the page cache
-    // holds it (folio sizes), which changes the cost of every read by more than the graph.
-    let img_g = format!("{img}.graph");
-    let img_c = format!("{img}.crate");
-    std::fs::copy(img, &img_g).expect("copy the image");
-    std::fs::copy(img, &img_c).expect("copy the image");
-    let (mut g, be) = open_graph(&img_g);
+    let (mut g, be) = open_graph(img);
     let q = qcow2::Qcow2::open_path(
-        &img_c,
+        img,
         qcow2::OpenOptions {
             writable: true,
             ..Default::default()
@@ -131,6 +128,4 @@ pub fn run(img: &str, write: bool, pairs: usize, count: u64, side: GraphSide) {
     drop(be);
     g.close_all();
     drop(q);
-    let _ = std::fs::remove_file(&img_g);
-    let _ = std::fs::remove_file(&img_c);
 }
