@@ -74,14 +74,15 @@ impl Vmm {
         }
     }
 
-    /// `cont`: resets the I/O status of every BlockBackend (as QEMU's
-    /// qmp_cont), runs the vCPUs again, sends RESUME, and lets the disks
+    /// `cont`: resets the I/O status of every BlockBackend and block job (as
+    /// QEMU's qmp_cont), runs the vCPUs again, sends RESUME, and lets the disks
     /// retry the requests an I/O error stopped the VM on.
     pub fn cont(&mut self) {
         if let Some(m) = &self.machine {
             for be in self.block.backends() {
                 be.iostatus_reset();
             }
+            self.jobs.iostatus_reset_all();
             if matches!(
                 self.run_state,
                 RunState::Paused | RunState::Prelaunch | RunState::IoError

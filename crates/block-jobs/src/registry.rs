@@ -594,6 +594,15 @@ impl Jobs {
         self.resume_job(&job)
     }
 
+    /// Resets the I/O status of every job to `ok` (QEMU's `qmp_cont` does this for the block
+    /// jobs, as for the BlockBackends): a job paused by an I/O error stays paused, but no
+    /// longer reports the error.
+    pub fn iostatus_reset_all(&self) {
+        for job in self.list() {
+            lock(&job.state).iostatus = BlockDeviceIoStatus::Ok;
+        }
+    }
+
     /// [`Jobs::resume`] of a job already looked up.
     pub fn resume_job(&self, job: &Arc<Job>) -> Result<()> {
         let mut st = lock(&job.state);
