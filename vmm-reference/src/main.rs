@@ -173,10 +173,15 @@ fn run(cli: Cli) -> Result<(), String> {
                     // Clear the eventfd first: a notification after this read
                     // wakes the loop again, so no request is left behind.
                     let _ = n.fd.read();
-                    n.device
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .notify(n.queue);
+                    // A stopped VM does no I/O (QEMU stops its devices' queue
+                    // handlers with the vCPUs): what was queued before the stop
+                    // is served when `cont` restarts every queue.
+                    if vmm.run_state == qapi_types::RunState::Running {
+                        n.device
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .notify(n.queue);
+                    }
                 }
             } else if vmm.chardevs.owns(ev.token()) {
                 vmm.chardevs.handle_event(ev);

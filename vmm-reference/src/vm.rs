@@ -90,7 +90,7 @@ impl Vmm {
                 m.resume();
                 self.run_state = RunState::Running;
                 self.events.push(event::Resume::message());
-                m.restart_held_requests();
+                m.restart_queues();
             }
         }
     }

@@ -182,11 +182,14 @@ impl VirtioMmioBlk {
         }
     }
 
-    /// The VM resumes: the queues holding a request kept by the `stop`
-    /// error policy are served again, the kept request first.
-    pub fn restart_held(&mut self) {
-        for q in self.engine.take_held() {
-            self.notify(u32::from(q));
+    /// The VM resumes: every queue is served (QEMU kicks them all when a
+    /// stopped VM runs again), since notifications that came while it was
+    /// stopped were only taken note of; a queue holding a request kept by
+    /// the `stop` error policy is served again, the kept request first.
+    pub fn restart_queues(&mut self) {
+        self.engine.take_held();
+        for q in 0..self.queues.len() {
+            self.notify(q as u32);
         }
     }
 

@@ -340,18 +340,19 @@ impl Machine {
         self.io_error_stop.take()
     }
 
-    /// The VM resumed: every disk runs the requests it kept when an I/O
-    /// error stopped the VM, then the rest of their queues (QEMU's
-    /// virtio_blk_dma_restart_cb). They may fail and stop the VM again.
-    pub fn restart_held_requests(&self) {
+    /// The VM resumed: every disk serves all its queues, first the requests
+    /// it kept when an I/O error stopped the VM (QEMU's
+    /// virtio_blk_dma_restart_cb; they may fail and stop the VM again), and
+    /// what the driver queued while the VM was stopped.
+    pub fn restart_queues(&self) {
         for d in &self.pci_disks {
             d.device
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .restart_held();
+                .restart_queues();
         }
         for d in &self.mmio_disks {
-            d.lock().unwrap_or_else(|e| e.into_inner()).restart_held();
+            d.lock().unwrap_or_else(|e| e.into_inner()).restart_queues();
         }
     }
 
