@@ -716,14 +716,16 @@ fn remaining_commands_and_their_errors() {
         "change-backing-file",
         json!({"device": "d", "image-node-name": "ov", "backing-file": "c.qcow2"}),
     );
-    let ni = m.ok("query-named-block-nodes", json!({}));
-    let ovi = ni
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node-name"] == "ov")
-        .unwrap();
-    assert_eq!(ovi["image"]["backing-filename"], "c.qcow2");
+    let node_ov = |m: &mut Monitor| {
+        let ni = m.ok("query-named-block-nodes", json!({}));
+        ni.as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node-name"] == "ov")
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(node_ov(&mut m)["image"]["backing-filename"], "c.qcow2");
     // Once another snapshot made `ov` a read-only backing image, it is reopened read-write
     // for the change and read-only again afterwards, as QEMU does.
     let ov2 = dir.path().join("ov2.qcow2");
@@ -732,13 +734,7 @@ fn remaining_commands_and_their_errors() {
         "change-backing-file",
         json!({"device": "d", "image-node-name": "ov", "backing-file": "./c.qcow2"}),
     );
-    let ni = m.ok("query-named-block-nodes", json!({}));
-    let ovi = ni
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node-name"] == "ov")
-        .unwrap();
+    let ovi = node_ov(&mut m);
     assert_eq!(ovi["image"]["backing-filename"], "./c.qcow2");
     assert_eq!(ovi["ro"], true, "read-only again: {ovi}");
     drop(q);

@@ -16,7 +16,7 @@ use std::io::IoSlice;
 use block_graph::stats::AcctType;
 use block_graph::WriteFlags;
 
-use super::{buffer, open_graph, REGION};
+use super::{buffer, open_graph, thread_cpu_ns, REGION};
 
 /// What the graph side of a pair does per request.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -25,16 +25,6 @@ pub enum GraphSide {
     Plain,
     /// `BlockBackend` requests accounted as a device does (`Stats::account`).
     Accounted,
-}
-
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn median(v: &mut [f64]) -> f64 {
