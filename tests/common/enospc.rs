@@ -11,23 +11,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub use crate::common::run;
 use crate::common::{Qsd, Vmm};
 
 pub const MIB: u64 = 1 << 20;
 /// The tmpfs's size and what its filler leaves free: less than a 4 MiB source needs.
 pub const TMPFS_MIB: u64 = 6;
 pub const FREE_KIB: u64 = 1536;
-
-pub fn run(prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog).args(args).output().expect(prog);
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// `qemu-img compare` of two images (formats probed), true when identical.
 pub fn identical(a: &str, b: &str) -> bool {

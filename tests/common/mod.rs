@@ -116,6 +116,18 @@ impl Drop for Vmm {
     }
 }
 
+/// Runs `prog` with `args`, which must succeed; returns its standard output.
+pub fn run(prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog).args(args).output().expect(prog);
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Whether KVM can be used here; says so on standard error when it can't,
 /// so that tests needing it skip visibly.
 pub fn kvm_usable(test: &str) -> bool {
