@@ -225,6 +225,21 @@ mod tests {
     }
 
     #[test]
+    fn an_inline_child_definition_creates_a_throttle_node() {
+        let mut g = BlockGraph::new();
+        g.object_add("throttle-group", "g", json!({})).unwrap();
+        let o = topts(json!({"driver": "raw", "node-name": "r",
+                             "file": {"driver": "throttle", "node-name": "t",
+                                      "throttle-group": "g",
+                                      "file": {"driver": "null-co", "size": 1 << 20}}}));
+        let r = g.blockdev_add(&o).unwrap();
+        let t = r.child("file").unwrap().node();
+        assert_eq!((t.name(), t.driver_name()), ("t", "throttle"));
+        assert_eq!(t.child("file").unwrap().node().driver_name(), "null-co");
+        assert_eq!(r.length(), 1 << 20);
+    }
+
+    #[test]
     fn group_must_exist_and_objects_follow_qemu() {
         let mut g = graph_with_null();
         let t = topts(json!({"driver": "throttle", "node-name": "t0",
