@@ -405,10 +405,15 @@ fn error_policies() {
             assert!(info.paused && info.status == JobStatus::Paused, "{info:?}");
         }
         jobs.resume("s").unwrap();
-        assert_eq!(
-            jobs.query_block_jobs()[0].io_status,
-            BlockDeviceIoStatus::Ok
-        );
+        if round == 1 {
+            // Resuming resets the io-status itself (QEMU's block_job_user_resume). Only
+            // checked on the last round: after the first resume the retry fails again at
+            // once, and may already have set `failed` again by the time we look.
+            assert_eq!(
+                jobs.query_block_jobs()[0].io_status,
+                BlockDeviceIoStatus::Ok
+            );
+        }
     }
     assert_eq!(
         jobs.wait_finished(&mut g, "s", Duration::from_secs(10)),
