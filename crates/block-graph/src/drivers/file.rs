@@ -578,17 +578,19 @@ impl BlockDriver for FileDriver {
                 BlockError::from(e).prepend(&format!("Could not reopen '{}'", self.filename))
             })?;
         // The new open file replaces the old one under the same descriptor number, so every
-        // user of `self.file` sees it; the old one's locks go with it and are taken again.
-        let held = std::mem::take(&mut *mlock(&self.locked));
+        // user of `self.file` sees it. The old one's locks are released explicitly first:
+        // closing our descriptor does not drop them while a child process forked meanwhile
+        // (by any thread) still holds a copy of it, and they would then refuse our own new
+        // open file its locks.
+        let held = *mlock(&self.locked);
+        let (perm, shared) = (Perm::from_bits(held.0), !Perm::from_bits(held.1));
+        self.set_perm(Perm::NONE, Perm::ALL);
         // SAFETY: dup3 from a descriptor we own onto our own descriptor (no request runs:
         // the node is drained).
         let r = unsafe { libc::dup3(new.as_raw_fd(), fd, libc::O_CLOEXEC) };
         let err = (r < 0).then(errno);
-        if err.is_some() {
-            *mlock(&self.locked) = held;
-        } else {
-            self.set_perm(Perm::from_bits(held.0), !Perm::from_bits(held.1));
-        }
+        // Taken again, on the new open file (or on the old one if it stayed).
+        self.set_perm(perm, shared);
         match err {
             Some(e) => Err(BlockError::errno(e)),
             None => Ok(()),
@@ -636,6 +638,14 @@ impl BlockDriver for FileDriver {
     fn allocated_size(&self) -> Option<u64> {
         use std::os::unix::fs::MetadataExt;
         self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+}
+
+impl Drop for FileDriver {
+    fn drop(&mut self) {
+        // Released explicitly, not by closing: a child process forked meanwhile may still
+        // hold a copy of the descriptor, and with it the locks.
+        self.set_perm(Perm::NONE, Perm::ALL);
     }
 }
 
