@@ -21,6 +21,23 @@ pub struct RootInfo {
     route: RwLock<Option<Route>>,
     desc: Mutex<String>,
     device: Mutex<String>,
+    /// The owner told when a drained section begins and ends above this root (a block job).
+    participant: Mutex<Option<Weak<dyn DrainParticipant>>>,
+}
+
+/// The owner of a root that issues requests of its own accord (a block job), told when a
+/// drained section begins and ends above its root so that it stops at a safe point first
+/// (QEMU's `child_job_drained_begin`, `_poll` and `_end`). The root's gate alone cannot
+/// hold such requests back: the owner may hold locks of its own between two of them, and
+/// the drained section may need them.
+pub trait DrainParticipant: Send + Sync {
+    /// A drained section begins: finish the requests in flight and issue no new ones
+    /// (a job pauses at its next pause point).
+    fn drained_begin(&self);
+    /// Whether the owner may still issue requests; the drain waits until it says no.
+    fn drained_poll(&self) -> bool;
+    /// The drained section ended (one call per [`DrainParticipant::drained_begin`]).
+    fn drained_end(&self);
 }
 
 /// A BlockBackend's way into the graph: its root edge and the node behind that edge, held
@@ -42,6 +59,7 @@ impl RootInfo {
             route: RwLock::new(None),
             desc: Mutex::new(desc.into()),
             device: Mutex::new(String::new()),
+            participant: Mutex::new(None),
         })
     }
 
@@ -64,6 +82,17 @@ impl RootInfo {
     /// Sets the device name.
     pub fn set_device_name(&self, d: impl Into<String>) {
         *mlock(&self.device) = d.into();
+    }
+
+    /// Registers the owner that drains tell to stop issuing requests (see
+    /// [`DrainParticipant`]); replaces an earlier one.
+    pub fn set_drain_participant(&self, p: Weak<dyn DrainParticipant>) {
+        *mlock(&self.participant) = Some(p);
+    }
+
+    /// The registered drain participant, if it is still alive.
+    pub fn drain_participant(&self) -> Option<Arc<dyn DrainParticipant>> {
+        mlock(&self.participant).as_ref().and_then(Weak::upgrade)
     }
 
     /// The gate of this root's requests.

@@ -13,7 +13,7 @@ use qapi_types::BlockdevOptions;
 use crate::backend::BlockBackend;
 use crate::error::{BlockError, Result};
 use crate::events::{EventNotifier, EventQueue};
-use crate::node::{mlock, Edge, Node, Parent, RootInfo};
+use crate::node::{mlock, DrainParticipant, Edge, Node, Parent, RootInfo};
 use crate::options::Inherit;
 use crate::perm::{check_conflicts, ChildRole, Perm, PermUser};
 
@@ -49,12 +49,16 @@ impl std::fmt::Debug for BlockGraph {
 #[must_use = "the section ends when the guard drops"]
 pub struct DrainGuard {
     roots: Vec<Arc<RootInfo>>,
+    participants: Vec<Arc<dyn DrainParticipant>>,
 }
 
 impl Drop for DrainGuard {
     fn drop(&mut self) {
         for r in &self.roots {
             r.gate.unquiesce();
+        }
+        for p in &self.participants {
+            p.drained_end();
         }
     }
 }
@@ -396,12 +400,31 @@ impl BlockGraph {
         for r in &roots {
             r.gate.quiesce();
         }
+        // Owners that issue requests on their own (jobs) stop at a safe point first: their
+        // root's gate lets their requests through, as they may come from inside a drained
+        // section (a job's last copy when it completes).
+        let participants: Vec<_> = roots.iter().filter_map(|r| r.drain_participant()).collect();
+        for p in &participants {
+            p.drained_begin();
+        }
+        let start = std::time::Instant::now();
+        let mut warned = false;
+        while participants.iter().any(|p| p.drained_poll()) {
+            if !warned && start.elapsed() > std::time::Duration::from_secs(5) {
+                log::warn!("drain: still waiting for a job to reach a pause point");
+                warned = true;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
         for r in &roots {
             r.gate.wait_idle();
         }
         // Every request is counted at the root it entered by (a BlockBackend's gate, or the
         // gate a root edge's own requests pass, see `Edge`), so idle roots mean idle nodes.
-        DrainGuard { roots }
+        DrainGuard {
+            roots,
+            participants,
+        }
     }
 
     /// Begins a drained section of `root` and everything below it.

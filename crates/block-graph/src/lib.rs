@@ -69,7 +69,7 @@ pub use cli::parse_blockdev_arg;
 pub use driver::{BlockDriver, CopyExtent, WriteFlags, ZeroFlags};
 pub use error::{BlockError, Result};
 pub use graph::{BlockGraph, DrainGuard};
-pub use node::{Edge, Node, NodeOptions, RangeStatus, RootInfo};
+pub use node::{DrainParticipant, Edge, Node, NodeOptions, RangeStatus, RootInfo};
 pub use perm::{ChildRole, Perm};
 pub use qmp::register;
 

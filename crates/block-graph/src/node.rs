@@ -11,7 +11,7 @@ use qapi_types::BlkdebugEvent;
 use crate::batch::{BatchBuf, BatchReq};
 use crate::bitmap::DirtyBitmap;
 use crate::driver::{BlockDriver, WriteFlags, ZeroFlags};
-pub use crate::edge::{ChildSlot, Edge, Parent, RootInfo};
+pub use crate::edge::{ChildSlot, DrainParticipant, Edge, Parent, RootInfo};
 pub use status::RangeStatus;
 
 mod status;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use block_graph::drivers::copy_before_write::{BlockCopy, MAX_CHUNK};
-use block_graph::{BlockBackend, BlockGraph, DirtyBitmap, Node, Perm};
+use block_graph::{BlockBackend, BlockGraph, DirtyBitmap, Node, Perm, RootInfo};
 use qapi_types::{BlockdevBackup, DriveBackup, JobType, MirrorSyncMode, NewImageMode};
 
 use crate::engine::{ErrorAction, Job, JobContext, JobDriver, JobSpec, JobTxn};
@@ -338,6 +338,10 @@ impl Backup {
 impl JobDriver for Backup {
     fn job_type(&self) -> JobType {
         JobType::Backup
+    }
+
+    fn roots(&self) -> Vec<Arc<RootInfo>> {
+        self.root.iter().map(|r| r.root_info().clone()).collect()
     }
 
     fn run(&mut self, ctx: &JobContext) -> Result<()> {

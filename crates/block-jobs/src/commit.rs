@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use block_graph::node::Parent;
-use block_graph::{BlockGraph, DirtyBitmap, Node, Perm};
+use block_graph::{BlockGraph, DirtyBitmap, Node, Perm, RootInfo};
 use qapi_types::cmd::BlockCommitArguments;
 use qapi_types::{BlockdevOnError, JobType};
 
@@ -322,6 +322,14 @@ impl CommitJob {
 impl JobDriver for CommitJob {
     fn job_type(&self) -> JobType {
         JobType::Commit
+    }
+
+    fn roots(&self) -> Vec<Arc<RootInfo>> {
+        [&self.top_root, &self.base_root]
+            .into_iter()
+            .flatten()
+            .map(|r| r.info().clone())
+            .collect()
     }
 
     fn can_complete(&self) -> bool {

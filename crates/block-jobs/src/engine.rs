@@ -86,7 +86,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use block_graph::events::EventQueue;
-use block_graph::{BlockError, BlockGraph, Node};
+use block_graph::{BlockError, BlockGraph, DrainParticipant, Node, RootInfo};
 use qapi_types::event::{
     BlockJobError, BlockJobErrorData, BlockJobReady, BlockJobReadyData, JobStatusChange,
     JobStatusChangeData,
@@ -125,6 +125,13 @@ pub trait JobDriver: Send + 'static {
     /// job concludes as completed.
     fn can_complete(&self) -> bool {
         false
+    }
+
+    /// The roots the job issues its requests through. A drained section above one of them
+    /// pauses the job at its next pause point and waits for that (QEMU's
+    /// `child_job_drained_begin`), so that a graph change never runs beside the job's I/O.
+    fn roots(&self) -> Vec<Arc<RootInfo>> {
+        Vec::new()
     }
 
     /// Graph changes that may still fail, after a successful `run` (QEMU's `.prepare`).
@@ -342,6 +349,14 @@ impl Job {
     /// Whether the job is a block job (commit, stream, mirror, backup).
     pub fn is_block_job(&self) -> bool {
         block_job_type(&self.kind).is_some()
+    }
+
+    /// Makes the job the drain participant of each of `roots` (see [`JobDriver::roots`]).
+    pub(crate) fn join_drains(self: &Arc<Self>, roots: &[Arc<RootInfo>]) {
+        let me: Arc<dyn DrainParticipant> = self.clone();
+        for r in roots {
+            r.set_drain_participant(Arc::downgrade(&me));
+        }
     }
 
     pub(crate) fn kick_locked(&self, st: &mut State) {
@@ -625,5 +640,28 @@ impl JobContext {
     /// Whether the job is ready (`ready` or `standby`).
     pub fn is_ready(&self) -> bool {
         is_ready(&lock(&self.job.state).status)
+    }
+}
+
+/// A drained section above one of the job's roots pauses the job, as QEMU's
+/// `child_job_drained_begin/_poll/_end` do: its requests in flight finish, it stops at its
+/// next pause point (status `paused`, or `standby` when ready), and goes on when the
+/// section ends.
+impl DrainParticipant for Job {
+    fn drained_begin(&self) {
+        let mut st = lock(&self.state);
+        st.pause_count += 1;
+        self.kick_locked(&mut st);
+    }
+
+    fn drained_poll(&self) -> bool {
+        let st = lock(&self.state);
+        st.busy && !st.paused && !st.deferred
+    }
+
+    fn drained_end(&self) {
+        let mut st = lock(&self.state);
+        st.pause_count = st.pause_count.saturating_sub(1);
+        self.kick_locked(&mut st);
     }
 }

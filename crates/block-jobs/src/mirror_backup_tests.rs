@@ -702,3 +702,51 @@ fn failed_incremental_backup_reports_and_keeps_the_bitmap() {
     assert!(!bm.is_busy());
     assert_eq!(e.be.root_node().unwrap().name(), "src");
 }
+
+#[test]
+fn a_drained_section_pauses_the_job_until_it_ends() {
+    let mut e = env("qcow2", false);
+    let t = e.path("t.qcow2");
+    e.be.write_buf(0, &vec![0x5a; LEN as usize], WriteFlags::default())
+        .unwrap();
+    // 64 KiB/s: the 4 MiB of data take a minute, so the job is still copying.
+    let a = qapi_types::DriveMirror::from_qmp_strict(json!({
+        "device": "disk0", "target": t, "format": "qcow2", "sync": "full",
+        "job-id": "m0", "speed": 65_536}))
+    .unwrap();
+    let job = crate::mirror::drive_mirror(&mut e.g, &e.jobs, &a).unwrap();
+    assert_eq!(job.status(), JobStatus::Running);
+    std::thread::sleep(Duration::from_millis(50));
+    let src = e.g.find_node("src").unwrap();
+    let drained = e.g.drain(std::slice::from_ref(&src));
+    let end = Instant::now() + Duration::from_secs(30);
+    while job.status() != JobStatus::Paused {
+        assert!(Instant::now() < end, "not paused: {:?}", job.status());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // No request of the job while drained: its progress stands still.
+    let at = job.progress().0;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(job.progress().0, at);
+    assert_eq!(job.status(), JobStatus::Paused);
+    drop(drained);
+    e.jobs.set_speed(&job, 0).unwrap();
+    wait_status(&mut e, "m0", JobStatus::Ready);
+    assert!(job.progress().0 > at);
+    let changes: Vec<String> =
+        e.g.take_events()
+            .into_iter()
+            .filter(|ev| ev.event == "JOB_STATUS_CHANGE")
+            .filter_map(|ev| Some(ev.data?["status"].as_str()?.to_string()))
+            .collect();
+    assert_eq!(
+        changes,
+        ["created", "running", "paused", "running", "ready"],
+        "QEMU's sequence for a job drained while running"
+    );
+    e.jobs.cancel(&mut e.g, "m0", false).unwrap();
+    let st = e
+        .jobs
+        .wait_finished(&mut e.g, "m0", Duration::from_secs(30));
+    assert_eq!(st, Some(JobStatus::Null));
+}

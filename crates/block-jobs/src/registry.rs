@@ -155,6 +155,7 @@ impl Jobs {
             return Err(e);
         }
         let speed = spec.speed as u64;
+        let roots = driver.roots();
         let job = Arc::new(Job {
             id: spec.id.clone(),
             kind: driver.job_type(),
@@ -193,6 +194,7 @@ impl Jobs {
             let mut st = lock(&job.state);
             job.transition(&mut st, JobStatus::Created);
         }
+        job.join_drains(&roots);
         if let Some(t) = &spec.txn {
             t.add(&job);
         }

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use block_graph::{BlockGraph, Node, Perm};
+use block_graph::{BlockGraph, Node, Perm, RootInfo};
 use qapi_types::cmd::BlockStreamArguments;
 use qapi_types::{BlockdevOnError, JobType};
 
@@ -72,6 +72,10 @@ impl StreamJob {
 impl JobDriver for StreamJob {
     fn job_type(&self) -> JobType {
         JobType::Stream
+    }
+
+    fn roots(&self) -> Vec<Arc<RootInfo>> {
+        self.root.iter().map(|r| r.info().clone()).collect()
     }
 
     fn run(&mut self, ctx: &JobContext) -> Result<()> {

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use block_graph::{BlockGraph, WriteFlags};
+use block_graph::{BlockGraph, RootInfo, WriteFlags};
 use qapi_types::{JobType, MirrorSyncMode};
 
 use super::{skip_filters, BackingMode, Mirror, MIN_RUN};
@@ -15,6 +15,14 @@ use crate::error::{JobError, Result};
 impl JobDriver for Mirror {
     fn job_type(&self) -> JobType {
         JobType::Mirror
+    }
+
+    fn roots(&self) -> Vec<Arc<RootInfo>> {
+        [&self.src_root, &self.tgt_root]
+            .into_iter()
+            .flatten()
+            .map(|r| r.root_info().clone())
+            .collect()
     }
 
     fn can_complete(&self) -> bool {
