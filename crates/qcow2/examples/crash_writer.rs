@@ -86,7 +86,12 @@ fn main() {
         }
         if i % 8 == 0 {
             img.flush().expect("flush");
-            writeln!(journal, "{i}").expect("journal write");
+            // One write(2) for the whole line: `writeln!` writes the number and the newline
+            // separately, and a kill between them left a torn line for the next round's
+            // number to be appended to ("200" then "8" read as 2008).
+            journal
+                .write_all(format!("{i}\n").as_bytes())
+                .expect("journal write");
             journal.sync_data().expect("journal sync");
         }
     }
