@@ -221,29 +221,35 @@ fn blkdebug_under_qcow2_fails_guest_data_reads() {
     assert_eq!(e.to_string(), "Cannot meet constraints with align 3");
 }
 
-#[test]
-fn qcow2_corruption_raises_block_image_corrupted() {
+/// A 1 MiB qcow2 image in `dir` with its first 64 KiB written, whose first L2 entry is then
+/// replaced by `f(entry, l1_table_offset)`.
+fn qcow2_with_first_entry(dir: &std::path::Path, f: fn(u64, u64) -> u64) -> std::path::PathBuf {
     use std::os::unix::fs::FileExt;
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("c.qcow2");
-    let path = img.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", path, "1M"]);
+    let img = dir.join("c.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"]);
     qemu_io(&img, "qcow2", &["write -P 1 0 64k"]);
-    // Make the first L2 entry point at an unaligned host offset.
-    let f = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(&img)
         .unwrap();
     let mut b = [0u8; 8];
-    f.read_exact_at(&mut b, 40).unwrap();
+    file.read_exact_at(&mut b, 40).unwrap();
     let l1 = u64::from_be_bytes(b);
-    f.read_exact_at(&mut b, l1).unwrap();
+    file.read_exact_at(&mut b, l1).unwrap();
     let l2 = u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00;
-    f.read_exact_at(&mut b, l2).unwrap();
-    let e = u64::from_be_bytes(b) | 0x200;
-    f.write_all_at(&e.to_be_bytes(), l2).unwrap();
-    drop(f);
+    file.read_exact_at(&mut b, l2).unwrap();
+    let e = f(u64::from_be_bytes(b), l1);
+    file.write_all_at(&e.to_be_bytes(), l2).unwrap();
+    img
+}
+
+#[test]
+fn qcow2_corruption_raises_block_image_corrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    // Make the first L2 entry point at an unaligned host offset.
+    let img = qcow2_with_first_entry(dir.path(), |e, _| e | 0x200);
+    let path = img.to_str().unwrap();
     let mut g = BlockGraph::new();
     let n = g
         .blockdev_add(&opts(
@@ -343,4 +349,52 @@ fn qcow2_discards_reach_the_file_with_discard_unmap_only() {
         }
         assert_clean(&img);
     }
+}
+
+#[test]
+fn qcow2_overlap_check_modes() {
+    // Guest cluster 0's entry points at the L1 table: a write there hits metadata.
+    let try_write = |check: Value| -> std::result::Result<(), String> {
+        let dir = tempfile::tempdir().unwrap();
+        let img = qcow2_with_first_entry(dir.path(), |_, l1| (1 << 63) | l1);
+        let path = img.to_str().unwrap();
+        let mut g = BlockGraph::new();
+        let mut o = json!({"driver": "qcow2", "id": "disk0", "node-name": "q",
+            "file": {"driver": "file", "filename": path}});
+        if !check.is_null() {
+            o["overlap-check"] = check;
+        }
+        g.blockdev_add(&opts(o)).map_err(|e| e.to_string())?;
+        let be = g.find_backend("disk0").unwrap();
+        g.attach_device(&be, disk("vd")).unwrap();
+        let r = be.write_buf(0, &[0xff; 512], WriteFlags::default());
+        let corrupted: Vec<_> = g
+            .take_events()
+            .into_iter()
+            .filter(|e| e.event == "BLOCK_IMAGE_CORRUPTED")
+            .collect();
+        let refused = r.is_err();
+        assert_eq!(corrupted.len(), refused as usize);
+        if let Some(e) = corrupted.first() {
+            let msg = e.data.as_ref().unwrap()["msg"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            assert!(
+                msg.starts_with("Preventing invalid write on metadata"),
+                "{msg}"
+            );
+            return Err(msg);
+        }
+        r.map_err(|e| e.to_string())
+    };
+    // QEMU's default (`cached`), `constant` and `all` refuse it; `none` lets it through.
+    assert!(try_write(Value::Null).is_err());
+    assert!(try_write(json!("constant")).is_err());
+    assert!(try_write(json!("all")).is_err());
+    try_write(json!("none")).unwrap();
+    // The flags form: a template, then single checks on or off.
+    try_write(json!({"active-l1": false})).unwrap();
+    assert!(try_write(json!({"template": "none", "active-l1": true})).is_err());
+    try_write(json!({"template": "none", "active-l2": true})).unwrap();
 }

@@ -139,7 +139,8 @@ pub(crate) fn data_run(img: &Qcow2, offset: u64, len: u64, writable: bool) -> Op
 }
 
 /// The overlap check of the locked path, on the thread's copy of the metadata layout: the
-/// header cluster, the L1 table, the refcount table and every active L2 table.
+/// header cluster, the L1 table, the refcount table and every active L2 table (those the
+/// image's [`crate::OverlapChecks`] select).
 fn overlaps_metadata(img: &Qcow2, h: &Hot, host: u64, len: u64) -> bool {
     let cs = img.geo.cs();
     let start = host & !(cs - 1);
@@ -147,8 +148,15 @@ fn overlaps_metadata(img: &Qcow2, h: &Hot, host: u64, len: u64) -> bool {
     let overlaps = |a: u64, l: u64| l > 0 && start < a + l && a < end;
     let rt_off = img.rt_range.0.load(Ordering::Acquire);
     let rt_len = img.rt_range.1.load(Ordering::Acquire);
-    if overlaps(0, cs) || overlaps(h.l1_offset, h.l1_bytes) || overlaps(rt_off, rt_len) {
+    let ol = img.overlap;
+    if (ol.main_header && overlaps(0, cs))
+        || (ol.active_l1 && overlaps(h.l1_offset, h.l1_bytes))
+        || (ol.refcount_table && overlaps(rt_off, rt_len))
+    {
         return true;
+    }
+    if !ol.active_l2 {
+        return false;
     }
     let Some(offs) = &h.l2_offsets else {
         return true;

@@ -37,7 +37,9 @@ pub use events::{
 };
 pub use gate::IoGuard;
 pub use header::{CompressionType, Header};
-pub use image::{CorruptionCallback, CorruptionEvent, Mapping, MappingKind, OpenOptions, Qcow2};
+pub use image::{
+    CorruptionCallback, CorruptionEvent, Mapping, MappingKind, OpenOptions, OverlapChecks, Qcow2,
+};
 pub use info::{BitmapInfo, ImageInfo, ImageInfoSpecificQCow2, SnapshotInfo};
 pub use snapshot_table::Snapshot;
 pub use storage::{AlignedBuf, FileStorage, MemStorage, Storage};

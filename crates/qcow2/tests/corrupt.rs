@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use qcow2::check::Fix;
-use qcow2::{CreateOptions, DirtyBitmap, MemStorage, OpenOptions, Qcow2, Storage};
+use qcow2::{CreateOptions, DirtyBitmap, MemStorage, OpenOptions, OverlapChecks, Qcow2, Storage};
 
 fn be64(v: u64) -> [u8; 8] {
     v.to_be_bytes()
@@ -218,6 +218,55 @@ fn entries_pointing_past_the_end_or_into_metadata() {
     b[rb as usize..rb as usize + 4096].copy_from_slice(&zeros);
     let img = open_bytes(b, true).unwrap();
     assert!(img.write_at(&[1u8; 4096], 900_000).is_err());
+}
+
+/// QEMU's `overlap-check` modes: the entry of guest cluster 0 is pointed at `target` and a
+/// write to it is tried with `checks`; returns whether it was refused.
+fn write_into_metadata(target: fn(l1: u64, l2: u64) -> u64, checks: OverlapChecks) -> bool {
+    let mut b = sample_image();
+    let (l1, _) = tables(&b);
+    let l2 = u64::from_be_bytes(b[l1 as usize..l1 as usize + 8].try_into().unwrap())
+        & 0x00ff_ffff_ffff_fe00;
+    b[l2 as usize..l2 as usize + 8].copy_from_slice(&be64((1 << 63) | target(l1, l2)));
+    let img = Qcow2::open(
+        Arc::new(MemStorage::from_vec(b)),
+        OpenOptions {
+            writable: true,
+            overlap_check: checks,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    match img.write_at(&[0xffu8; 512], 0) {
+        Ok(()) => false,
+        Err(qcow2::Error::CorruptionDetected(m)) => {
+            assert!(m.starts_with("Preventing invalid write on metadata"), "{m}");
+            assert!(img.is_corrupt());
+            true
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn overlap_check_modes() {
+    let into_l1 = |l1: u64, _l2: u64| l1;
+    let into_l2 = |_l1: u64, l2: u64| l2;
+    // The default (QEMU's `cached`) checks both.
+    assert!(write_into_metadata(into_l1, OverlapChecks::default()));
+    assert!(write_into_metadata(into_l2, OverlapChecks::default()));
+    // `constant`: fixed metadata only.
+    assert!(write_into_metadata(into_l1, OverlapChecks::CONSTANT));
+    assert!(!write_into_metadata(into_l2, OverlapChecks::CONSTANT));
+    // `none`: the write goes where the entry says, as in QEMU.
+    assert!(!write_into_metadata(into_l1, OverlapChecks::NONE));
+    // Single flags.
+    let no_l1 = OverlapChecks {
+        active_l1: false,
+        ..OverlapChecks::ALL
+    };
+    assert!(!write_into_metadata(into_l1, no_l1));
+    assert!(write_into_metadata(into_l2, no_l1));
 }
 
 #[test]

@@ -141,20 +141,34 @@ fn cache_sizes(
     }
 }
 
-fn check_overlap(o: &Option<Qcow2OverlapChecks>) -> Result<()> {
-    let bad = |s: &str| {
-        BlockError::generic(format!(
+/// QEMU's `overlap-check` option as the qcow2 crate's checks. The crate tracks the header,
+/// the active L1 and L2 tables and the refcount table; the flags for other metadata
+/// (refcount blocks, snapshot table, inactive tables, bitmap directory) are accepted and
+/// have nothing to select.
+fn overlap_checks(o: &Option<Qcow2OverlapChecks>) -> Result<::qcow2::OverlapChecks> {
+    use ::qcow2::OverlapChecks as C;
+    let mode = |m: &Qcow2OverlapCheckMode| match m {
+        Qcow2OverlapCheckMode::None => Ok(C::NONE),
+        Qcow2OverlapCheckMode::Constant => Ok(C::CONSTANT),
+        Qcow2OverlapCheckMode::Cached | Qcow2OverlapCheckMode::All => Ok(C::ALL),
+        Qcow2OverlapCheckMode::Unrecognized(s) => Err(BlockError::generic(format!(
             "Unsupported value '{s}' for qcow2 option 'overlap-check'. Allowed are any of the \
              following: none, constant, cached, all"
-        ))
+        ))),
     };
     match o {
-        Some(Qcow2OverlapChecks::Mode(Qcow2OverlapCheckMode::Unrecognized(s))) => Err(bad(s)),
-        Some(Qcow2OverlapChecks::Flags(f)) => match &f.template {
-            Some(Qcow2OverlapCheckMode::Unrecognized(s)) => Err(bad(s)),
-            _ => Ok(()),
-        },
-        _ => Ok(()),
+        None => Ok(C::default()),
+        Some(Qcow2OverlapChecks::Mode(m)) => mode(m),
+        Some(Qcow2OverlapChecks::Flags(f)) => {
+            // The template (QEMU's default `cached`) first, then each flag given.
+            let mut c = f.template.as_ref().map_or(Ok(C::default()), mode)?;
+            let set = |v: &mut bool, flag: Option<bool>| *v = flag.unwrap_or(*v);
+            set(&mut c.main_header, f.main_header);
+            set(&mut c.active_l1, f.active_l1);
+            set(&mut c.active_l2, f.active_l2);
+            set(&mut c.refcount_table, f.refcount_table);
+            Ok(c)
+        }
     }
 }
 
@@ -194,7 +208,7 @@ pub(crate) fn open(
     ctx: &mut OpenCtx<'_>,
     q: &BlockdevOptionsQcow2,
 ) -> Result<Box<dyn BlockDriver>> {
-    check_overlap(&q.overlap_check)?;
+    let overlap_check = overlap_checks(&q.overlap_check)?;
     let file = ctx.open_child("file", &q.file, ChildRole::Image)?;
     let writable = !ctx.options().read_only;
     // Read the header first: cache sizes and checks depend on it.
@@ -292,6 +306,7 @@ pub(crate) fn open(
             snapshot: q.pass_discard_snapshot.unwrap_or(true),
             other: q.pass_discard_other.unwrap_or(false),
         },
+        overlap_check,
         ..OpenOptions::default()
     };
     let img = Qcow2::open(storage, opts).map_err(BlockError::from)?;

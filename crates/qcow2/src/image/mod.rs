@@ -78,6 +78,52 @@ pub struct OpenOptions {
     /// Which freed ranges are discarded on the image file (QEMU's `pass-discard-*`; the
     /// default passes snapshot frees only, as QEMU does without `discard=unmap`).
     pub discard_passing: DiscardPassing,
+    /// The metadata data writes are checked against (QEMU's `overlap-check`).
+    pub overlap_check: OverlapChecks,
+}
+
+/// The metadata a data write is checked not to overlap before it is issued (QEMU's
+/// `overlap-check`). A write that would overlap is refused as corruption and the image is
+/// marked corrupt. The default checks everything this crate tracks, as QEMU's default mode
+/// `cached` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverlapChecks {
+    /// The header cluster (`main-header`).
+    pub main_header: bool,
+    /// The active L1 table (`active-l1`).
+    pub active_l1: bool,
+    /// The refcount table (`refcount-table`).
+    pub refcount_table: bool,
+    /// Every active L2 table (`active-l2`).
+    pub active_l2: bool,
+}
+
+impl OverlapChecks {
+    /// Every check (QEMU's `cached` and `all`, for the metadata this crate tracks).
+    pub const ALL: OverlapChecks = OverlapChecks {
+        main_header: true,
+        active_l1: true,
+        refcount_table: true,
+        active_l2: true,
+    };
+    /// No check (QEMU's `none`).
+    pub const NONE: OverlapChecks = OverlapChecks {
+        main_header: false,
+        active_l1: false,
+        refcount_table: false,
+        active_l2: false,
+    };
+    /// The metadata at fixed places, not the L2 tables (QEMU's `constant`).
+    pub const CONSTANT: OverlapChecks = OverlapChecks {
+        active_l2: false,
+        ..OverlapChecks::ALL
+    };
+}
+
+impl Default for OverlapChecks {
+    fn default() -> Self {
+        OverlapChecks::ALL
+    }
 }
 
 impl Default for OpenOptions {
@@ -98,6 +144,7 @@ impl Default for OpenOptions {
             on_debug_event: None,
             on_freed: None,
             discard_passing: DiscardPassing::default(),
+            overlap_check: OverlapChecks::default(),
         }
     }
 }
@@ -111,6 +158,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("refcount_cache_size", &self.refcount_cache_size)
             .field("cache_clean_interval", &self.cache_clean_interval)
             .field("discard_passing", &self.discard_passing)
+            .field("overlap_check", &self.overlap_check)
             .finish_non_exhaustive()
     }
 }
@@ -192,6 +240,8 @@ pub struct Qcow2 {
     pub(crate) file: Arc<dyn Storage>,
     pub(crate) data: Arc<dyn Storage>,
     pub(crate) external_data: bool,
+    /// What data writes are checked against.
+    pub(crate) overlap: OverlapChecks,
     pub(crate) path: Option<PathBuf>,
     pub(crate) backing: RwLock<Option<Arc<dyn BlockRead>>>,
     pub(crate) geo: Geometry,

@@ -156,6 +156,7 @@ impl Qcow2 {
             file,
             data,
             external_data,
+            overlap: opts.overlap_check,
             path,
             backing: RwLock::new(backing),
             geo,

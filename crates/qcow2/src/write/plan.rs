@@ -347,18 +347,22 @@ impl Qcow2 {
         if self.external_data {
             return Ok(());
         }
+        let ol = self.overlap;
         let cs = self.geo.cs();
         let overlaps = |a: u64, l: u64| l > 0 && host < a + l && a < host + len;
         let l1_bytes = (t.l1.len() as u64 * 8).div_ceil(cs) * cs;
         let rt_off = self.rt_range.0.load(Ordering::Acquire);
         let rt_len = self.rt_range.1.load(Ordering::Acquire);
-        if overlaps(0, cs) || overlaps(t.l1_offset, l1_bytes) || overlaps(rt_off, rt_len) {
+        if (ol.main_header && overlaps(0, cs))
+            || (ol.active_l1 && overlaps(t.l1_offset, l1_bytes))
+            || (ol.refcount_table && overlaps(rt_off, rt_len))
+        {
             return Err(Error::CorruptionDetected(format!(
                 "Preventing invalid write on metadata (overlaps with active metadata) at {host:#x}"
             )));
         }
         let mut c = host / cs * cs;
-        while c < host + len {
+        while ol.active_l2 && c < host + len {
             if t.l2.contains(c) {
                 return Err(Error::CorruptionDetected(format!(
                     "Preventing invalid write on metadata (overlaps with active L2 table) at {c:#x}"
