@@ -570,6 +570,74 @@ fn events_and_query_shapes_match_qemu_storage_daemon() {
     ours.judge("top");
 }
 
+/// A slow mirror of `top` to a new node, a `transaction` adding a bitmap to `top` while it
+/// runs, then a forced cancel: the job's events.
+fn mirror_across_a_transaction(c: &mut Client, chain: &Chain) -> Vec<String> {
+    let tgt = chain.dir.path().join("tgt.qcow2");
+    let tgt = tgt.to_str().unwrap();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", tgt, "4M"]);
+    c.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "tgt",
+               "file": {"driver": "file", "filename": tgt}}),
+    );
+    // 256 KiB/s: the 3.5 MiB of data take seconds.
+    c.ok(
+        "blockdev-mirror",
+        json!({"job-id": "m0", "device": "top", "target": "tgt", "sync": "full",
+               "speed": 262_144}),
+    );
+    c.wait_status("m0", "running");
+    std::thread::sleep(Duration::from_millis(300));
+    c.ok(
+        "transaction",
+        json!({"actions": [{"type": "block-dirty-bitmap-add",
+                            "data": {"node": "top", "name": "b0"}}]}),
+    );
+    // The transaction's drain paused the job for its moment.
+    c.wait_status("m0", "paused");
+    c.wait_status("m0", "running");
+    c.ok("block-job-cancel", json!({"device": "m0", "force": true}));
+    c.wait_status("m0", "null");
+    c.job_events("m0")
+}
+
+#[test]
+fn a_transaction_pauses_a_running_job_like_qemu_storage_daemon() {
+    let ours = Chain::new();
+    let (vmm, mut c) = start(&ours);
+    let our_events = mirror_across_a_transaction(&mut c, &ours);
+    c.quit(vmm);
+
+    let theirs = Chain::new();
+    let qsd = Qsd::start(&["--blockdev", &theirs.top_arg("top")]);
+    let mut q = Client::new(qsd.negotiated());
+    let qemu_events = mirror_across_a_transaction(&mut q, &theirs);
+    // The drained moment, as QEMU has it; the cancel at the end. Between them QEMU may
+    // already be ready: its mirror copies its first buffer before the speed limit counts.
+    assert_eq!(our_events[..4], qemu_events[..4]);
+    assert_eq!(
+        our_events[..4],
+        [
+            "status:created",
+            "status:running",
+            "status:paused",
+            "status:running"
+        ]
+    );
+    let tail = [
+        "status:aborting",
+        "BLOCK_JOB_CANCELLED",
+        "status:concluded",
+        "status:null",
+    ];
+    let tail = tail.map(String::from);
+    assert!(our_events.ends_with(&tail), "{our_events:?}");
+    assert!(qemu_events.ends_with(&tail), "{qemu_events:?}");
+    let _ = q.cmd("quit", json!({}));
+    drop(qsd);
+}
+
 /// Reads the guest's console (ringbuf `con`) until `text` appears, failing on a mismatch.
 fn console_until(c: &mut Client, out: &mut String, text: &str) {
     let end = Instant::now() + Duration::from_secs(120);

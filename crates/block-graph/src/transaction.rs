@@ -243,6 +243,15 @@ impl BlockGraph {
                     .lookup(w.data.device.as_deref(), w.data.node_name.as_deref())
                     .ok(),
                 B::BlockdevSnapshotInternalSync(w) => self.lookup_either(&w.data.device).ok(),
+                // QEMU drains everything first (`bdrv_drain_all`): a bitmap changes at the
+                // same instant of the guest's I/O as the snapshots beside it, and jobs on
+                // its node pause for that moment too.
+                B::BlockDirtyBitmapAdd(w) => self.lookup_either(&w.data.node).ok(),
+                B::BlockDirtyBitmapRemove(w)
+                | B::BlockDirtyBitmapClear(w)
+                | B::BlockDirtyBitmapEnable(w)
+                | B::BlockDirtyBitmapDisable(w) => self.lookup_either(&w.data.node).ok(),
+                B::BlockDirtyBitmapMerge(w) => self.lookup_either(&w.data.node).ok(),
                 _ => None,
             })
             .collect()

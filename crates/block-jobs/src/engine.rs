@@ -655,8 +655,11 @@ impl DrainParticipant for Job {
     }
 
     fn drained_poll(&self) -> bool {
+        // Until it is actually paused: a job that was sleeping is not busy and would issue
+        // nothing before its pause point, but QEMU enters it at once on `job_pause`, so the
+        // drain sees it paused (and its `paused` event comes) before the section goes on.
         let st = lock(&self.state);
-        st.busy && !st.paused && !st.deferred
+        st.started && !st.paused && !st.deferred
     }
 
     fn drained_end(&self) {
