@@ -633,3 +633,79 @@ fn backup_while_the_guest_writes_is_point_in_time() {
         "the guest wrote nothing during the backup"
     );
 }
+
+/// A mirror of node `src` (32 MiB of data) to node `tgt` at 1 MiB/s over `raw`, then the
+/// commands QEMU's op blockers refuse on the job's nodes: their errors.
+fn refused_during_a_mirror(raw: Raw, dir: &std::path::Path) -> Vec<String> {
+    let mut c = common::JobClient::new(raw);
+    c.ok(
+        "blockdev-mirror",
+        json!({"job-id": "m0", "device": "src", "target": "tgt", "sync": "full",
+               "speed": 1 << 20}),
+    );
+    c.wait_status("m0", "running");
+    let snap = dir.join("snap.qcow2");
+    let errors = vec![
+        c.err(
+            "blockdev-snapshot-sync",
+            json!({"node-name": "src", "snapshot-file": snap.to_str().unwrap(),
+                   "snapshot-node-name": "snap", "format": "qcow2"}),
+        ),
+        c.err("blockdev-del", json!({"node-name": "tgt"})),
+    ];
+    c.ok("block-job-cancel", json!({"device": "m0", "force": true}));
+    c.wait_status("m0", "null");
+    // Once the job is gone, the snapshot is allowed.
+    c.ok(
+        "blockdev-snapshot-sync",
+        json!({"node-name": "src", "snapshot-file": snap.to_str().unwrap(),
+               "snapshot-node-name": "snap", "format": "qcow2"}),
+    );
+    let _ = c.cmd("quit", json!({}));
+    errors
+}
+
+/// `--blockdev` arguments for `src` (32 MiB of data) and an empty `tgt` in `dir`.
+fn mirror_nodes(dir: &std::path::Path) -> Vec<String> {
+    let (src, tgt) = (dir.join("src.qcow2"), dir.join("tgt.qcow2"));
+    let (src, tgt) = (src.to_str().unwrap(), tgt.to_str().unwrap());
+    qemu_img(&["create", "-q", "-f", "qcow2", src, "64M"]);
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 1 0 32M", src]);
+    qemu_img(&["create", "-q", "-f", "qcow2", tgt, "64M"]);
+    [("src", src), ("tgt", tgt)]
+        .iter()
+        .flat_map(|(n, f)| {
+            [
+                "--blockdev".to_string(),
+                format!("driver=qcow2,node-name={n},file.driver=file,file.filename={f}"),
+            ]
+        })
+        .collect()
+}
+
+#[test]
+fn a_running_jobs_nodes_refuse_changes_as_qemu_storage_daemon_does() {
+    let ours = tempfile::tempdir().unwrap();
+    let args = mirror_nodes(ours.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let vmm = Vmm::start(&args);
+    let end = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&vmm.sock).is_err() {
+        assert!(Instant::now() < end, "the monitor never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mine = refused_during_a_mirror(vmm.negotiated(), ours.path());
+    let theirs = tempfile::tempdir().unwrap();
+    let args = mirror_nodes(theirs.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let qsd = common::Qsd::start(&args);
+    let qemu = refused_during_a_mirror(qsd.negotiated(), theirs.path());
+    assert_eq!(
+        mine,
+        [
+            "Node 'src' is busy: block device is in use by block job: mirror",
+            "Node tgt is in use"
+        ]
+    );
+    assert_eq!(mine, qemu);
+}

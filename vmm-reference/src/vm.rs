@@ -49,6 +49,7 @@ impl Vmm {
         let mut block = BlockGraph::new();
         let jobs = block_jobs::Jobs::for_graph(&block);
         block_jobs::qmp::install_transaction_actions(&mut block, &jobs);
+        block_jobs::qmp::install_op_blockers(&mut block, &jobs);
         Vmm {
             name,
             run_state,

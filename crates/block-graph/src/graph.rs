@@ -25,6 +25,7 @@ pub struct BlockGraph {
     pub(crate) events: Arc<EventQueue>,
     pub(crate) throttle_groups: crate::throttle::ThrottleGroups,
     pub(crate) transaction_ext: Option<Box<dyn crate::transaction::TransactionExtension>>,
+    pub(crate) op_blockers: Option<Arc<dyn crate::op_blockers::OpBlockers>>,
     name_counter: u64,
     rng: u64,
 }
@@ -84,6 +85,7 @@ impl BlockGraph {
             events: Arc::new(EventQueue::default()),
             throttle_groups: Default::default(),
             transaction_ext: None,
+            op_blockers: None,
             name_counter: 0,
             rng: seed | 1,
         }
@@ -536,9 +538,15 @@ impl BlockGraph {
                 "Failed to find node with node-name='{node_name}'"
             )));
         };
-        if self.backend_of(&node).is_some() {
+        // QEMU's `bdrv_has_blk`: any BlockBackend, a job's anonymous ones included.
+        let has_blk = node
+            .parents()
+            .iter()
+            .any(|e| matches!(e.parent(), Some(Parent::Root(_))));
+        if has_blk || self.backend_of(&node).is_some() {
             return Err(BlockError::generic(format!("Node {node_name} is in use")));
         }
+        self.check_op_blockers(&node)?;
         if let Some(e) = node.parents().iter().find(|e| e.name() == "backing") {
             let user = match e.parent() {
                 Some(Parent::Node(w)) => w.upgrade().map(|p| self.device_or_node_name(&p)),

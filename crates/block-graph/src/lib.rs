@@ -54,6 +54,7 @@ pub mod iov;
 pub mod job_filter;
 pub mod media;
 pub mod node;
+pub mod op_blockers;
 pub mod ops;
 pub mod options;
 pub mod perm;
@@ -70,6 +71,7 @@ pub use driver::{BlockDriver, CopyExtent, WriteFlags, ZeroFlags};
 pub use error::{BlockError, Result};
 pub use graph::{BlockGraph, DrainGuard};
 pub use node::{DrainParticipant, Edge, Node, NodeOptions, RangeStatus, RootInfo};
+pub use op_blockers::OpBlockers;
 pub use perm::{ChildRole, Perm};
 pub use qmp::register;
 

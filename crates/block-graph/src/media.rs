@@ -102,9 +102,10 @@ impl BlockGraph {
                 "Tray of device '{name}' is not open"
             )));
         }
-        if be.root_node().is_none() {
+        let Some(root) = be.root_node() else {
             return Ok(());
-        }
+        };
+        self.check_op_blockers(&root)?;
         self.remove_medium_node(&be);
         self.prune();
         Ok(())

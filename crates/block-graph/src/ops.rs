@@ -112,6 +112,7 @@ impl BlockGraph {
     /// [`BlockGraph::undo_snapshot`]).
     pub fn prepare_snapshot(&mut self, node: &str, overlay: &str) -> Result<SnapshotDone> {
         let old = self.lookup_either(node)?;
+        self.check_op_blockers(&old)?;
         let new = self.lookup_either(overlay)?;
         self.append_overlay(&old, &new)?;
         Ok(SnapshotDone {
@@ -167,6 +168,7 @@ impl BlockGraph {
     /// opens) an overlay file backed by the device's current image and installs it.
     pub fn prepare_snapshot_sync(&mut self, s: &SnapshotSync) -> Result<SnapshotDone> {
         let old = self.lookup(s.device.as_deref(), s.node_name.as_deref())?;
+        self.check_op_blockers(&old)?;
         let format = s.format.clone().unwrap_or_else(|| "qcow2".into());
         if s.node_name.is_some() && s.snapshot_node_name.is_none() {
             return Err(BlockError::generic("New overlay node-name missing"));
@@ -219,6 +221,7 @@ impl BlockGraph {
     pub fn snapshot_internal(&mut self, device: &str, name: &str) -> Result<SnapshotInfo> {
         let n = self.root_bs(device)?;
         let _d = self.drain(std::slice::from_ref(&n));
+        self.check_op_blockers(&n)?;
         if n.is_read_only() {
             return Err(BlockError::generic(format!(
                 "Device '{device}' is read only"
@@ -256,6 +259,7 @@ impl BlockGraph {
         name: Option<&str>,
     ) -> Result<SnapshotInfo> {
         let n = self.root_bs(device)?;
+        self.check_op_blockers(&n)?;
         if id.is_none() && name.is_none() {
             return Err(BlockError::generic("Name or id must be provided"));
         }
@@ -293,6 +297,8 @@ impl BlockGraph {
                 "not allowing backing file change on an image without a backing file",
             ));
         }
+        // QEMU checks the device's root, not the image: jobs block the chain from there.
+        self.check_op_blockers(&root)?;
         let mut cur = Some(root.clone());
         let mut found = false;
         while let Some(c) = cur {

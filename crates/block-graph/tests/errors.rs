@@ -398,3 +398,68 @@ fn qcow2_overlap_check_modes() {
     assert!(try_write(json!({"template": "none", "active-l1": true})).is_err());
     try_write(json!({"template": "none", "active-l2": true})).unwrap();
 }
+
+/// Blocks every node whose name starts with "busy", as a job blocks its nodes.
+struct BusyNodes;
+
+impl block_graph::OpBlockers for BusyNodes {
+    fn blocker(&self, node: &std::sync::Arc<block_graph::Node>) -> Option<String> {
+        node.name()
+            .starts_with("busy")
+            .then(|| "in use by a test".to_string())
+    }
+}
+
+#[test]
+fn op_blockers_refuse_the_commands_that_change_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    let (base, top) = (base.to_str().unwrap(), top.to_str().unwrap());
+    qemu_img(&["create", "-q", "-f", "qcow2", base, "1M"]);
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, top,
+    ]);
+    let mut g = BlockGraph::new();
+    g.blockdev_add(&opts(
+        json!({"driver": "qcow2", "id": "d0", "node-name": "busy-top",
+        "file": {"driver": "file", "filename": top}}),
+    ))
+    .unwrap();
+    g.blockdev_add(&opts(
+        json!({"driver": "null-co", "node-name": "busy-alone"}),
+    ))
+    .unwrap();
+    g.set_op_blockers(Some(std::sync::Arc::new(BusyNodes)));
+    let busy = |r: block_graph::Result<()>| r.unwrap_err().to_string();
+    let msg = "Node 'd0' is busy: in use by a test";
+    let sync = block_graph::ops::SnapshotSync {
+        device: Some("d0".into()),
+        node_name: None,
+        snapshot_file: dir.path().join("s.qcow2").to_str().unwrap().into(),
+        snapshot_node_name: None,
+        format: None,
+        mode: qapi_types::NewImageMode::AbsolutePaths,
+    };
+    assert_eq!(busy(g.blockdev_snapshot_sync(&sync).map(drop)), msg);
+    assert_eq!(busy(g.snapshot_internal("d0", "s").map(drop)), msg);
+    assert_eq!(
+        busy(g.snapshot_delete_internal("d0", None, Some("s")).map(drop)),
+        msg
+    );
+    assert_eq!(
+        busy(g.change_backing_file("d0", "busy-top", "x")),
+        msg,
+        "QEMU checks the device's root"
+    );
+    assert_eq!(busy(g.remove_medium(Some("d0"), None)), msg);
+    assert_eq!(
+        busy(g.blockdev_del("busy-alone")),
+        "Node 'busy-alone' is busy: in use by a test"
+    );
+    // Without the blocker, the same commands go through.
+    g.set_op_blockers(None);
+    g.snapshot_internal("d0", "s").unwrap();
+    g.remove_medium(Some("d0"), None).unwrap();
+    g.blockdev_del("busy-alone").unwrap();
+}

@@ -157,3 +157,10 @@ pub fn register<C: 'static>(d: &mut Dispatcher<C>, get: fn(&mut C) -> (&Jobs, &m
 pub fn install_transaction_actions(g: &mut BlockGraph, jobs: &Jobs) {
     g.set_transaction_extension(Some(Box::new(crate::txn::JobActions::new(jobs.clone()))));
 }
+
+/// Makes the graph's commands that change a node (snapshots, `change-backing-file`,
+/// `blockdev-del`, removing a medium) refuse the nodes of a running job, with QEMU's
+/// "Node 'x' is busy: block device is in use by block job: mirror".
+pub fn install_op_blockers(g: &mut BlockGraph, jobs: &Jobs) {
+    g.set_op_blockers(Some(std::sync::Arc::new(jobs.clone())));
+}

@@ -51,6 +51,14 @@ impl std::fmt::Debug for Jobs {
     }
 }
 
+/// A job's nodes are blocked for the graph's commands that change them (QEMU's
+/// `block_job_add_bdrv` blocks every operation on them but dataplane).
+impl block_graph::OpBlockers for Jobs {
+    fn blocker(&self, node: &Arc<Node>) -> Option<String> {
+        self.job_using(node).map(|j| Self::blocker_reason(&j))
+    }
+}
+
 impl Jobs {
     /// A registry raising its events into `events`.
     pub fn new(events: Arc<EventQueue>) -> Self {
@@ -108,14 +116,19 @@ impl Jobs {
         })
     }
 
+    /// QEMU's blocker text for a node a job uses.
+    fn blocker_reason(job: &Job) -> String {
+        format!("block device is in use by block job: {}", job.kind.as_str())
+    }
+
     /// Refuses nodes another job uses, with QEMU's message.
     pub fn check_blockers(&self, g: &BlockGraph, nodes: &[Arc<Node>]) -> Result<()> {
         for n in nodes {
             if let Some(j) = self.job_using(n) {
                 return Err(JobError::generic(format!(
-                    "Node '{}' is busy: block device is in use by block job: {}",
+                    "Node '{}' is busy: {}",
                     g.device_or_node_name(n),
-                    j.kind.as_str()
+                    Self::blocker_reason(&j)
                 )));
             }
         }
