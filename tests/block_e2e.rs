@@ -169,3 +169,61 @@ fn a_virtio_blk_device_takes_its_drive_and_locks_out_a_second_writer() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+/// The block commands' success and error paths that qemu-storage-daemon also has, run on
+/// nodes `src` and `tgt` (empty qcow2 images) over `c`: every reply.
+fn error_paths(mut c: common::Raw) -> Vec<Value> {
+    let steps = [
+        json!(["block_resize", {"node-name": "src", "size": 1_048_576}]),
+        json!(["block_resize", {"node-name": "src", "size": 1000}]),
+        json!(["block_resize", {"node-name": "nope", "size": 1_048_576}]),
+        json!(["block-dirty-bitmap-add", {"node": "src", "name": "b", "granularity": 1000}]),
+        json!(["block-dirty-bitmap-add", {"node": "src", "name": "b"}]),
+        json!(["block-dirty-bitmap-add", {"node": "src", "name": "b"}]),
+        json!(["block-dirty-bitmap-merge", {"node": "src", "target": "b", "bitmaps": ["zz"]}]),
+        json!(["block-dirty-bitmap-remove", {"node": "src", "name": "zz"}]),
+        json!(["blockdev-add", {"driver": "null-co", "node-name": "src"}]),
+        json!(["blockdev-add", {"driver": "null-co", "node-name": "1bad"}]),
+        json!(["x-blockdev-change", {"parent": "src", "child": "file"}]),
+        json!(["blockdev-del", {"node-name": "nope"}]),
+        json!(["blockdev-snapshot-internal-sync", {"device": "src", "name": "s1"}]),
+        json!(["blockdev-snapshot-internal-sync", {"device": "src", "name": "s1"}]),
+        json!(["blockdev-snapshot-delete-internal-sync", {"device": "src", "name": "s9"}]),
+        json!(["blockdev-snapshot-delete-internal-sync", {"device": "src"}]),
+        json!(["block-set-write-threshold", {"node-name": "src", "write-threshold": 100}]),
+        json!(["block-set-write-threshold", {"node-name": "nope", "write-threshold": 100}]),
+        json!(["change-backing-file",
+               {"device": "src", "image-node-name": "tgt", "backing-file": "x"}]),
+        json!(["blockdev-snapshot", {"node": "src", "overlay": "tgt"}]),
+        json!(["blockdev-snapshot", {"node": "src", "overlay": "tgt"}]),
+        json!(["blockdev-del", {"node-name": "src"}]),
+    ];
+    let mut replies = Vec::new();
+    for s in steps {
+        let line = json!({"execute": s[0], "arguments": s[1]}).to_string();
+        let mut r = c.exec(&line);
+        // Timestamps and sizes of internal snapshots differ between runs.
+        if let Some(o) = r.get_mut("return").and_then(Value::as_object_mut) {
+            o.clear();
+        }
+        replies.push(json!([s[0], r]));
+    }
+    let _ = c.exec(r#"{"execute": "quit"}"#);
+    replies
+}
+
+#[test]
+fn block_commands_answer_as_qemu_storage_daemon_does() {
+    let ours = tempfile::tempdir().unwrap();
+    let vmm = common::start_listening(&common::qcow2_node_args(ours.path(), &["src", "tgt"], 0));
+    let mine = error_paths(vmm.negotiated());
+    let theirs = tempfile::tempdir().unwrap();
+    let args = common::qcow2_node_args(theirs.path(), &["src", "tgt"], 0);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let qsd = common::Qsd::start(&args);
+    let qemu = error_paths(qsd.negotiated());
+    for (m, q) in mine.iter().zip(&qemu) {
+        assert_eq!(m, q);
+    }
+    assert_eq!(mine.len(), qemu.len());
+}

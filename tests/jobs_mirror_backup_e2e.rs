@@ -665,38 +665,13 @@ fn refused_during_a_mirror(raw: Raw, dir: &std::path::Path) -> Vec<String> {
     errors
 }
 
-/// `--blockdev` arguments for `src` (32 MiB of data) and an empty `tgt` in `dir`.
-fn mirror_nodes(dir: &std::path::Path) -> Vec<String> {
-    let (src, tgt) = (dir.join("src.qcow2"), dir.join("tgt.qcow2"));
-    let (src, tgt) = (src.to_str().unwrap(), tgt.to_str().unwrap());
-    qemu_img(&["create", "-q", "-f", "qcow2", src, "64M"]);
-    run("qemu-io", &["-f", "qcow2", "-c", "write -P 1 0 32M", src]);
-    qemu_img(&["create", "-q", "-f", "qcow2", tgt, "64M"]);
-    [("src", src), ("tgt", tgt)]
-        .iter()
-        .flat_map(|(n, f)| {
-            [
-                "--blockdev".to_string(),
-                format!("driver=qcow2,node-name={n},file.driver=file,file.filename={f}"),
-            ]
-        })
-        .collect()
-}
-
 #[test]
 fn a_running_jobs_nodes_refuse_changes_as_qemu_storage_daemon_does() {
     let ours = tempfile::tempdir().unwrap();
-    let args = mirror_nodes(ours.path());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let vmm = Vmm::start(&args);
-    let end = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&vmm.sock).is_err() {
-        assert!(Instant::now() < end, "the monitor never listened");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let vmm = common::start_listening(&common::qcow2_node_args(ours.path(), &["src", "tgt"], 1));
     let mine = refused_during_a_mirror(vmm.negotiated(), ours.path());
     let theirs = tempfile::tempdir().unwrap();
-    let args = mirror_nodes(theirs.path());
+    let args = common::qcow2_node_args(theirs.path(), &["src", "tgt"], 1);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let qsd = common::Qsd::start(&args);
     let qemu = refused_during_a_mirror(qsd.negotiated(), theirs.path());

@@ -358,3 +358,35 @@ pub fn chunk_has(img: &str, chunk: u64, pattern: u64) -> bool {
         && !text.contains("Pattern verification failed")
         && text.contains("read 4096/4096")
 }
+
+/// `--blockdev` arguments for new 64 MiB qcow2 images in `dir`, one per name (node `src`
+/// on `src.qcow2`); the first `with_data` of them get 32 MiB written by qemu-io.
+pub fn qcow2_node_args(dir: &Path, names: &[&str], with_data: usize) -> Vec<String> {
+    let mut args = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let f = dir.join(format!("{n}.qcow2"));
+        let f = f.to_str().expect("UTF-8 path");
+        run("qemu-img", &["create", "-q", "-f", "qcow2", f, "64M"]);
+        if i < with_data {
+            run("qemu-io", &["-f", "qcow2", "-c", "write -P 1 0 32M", f]);
+        }
+        args.push("--blockdev".to_string());
+        args.push(format!(
+            "driver=qcow2,node-name={n},file.driver=file,file.filename={f}"
+        ));
+    }
+    args
+}
+
+/// Starts `vmm-reference --no-guest` with `args` and waits until its monitor listens (the
+/// socket file appears at bind, a moment before listen).
+pub fn start_listening(args: &[String]) -> Vmm {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let vmm = Vmm::start(&args);
+    let end = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&vmm.sock).is_err() {
+        assert!(Instant::now() < end, "the monitor never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vmm
+}

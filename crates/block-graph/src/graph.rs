@@ -547,16 +547,6 @@ impl BlockGraph {
             return Err(BlockError::generic(format!("Node {node_name} is in use")));
         }
         self.check_op_blockers(&node)?;
-        if let Some(e) = node.parents().iter().find(|e| e.name() == "backing") {
-            let user = match e.parent() {
-                Some(Parent::Node(w)) => w.upgrade().map(|p| self.device_or_node_name(&p)),
-                _ => None,
-            };
-            return Err(BlockError::generic(format!(
-                "Node '{node_name}' is busy: node is used as backing hd of '{}'",
-                user.unwrap_or_default()
-            )));
-        }
         let Some(i) = self
             .monitor_owned
             .iter()

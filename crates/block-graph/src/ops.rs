@@ -273,8 +273,9 @@ impl BlockGraph {
         let Some(sn) = fmt.driver().snapshot_find(id, name) else {
             return Err(BlockError::generic(format!(
                 "Snapshot with id '{}' and name '{}' does not exist on device '{device}'",
-                id.unwrap_or("(null)"),
-                name.unwrap_or("(null)")
+                // QEMU's STR_OR_NULL.
+                id.unwrap_or("null"),
+                name.unwrap_or("null")
             )));
         };
         let _d = self.drain(std::slice::from_ref(&n));

@@ -457,6 +457,22 @@ fn op_blockers_refuse_the_commands_that_change_a_node() {
         busy(g.blockdev_del("busy-alone")),
         "Node 'busy-alone' is busy: in use by a test"
     );
+    // A node used as another's backing node is blocked too (QEMU's backing blocker).
+    let ov = dir.path().join("ov.qcow2");
+    let ov = ov.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", ov, "1M"]);
+    g.blockdev_add(&opts(
+        json!({"driver": "qcow2", "node-name": "ov", "backing": null,
+        "file": {"driver": "file", "filename": ov}}),
+    ))
+    .unwrap();
+    g.blockdev_add(&opts(json!({"driver": "null-co", "node-name": "old"})))
+        .unwrap();
+    g.blockdev_snapshot("old", "ov").unwrap();
+    assert_eq!(
+        busy(g.blockdev_snapshot("old", "ov").map(drop)),
+        "Node 'old' is busy: node is used as backing hd of 'ov'"
+    );
     // Without the blocker, the same commands go through.
     g.set_op_blockers(None);
     g.snapshot_internal("d0", "s").unwrap();

@@ -541,7 +541,7 @@ fn internal_snapshots_and_resize_seen_by_qemu() {
         g.snapshot_delete_internal("d", Some("9"), None)
             .unwrap_err()
             .to_string(),
-        "Snapshot with id '9' and name '(null)' does not exist on device 'd'"
+        "Snapshot with id '9' and name 'null' does not exist on device 'd'"
     );
     let del = g
         .snapshot_delete_internal("d", None, Some("snap2"))
