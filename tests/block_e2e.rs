@@ -1,6 +1,8 @@
 //! End to end: the block graph in vmm-reference: --blockdev in both of
 //! QEMU's forms, blockdev-add (flat and the seed's `options` wrapper),
-//! queries, blockdev-del, block_resize, and images judged by qemu-img.
+//! queries, blockdev-del, block_resize, and images judged by qemu-img; the
+//! replies of 43 block commands on their success and error paths compared
+//! with qemu-storage-daemon 7.2's.
 
 mod common;
 
@@ -170,10 +172,26 @@ fn a_virtio_blk_device_takes_its_drive_and_locks_out_a_second_writer() {
     }
 }
 
-/// The block commands' success and error paths that qemu-storage-daemon also has, run on
-/// nodes `src` and `tgt` (empty qcow2 images) over `c`: every reply.
-fn error_paths(mut c: common::Raw) -> Vec<Value> {
-    let steps = [
+/// Runs `steps` (`[command, arguments]`) over `c`, then quits: every reply, with the
+/// contents of successful returns left out (internal snapshots' times differ).
+fn replies(mut c: common::Raw, steps: &[Value]) -> Vec<Value> {
+    let mut replies = Vec::new();
+    for s in steps {
+        let line = json!({"execute": s[0], "arguments": s[1]}).to_string();
+        let mut r = c.exec(&line);
+        if let Some(o) = r.get_mut("return").and_then(Value::as_object_mut) {
+            o.clear();
+        }
+        replies.push(json!([s[0], r]));
+    }
+    let _ = c.exec(r#"{"execute": "quit"}"#);
+    replies
+}
+
+/// Block commands on their success and error paths that qemu-storage-daemon also has, on
+/// nodes `src` and `tgt` (empty qcow2 images).
+fn block_command_steps() -> Vec<Value> {
+    vec![
         json!(["block_resize", {"node-name": "src", "size": 1_048_576}]),
         json!(["block_resize", {"node-name": "src", "size": 1000}]),
         json!(["block_resize", {"node-name": "nope", "size": 1_048_576}]),
@@ -197,33 +215,59 @@ fn error_paths(mut c: common::Raw) -> Vec<Value> {
         json!(["blockdev-snapshot", {"node": "src", "overlay": "tgt"}]),
         json!(["blockdev-snapshot", {"node": "src", "overlay": "tgt"}]),
         json!(["blockdev-del", {"node-name": "src"}]),
-    ];
-    let mut replies = Vec::new();
-    for s in steps {
-        let line = json!({"execute": s[0], "arguments": s[1]}).to_string();
-        let mut r = c.exec(&line);
-        // Timestamps and sizes of internal snapshots differ between runs.
-        if let Some(o) = r.get_mut("return").and_then(Value::as_object_mut) {
-            o.clear();
-        }
-        replies.push(json!([s[0], r]));
-    }
-    let _ = c.exec(r#"{"execute": "quit"}"#);
-    replies
+    ]
+}
+
+/// Bitmaps, `blockdev-add` of each driver with bad options, `blockdev-del`,
+/// `x-blockdev-change` and the write threshold, on `src` and `tgt`.
+fn node_option_steps() -> Vec<Value> {
+    vec![
+        json!(["block-dirty-bitmap-add", {"node": "src", "name": "p", "persistent": true}]),
+        json!(["block-dirty-bitmap-add", {"node": "src", "name": "d", "disabled": true}]),
+        json!(["block-dirty-bitmap-add",
+               {"node": "src", "name": "g", "granularity": 4_294_967_296u64}]),
+        json!(["block-dirty-bitmap-add", {"node": "src", "name": ""}]),
+        json!(["block-dirty-bitmap-disable", {"node": "src", "name": "d"}]),
+        json!(["block-dirty-bitmap-enable", {"node": "src", "name": "nope"}]),
+        json!(["block-dirty-bitmap-merge", {"node": "src", "target": "p",
+               "bitmaps": ["d", {"node": "tgt", "name": "x"}]}]),
+        json!(["block-dirty-bitmap-merge", {"node": "src", "target": "p",
+               "bitmaps": [{"node": "nope", "name": "x"}]}]),
+        json!(["block-dirty-bitmap-clear", {"node": "src", "name": "d"}]),
+        json!(["block-dirty-bitmap-remove", {"node": "src", "name": "p"}]),
+        json!(["blockdev-add", {"driver": "qcow2", "node-name": "n2", "file": "nope"}]),
+        json!(["blockdev-add", {"driver": "qcow2", "node-name": "n3",
+               "file": {"driver": "file", "filename": "/nonexistent/x"}}]),
+        json!(["blockdev-add",
+               {"driver": "raw", "node-name": "n4", "file": "src", "offset": 512, "size": 1000}]),
+        json!(["blockdev-add",
+               {"driver": "raw", "node-name": "n5", "file": "tgt", "offset": 512, "size": 1024}]),
+        json!(["blockdev-add", {"driver": "throttle", "node-name": "n7", "file": "src",
+               "throttle-group": "nogroup"}]),
+        json!(["blockdev-add",
+               {"driver": "blkdebug", "node-name": "n8", "image": "src", "align": 3}]),
+        json!(["blockdev-add", {"driver": "quorum", "node-name": "n9", "children": ["src"],
+               "vote-threshold": 2}]),
+        json!(["blockdev-del", {"node-name": "n5"}]),
+        json!(["blockdev-del", {"node-name": "src"}]),
+        json!(["x-blockdev-change", {"parent": "src", "node": "tgt"}]),
+        json!(["block-set-write-threshold", {"node-name": "src", "write-threshold": -1}]),
+    ]
 }
 
 #[test]
 fn block_commands_answer_as_qemu_storage_daemon_does() {
-    let ours = tempfile::tempdir().unwrap();
-    let vmm = common::start_listening(&common::qcow2_node_args(ours.path(), &["src", "tgt"], 0));
-    let mine = error_paths(vmm.negotiated());
-    let theirs = tempfile::tempdir().unwrap();
-    let args = common::qcow2_node_args(theirs.path(), &["src", "tgt"], 0);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let qsd = common::Qsd::start(&args);
-    let qemu = error_paths(qsd.negotiated());
-    for (m, q) in mine.iter().zip(&qemu) {
-        assert_eq!(m, q);
+    for steps in [block_command_steps(), node_option_steps()] {
+        let ours = tempfile::tempdir().unwrap();
+        let args = common::qcow2_node_args(ours.path(), &["src", "tgt"], 0);
+        let mine = replies(common::start_listening(&args).negotiated(), &steps);
+        let theirs = tempfile::tempdir().unwrap();
+        let args = common::qcow2_node_args(theirs.path(), &["src", "tgt"], 0);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let qemu = replies(common::Qsd::start(&args).negotiated(), &steps);
+        for (m, q) in mine.iter().zip(&qemu) {
+            assert_eq!(m, q);
+        }
+        assert_eq!(mine.len(), qemu.len());
     }
-    assert_eq!(mine.len(), qemu.len());
 }
