@@ -538,12 +538,13 @@ impl BlockGraph {
                 "Failed to find node with node-name='{node_name}'"
             )));
         };
-        // QEMU's `bdrv_has_blk`: any BlockBackend, a job's anonymous ones included.
+        // QEMU's `bdrv_has_blk`: any BlockBackend (a root parent), a job's anonymous ones
+        // included.
         let has_blk = node
             .parents()
             .iter()
             .any(|e| matches!(e.parent(), Some(Parent::Root(_))));
-        if has_blk || self.backend_of(&node).is_some() {
+        if has_blk {
             return Err(BlockError::generic(format!("Node {node_name} is in use")));
         }
         self.check_op_blockers(&node)?;
