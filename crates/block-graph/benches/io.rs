@@ -11,7 +11,8 @@
 //! and the table shows medians.
 //!
 //! `cargo bench -p block-graph --bench io -- [--quick] [--direct] [--dir DIR] [--rounds N]
-//! [--qemu-aio threads|native|io_uring] [--only TEXT]` (`--direct`: cache=none everywhere, on /var/tmp
+//! [--qemu-aio threads|native|io_uring] [--aio threads|io_uring] [--only TEXT]` (`--aio`: the
+//! graph's `aio` option, on the qcow2 node and inherited by its file; `--direct`: cache=none everywhere, on /var/tmp
 //! unless `--dir` says otherwise). Other modes: `--throttle` (accuracy at 10 MB/s and 1000
 //! IOPS over 10 s), `--mem [--vmm PATH]` (100 qcow2 nodes: this process, `vmm-reference
 //! --no-guest` and qemu-storage-daemon), `--uring`, `--one graph|graph-acct|crate read|write [--count N]`,
@@ -33,6 +34,13 @@ const REGION: u64 = 256 << 20;
 
 /// `--qemu-aio`: qemu-img bench's `-i` (default `threads`, QEMU's default).
 static QEMU_AIO: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// `--aio`: the graph's `aio` option (default `threads`).
+static AIO: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn aio() -> &'static str {
+    AIO.get().map_or("threads", String::as_str)
+}
 
 /// `--direct`: cache=none (O_DIRECT) on every path.
 static DIRECT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -128,7 +136,7 @@ fn open_graph(img: &str) -> (BlockGraph, Arc<BlockBackend>) {
     g.object_add("throttle-group", "unlimited", serde_json::json!({}))
         .unwrap();
     let o = BlockdevOptions::from_qmp_strict(serde_json::json!({
-        "driver": "qcow2", "node-name": "q", "cache": {"direct": direct()},
+        "driver": "qcow2", "node-name": "q", "cache": {"direct": direct()}, "aio": aio(),
         "file": {"driver": "file", "filename": img}
     }))
     .unwrap();
@@ -286,6 +294,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(a) = arg_value(&args, "--qemu-aio") {
         let _ = QEMU_AIO.set(a);
+    }
+    if let Some(a) = arg_value(&args, "--aio") {
+        let _ = AIO.set(a);
     }
     let quick = args.iter().any(|a| a == "--quick");
     DIRECT.store(

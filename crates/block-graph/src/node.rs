@@ -35,6 +35,20 @@ pub(crate) fn mlock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     l.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// `aio`: how a `file` node submits its I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Aio {
+    /// `threads` (the default): each request on the thread that makes it; batches through
+    /// `io_uring` with `cache.direct=on`, request by request through the page cache.
+    #[default]
+    Threads,
+    /// `native` (needs `cache.direct=on`): as `threads`.
+    Native,
+    /// `io_uring`: batches through `io_uring` whatever the cache mode; the node fails to
+    /// open where `io_uring` cannot be set up, as QEMU's does.
+    IoUring,
+}
+
 /// `detect-zeroes`: what to do with writes of all-zero buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DetectZeroes {
@@ -66,6 +80,8 @@ pub struct NodeOptions {
     pub detect_zeroes: DetectZeroes,
     /// `force-share`: share every permission with other users.
     pub force_share: bool,
+    /// `aio`, inherited by children as QEMU's open flags are.
+    pub aio: Aio,
 }
 
 impl Default for NodeOptions {
@@ -79,6 +95,7 @@ impl Default for NodeOptions {
             discard_unmap: false,
             detect_zeroes: DetectZeroes::Off,
             force_share: false,
+            aio: Aio::Threads,
         }
     }
 }

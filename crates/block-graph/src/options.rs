@@ -7,7 +7,7 @@ use qapi_types::{
 };
 
 use crate::error::{BlockError, Result};
-use crate::node::{DetectZeroes, NodeOptions};
+use crate::node::{Aio, DetectZeroes, NodeOptions};
 use crate::perm::ChildRole;
 
 /// Defaults a node takes from its parent when its own options leave them unset.
@@ -25,6 +25,8 @@ pub struct Inherit {
     pub cache_no_flush: Option<bool>,
     /// Default for `discard` (`Some(true)`: unmap).
     pub discard_unmap: Option<bool>,
+    /// Default for `aio`.
+    pub aio: Option<Aio>,
 }
 
 impl Inherit {
@@ -47,6 +49,7 @@ impl Inherit {
                 cache_direct: Some(parent.cache_direct),
                 cache_no_flush: Some(parent.cache_no_flush),
                 discard_unmap: None,
+                aio: Some(parent.aio),
             },
             // Drivers send flushes and respect the unmap policy themselves, so lower layers
             // default to passing discards on.
@@ -57,6 +60,7 @@ impl Inherit {
                 cache_direct: Some(parent.cache_direct),
                 cache_no_flush: Some(parent.cache_no_flush),
                 discard_unmap: Some(true),
+                aio: Some(parent.aio),
             },
         }
     }
@@ -102,8 +106,9 @@ pub fn node_options(o: &BlockdevOptions, inh: &Inherit) -> Result<NodeOptions> {
             "force-share=on can only be used with read-only images",
         ));
     }
-    match &o.aio {
-        None | Some(BlockdevAioOptions::Threads) => {}
+    let aio = match &o.aio {
+        None => inh.aio.unwrap_or_default(),
+        Some(BlockdevAioOptions::Threads) => Aio::Threads,
         Some(BlockdevAioOptions::Native) => {
             if !cache_direct {
                 return Err(BlockError::generic(
@@ -111,15 +116,16 @@ pub fn node_options(o: &BlockdevOptions, inh: &Inherit) -> Result<NodeOptions> {
                      specified.",
                 ));
             }
+            Aio::Native
         }
+        Some(BlockdevAioOptions::IoUring) => Aio::IoUring,
         Some(other) => {
             return Err(BlockError::generic(format!(
-                "aio={} is not supported by this block layer (requests run on the calling \
-                 thread; use aio=threads)",
+                "Parameter 'aio' does not accept value '{}'",
                 other.as_str()
             )))
         }
-    }
+    };
     let backend_only = o.werror.is_some()
         || o.rerror.is_some()
         || o.stats_account_invalid.is_some()
@@ -140,6 +146,7 @@ pub fn node_options(o: &BlockdevOptions, inh: &Inherit) -> Result<NodeOptions> {
         discard_unmap,
         detect_zeroes,
         force_share,
+        aio,
     })
 }
 
@@ -151,6 +158,40 @@ mod tests {
 
     fn opts(v: serde_json::Value) -> BlockdevOptions {
         BlockdevOptions::from_qmp_strict(v).unwrap()
+    }
+
+    #[test]
+    fn children_inherit_aio() {
+        let p = node_options(
+            &opts(json!({"driver": "null-co", "aio": "io_uring"})),
+            &Inherit::top(),
+        )
+        .unwrap();
+        assert_eq!(p.aio, Aio::IoUring);
+        let file = Inherit::for_child(&p, ChildRole::Image);
+        let c = node_options(&opts(json!({"driver": "null-co"})), &file).unwrap();
+        assert_eq!(c.aio, Aio::IoUring);
+        let b = node_options(
+            &opts(json!({"driver": "null-co"})),
+            &Inherit::for_child(&p, ChildRole::Cow),
+        )
+        .unwrap();
+        assert_eq!(b.aio, Aio::IoUring);
+        let own = node_options(&opts(json!({"driver": "null-co", "aio": "threads"})), &file);
+        assert_eq!(own.unwrap().aio, Aio::Threads);
+        assert_eq!(
+            node_options(&opts(json!({"driver": "null-co", "aio": "native"})), &file)
+                .unwrap_err()
+                .to_string(),
+            "aio=native was specified, but it requires cache.direct=on, which was not \
+             specified."
+        );
+        assert_eq!(
+            node_options(&opts(json!({"driver": "null-co"})), &Inherit::top())
+                .unwrap()
+                .aio,
+            Aio::Threads
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use block_graph::batch::BatchReq;
+use block_graph::node::Aio;
 use block_graph::{BlockBackend, BlockGraph, WriteFlags};
 use common::*;
 use serde_json::json;
@@ -13,9 +14,19 @@ use serde_json::json;
 const CL: u64 = 65536;
 
 fn backend(g: &mut BlockGraph, img: &std::path::Path, direct: bool) -> Arc<BlockBackend> {
+    backend_aio(g, img, direct, "threads")
+}
+
+/// [`backend`] with `aio` set on the qcow2 node (its file child inherits it).
+fn backend_aio(
+    g: &mut BlockGraph,
+    img: &std::path::Path,
+    direct: bool,
+    aio: &str,
+) -> Arc<BlockBackend> {
     let n = g
         .blockdev_add(&opts(json!({
-            "driver": "qcow2", "node-name": "q", "cache": {"direct": direct},
+            "driver": "qcow2", "node-name": "q", "cache": {"direct": direct}, "aio": aio,
             "file": {"driver": "file", "filename": img.to_str().unwrap()}
         })))
         .unwrap();
@@ -60,6 +71,35 @@ fn round_trip(be: &BlockBackend, offs: &[u64], bufs: &[Vec<u8>]) {
 
 #[test]
 fn batches_allocate_rewrite_and_read_back() {
+    allocate_rewrite_and_read_back("threads");
+}
+
+/// `aio=io_uring` sends batches through io_uring through the page cache too.
+#[test]
+fn io_uring_batches_allocate_rewrite_and_read_back() {
+    if let Err(e) = io_uring::IoUring::new(2) {
+        // Where the kernel refuses a ring (seccomp, old kernel), the node fails to open,
+        // as QEMU's does.
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("u.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"]);
+        let err = BlockGraph::new()
+            .blockdev_add(&opts(json!({
+                "driver": "qcow2", "node-name": "q", "aio": "io_uring",
+                "file": {"driver": "file", "filename": img.to_str().unwrap()}
+            })))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("Unable to use io_uring: failed to init linux io_uring ring: "),
+            "{err} ({e})"
+        );
+        return;
+    }
+    allocate_rewrite_and_read_back("io_uring");
+}
+
+fn allocate_rewrite_and_read_back(aio: &str) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("a.qcow2");
     let raw = dir.path().join("a.raw");
@@ -89,7 +129,14 @@ fn batches_allocate_rewrite_and_read_back() {
     }
     {
         let mut g = BlockGraph::new();
-        let be = backend(&mut g, &img, false);
+        let be = backend_aio(&mut g, &img, false, aio);
+        let file = g.find_node("q").unwrap().child("file").unwrap().node();
+        let want = if aio == "io_uring" {
+            Aio::IoUring
+        } else {
+            Aio::Threads
+        };
+        assert_eq!(file.options().aio, want, "the file child inherits aio");
         round_trip(&be, &offs[..first], &bufs[..first]);
         round_trip(&be, &offs[first..], &bufs[first..]);
         // The backend does not account (its device does, as in QEMU).

@@ -145,6 +145,7 @@ fn file(path: &Path) -> FileDriver {
         read_only: false,
         direct: false,
         locking: false,
+        io_uring: false,
     })
     .unwrap()
 }

@@ -26,7 +26,7 @@ use crate::node::mlock;
 use crate::perm::Perm;
 
 /// How the file driver is configured.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct FileOptions {
     /// Host path.
     pub filename: String,
@@ -36,6 +36,9 @@ pub struct FileOptions {
     pub direct: bool,
     /// Take QEMU's permission locks (`locking=on|auto`).
     pub locking: bool,
+    /// `aio=io_uring`: batches go through `io_uring` through the page cache too (with
+    /// `direct` they always do); the open fails where `io_uring` cannot be set up.
+    pub io_uring: bool,
 }
 
 /// QEMU's lock bytes: 100 + i while holding permission bit i, 200 + i while not sharing it.
@@ -59,6 +62,8 @@ pub struct FileDriver {
     locking: bool,
     /// Bits locked at (LOCK_PERM_BASE, LOCK_SHARED_BASE).
     locked: Mutex<(u32, u32)>,
+    /// Batches through `io_uring` even through the page cache (`aio=io_uring`).
+    io_uring: bool,
 }
 
 fn errno() -> i32 {
@@ -71,6 +76,13 @@ impl FileDriver {
     /// Opens the file. Errors read as QEMU's: `Could not open '/x': No such file or
     /// directory`.
     pub fn open(o: &FileOptions) -> Result<Self> {
+        if o.io_uring {
+            uring::probe().map_err(|e| {
+                BlockError::from(e)
+                    .prepend("failed to init linux io_uring ring")
+                    .prepend("Unable to use io_uring")
+            })?;
+        }
         let mut oo = OpenOptions::new();
         oo.read(true).write(!o.read_only);
         let mut flags = libc::O_CLOEXEC;
@@ -99,6 +111,7 @@ impl FileDriver {
             extent: Mutex::new((0, 0)),
             locking: o.locking,
             locked: Mutex::new((0, 0)),
+            io_uring: o.io_uring,
         };
         if o.direct {
             d.align = d.probe_alignment();
@@ -291,9 +304,10 @@ impl BlockDriver for FileDriver {
     }
 
     fn submit_batch(&self, reqs: &mut [BatchReq<'_>]) {
-        if self.align == 1 {
+        if self.align == 1 && !self.io_uring {
             // Through the page cache, preadv/pwritev on this thread are faster than
-            // io_uring, which hands buffered I/O it cannot finish at once to its workers.
+            // io_uring, which hands buffered I/O it cannot finish at once to its workers
+            // (`benches/RESULTS.md`); `aio=io_uring` asks for it all the same.
             return crate::batch::run_each(self, reqs);
         }
         // Requests the kernel cannot take as they are (bounced, read-modify-write) go

@@ -162,6 +162,7 @@ pub(crate) fn open_driver(
                 read_only: ctx.options().read_only,
                 direct: ctx.options().cache_direct,
                 locking,
+                io_uring: ctx.options().aio == crate::node::Aio::IoUring,
             })?;
             Ok(Box::new(d))
         }

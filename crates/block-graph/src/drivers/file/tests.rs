@@ -8,6 +8,7 @@ fn open(path: &std::path::Path, direct: bool) -> FileDriver {
         read_only: false,
         direct,
         locking: true,
+        io_uring: false,
     })
     .unwrap()
 }
@@ -65,6 +66,7 @@ fn missing_file_is_worded_like_qemu() {
         read_only: true,
         direct: false,
         locking: true,
+        io_uring: false,
     })
     .err()
     .unwrap();
@@ -84,6 +86,7 @@ fn direct_io_bounces_unaligned_requests() {
         read_only: false,
         direct: true,
         locking: false,
+        io_uring: false,
     }) {
         Ok(f) => f,
         // tmpfs has no O_DIRECT.

@@ -42,6 +42,12 @@ fn retryable(e: &std::io::Error) -> bool {
     )
 }
 
+/// Whether `io_uring` can be set up here (`aio=io_uring` nodes check it when they open,
+/// as QEMU's do): the error of a ring's creation, else `Ok`.
+pub fn probe() -> std::io::Result<()> {
+    IoUring::new(2).map(drop)
+}
+
 /// Runs `ios`, filling `out` with each result (bytes moved, or `-errno`). Returns false,
 /// having done nothing, when `io_uring` cannot be used on this thread.
 pub fn run(ios: &[Io], out: &mut Vec<i32>) -> bool {
