@@ -7,8 +7,72 @@ use qapi_types::{
 };
 
 use crate::error::{BlockError, Result};
-use crate::node::{Aio, DetectZeroes, NodeOptions};
 use crate::perm::ChildRole;
+
+/// `aio`: how a `file` node submits its I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Aio {
+    /// `threads` (the default): each request on the thread that makes it; batches through
+    /// `io_uring` with `cache.direct=on`, request by request through the page cache.
+    #[default]
+    Threads,
+    /// `native` (needs `cache.direct=on`): as `threads`.
+    Native,
+    /// `io_uring`: batches through `io_uring` whatever the cache mode; the node fails to
+    /// open where `io_uring` cannot be set up, as QEMU's does.
+    IoUring,
+}
+
+/// `detect-zeroes`: what to do with writes of all-zero buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    /// Write them as they are.
+    #[default]
+    Off,
+    /// Turn them into write-zeroes requests.
+    On,
+    /// Turn them into write-zeroes requests that may unmap (with `discard=unmap`).
+    Unmap,
+}
+
+/// The generic options of a node.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Opened read-only.
+    pub read_only: bool,
+    /// `auto-read-only`.
+    pub auto_read_only: bool,
+    /// `cache.direct`: bypass the host page cache.
+    pub cache_direct: bool,
+    /// `cache.no-flush`: ignore flushes.
+    pub cache_no_flush: bool,
+    /// `cache.writeback` (always true since QEMU 2.x; reported in `cache`).
+    pub cache_writeback: bool,
+    /// `discard=unmap`: pass discards down (otherwise they are ignored).
+    pub discard_unmap: bool,
+    /// `detect-zeroes`.
+    pub detect_zeroes: DetectZeroes,
+    /// `force-share`: share every permission with other users.
+    pub force_share: bool,
+    /// `aio`, inherited by children as QEMU's open flags are.
+    pub aio: Aio,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            read_only: false,
+            auto_read_only: false,
+            cache_direct: false,
+            cache_no_flush: false,
+            cache_writeback: true,
+            discard_unmap: false,
+            detect_zeroes: DetectZeroes::Off,
+            force_share: false,
+            aio: Aio::Threads,
+        }
+    }
+}
 
 /// Defaults a node takes from its parent when its own options leave them unset.
 #[derive(Debug, Clone, Default)]
