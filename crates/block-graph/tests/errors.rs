@@ -313,6 +313,53 @@ fn blkdebug_rules_fire_on_qcow2_metadata_events() {
     assert_clean(&img);
 }
 
+/// Discards and write-zeroes fail as reads and writes do when an active blkdebug rule
+/// covers their range, and the image keeps what they would have changed: the same
+/// sequence through `qemu-io` 7.2 on the same graph gives the same failures.
+#[test]
+fn discard_and_write_zeroes_errors_come_back() {
+    let errno = |r: Result<(), BlockError>| match r {
+        Err(BlockError::Io { errno, .. }) => errno,
+        other => panic!("expected an I/O error, got {other:?}"),
+    };
+    // The rule becomes active at the first write that reaches blkdebug, and covers sector 8.
+    let (mut g, be, dir) = setup(
+        json!({"discard": "unmap"}),
+        json!({"discard": "unmap",
+               "inject-error": [{"event": "pwritev", "sector": 8, "errno": 5}]}),
+    );
+    be.write_buf(0, &[1u8; 4096], WriteFlags::default())
+        .unwrap();
+    assert_eq!(errno(be.discard(0, 8192)), libc::EIO);
+    assert_eq!(
+        errno(be.write_zeroes(4096, 4096, Default::default())),
+        libc::EIO
+    );
+    // Requests that miss the sector pass, flushes too (the rule names a sector).
+    be.discard(0, 4096).unwrap();
+    be.write_zeroes(8192, 4096, Default::default()).unwrap();
+    be.flush().unwrap();
+    // Reads of sector 8 fail too; the file itself tells what happened.
+    let mut one = [0u8; 512];
+    assert_eq!(errno(be.read_buf(4096, &mut one)), libc::EIO);
+    drop(be);
+    g.close_all();
+    let back = std::fs::read(dir.path().join("img.raw")).unwrap();
+    assert!(
+        back[..4096].iter().all(|&b| b == 0),
+        "the discard took effect"
+    );
+    assert!(
+        back[4096..8192].iter().all(|&b| b == 0x5a),
+        "the failed discard and write-zeroes changed nothing"
+    );
+    assert!(
+        back[8192..12288].iter().all(|&b| b == 0),
+        "write-zeroes took effect"
+    );
+    drop(dir);
+}
+
 #[test]
 fn qcow2_discards_reach_the_file_with_discard_unmap_only() {
     use std::os::unix::fs::MetadataExt;
