@@ -115,12 +115,18 @@ impl Vmm {
 
     /// Puts the guest back in its power-on state, keeping the run state, and sends RESET.
     pub fn reset(&mut self) -> Result<(), QmpError> {
-        if let Some(m) = &self.machine {
-            m.reset().map_err(|e| QmpError::generic(e.to_string()))?;
-            if self.run_state == RunState::Running {
+        let Some(m) = &self.machine else {
+            return Ok(());
+        };
+        m.reset().map_err(|e| QmpError::generic(e.to_string()))?;
+        self.events.push(event::Reset::message());
+        // The reset let go of every device: unplugs waiting for their driver complete
+        // now, before the guest runs again and drives those devices anew.
+        crate::hotplug::complete_unplugs(self);
+        if self.run_state == RunState::Running {
+            if let Some(m) = &self.machine {
                 m.resume();
             }
-            self.events.push(event::Reset::message());
         }
         Ok(())
     }
