@@ -570,9 +570,43 @@ fn events_and_query_shapes_match_qemu_storage_daemon() {
     ours.judge("top");
 }
 
+/// What a mirror shows while it runs, and its events: see [`mirror_across_a_transaction`].
+struct MirrorSeen {
+    events: Vec<String>,
+    /// query-named-block-nodes while the job runs: (node name, `#` for generated ones;
+    /// driver; file name, the chain's directory as `<dir>`), sorted.
+    nodes: Vec<(String, String, String)>,
+    /// Errors of commands on the source during the job.
+    errors: Vec<Value>,
+    /// query-named-block-nodes after the job (the filter gone).
+    after: Vec<(String, String, String)>,
+}
+
+fn node_list(c: &mut Client, chain: &Chain) -> Vec<(String, String, String)> {
+    let dir = chain.dir.path().to_str().unwrap().to_owned();
+    let r = c.ok("query-named-block-nodes", json!({}));
+    let mut v: Vec<(String, String, String)> = r
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let name = n["node-name"].as_str().unwrap();
+            let name = if name.starts_with('#') { "#" } else { name };
+            (
+                name.to_owned(),
+                n["drv"].as_str().unwrap().to_owned(),
+                n["file"].as_str().unwrap().replace(&dir, "<dir>"),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 /// A slow mirror of `top` to a new node, a `transaction` adding a bitmap to `top` while it
-/// runs, then a forced cancel: the job's events.
-fn mirror_across_a_transaction(c: &mut Client, chain: &Chain) -> Vec<String> {
+/// runs, then a forced cancel: the nodes during the job (QEMU's implicit `mirror_top`
+/// filter above the source), commands refused on the source, the job's events.
+fn mirror_across_a_transaction(c: &mut Client, chain: &Chain) -> MirrorSeen {
     let tgt = chain.dir.path().join("tgt.qcow2");
     let tgt = tgt.to_str().unwrap();
     run("qemu-img", &["create", "-q", "-f", "qcow2", tgt, "4M"]);
@@ -588,6 +622,23 @@ fn mirror_across_a_transaction(c: &mut Client, chain: &Chain) -> Vec<String> {
                "speed": 262_144}),
     );
     c.wait_status("m0", "running");
+    let nodes = node_list(c, chain);
+    let mut errors = Vec::new();
+    for (cmd, args) in [
+        (
+            "blockdev-snapshot-internal-sync",
+            json!({"device": "top", "name": "s1"}),
+        ),
+        (
+            "change-backing-file",
+            json!({"device": "top", "image-node-name": "top", "backing-file": "x"}),
+        ),
+        ("blockdev-del", json!({"node-name": "top"})),
+        ("blockdev-del", json!({"node-name": "tgt"})),
+        ("block_resize", json!({"node-name": "top", "size": 8 * MIB})),
+    ] {
+        errors.push(c.cmd(cmd, args).expect_err(cmd));
+    }
     std::thread::sleep(Duration::from_millis(300));
     c.ok(
         "transaction",
@@ -599,20 +650,37 @@ fn mirror_across_a_transaction(c: &mut Client, chain: &Chain) -> Vec<String> {
     c.wait_status("m0", "running");
     c.ok("block-job-cancel", json!({"device": "m0", "force": true}));
     c.wait_status("m0", "null");
-    c.job_events("m0")
+    MirrorSeen {
+        events: c.job_events("m0"),
+        nodes,
+        errors,
+        after: node_list(c, chain),
+    }
 }
 
 #[test]
 fn a_transaction_pauses_a_running_job_like_qemu_storage_daemon() {
     let ours = Chain::new();
     let (vmm, mut c) = start(&ours);
-    let our_events = mirror_across_a_transaction(&mut c, &ours);
+    let our = mirror_across_a_transaction(&mut c, &ours);
     c.quit(vmm);
 
     let theirs = Chain::new();
     let qsd = Qsd::start(&["--blockdev", &theirs.top_arg("top")]);
     let mut q = Client::new(qsd.negotiated());
-    let qemu_events = mirror_across_a_transaction(&mut q, &theirs);
+    let qemu = mirror_across_a_transaction(&mut q, &theirs);
+    // The same nodes, with the implicit mirror_top above the source while the job runs.
+    assert_eq!(our.nodes, qemu.nodes);
+    assert!(
+        our.nodes
+            .iter()
+            .any(|(n, d, _)| n == "#" && d == "mirror_top"),
+        "{:?}",
+        our.nodes
+    );
+    assert_eq!(our.after, qemu.after);
+    assert_eq!(our.errors, qemu.errors);
+    let (our_events, qemu_events) = (our.events, qemu.events);
     // The drained moment, as QEMU has it; the cancel at the end. Between them QEMU may
     // already be ready: its mirror copies its first buffer before the speed limit counts.
     assert_eq!(our_events[..4], qemu_events[..4]);

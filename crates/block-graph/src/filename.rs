@@ -6,12 +6,26 @@ use serde_json::{Map, Value};
 
 use crate::node::Node;
 
-/// Formats JSON as QEMU prints it: keys sorted, `", "` and `": "` separators.
+/// The bucket of a key in QEMU's `QDict` (`tdb_hash(key) % QDICT_BUCKET_MAX`): a QDict
+/// iterates its buckets in order, so this decides the order of the keys QEMU prints.
+fn qdict_bucket(key: &str) -> u32 {
+    let b = key.as_bytes();
+    let mut value = 0x238F_13AFu32.wrapping_mul(b.len() as u32);
+    for (i, &c) in b.iter().enumerate() {
+        value = value.wrapping_add(u32::from(c) << ((i * 5) % 24));
+    }
+    1_103_515_243u32.wrapping_mul(value).wrapping_add(12345) % 512
+}
+
+/// Formats JSON as QEMU prints a `QDict` (`json:` file names): keys in the order of
+/// QEMU's hash buckets (within a bucket, the last inserted first, as QEMU's list heads
+/// do), `", "` and `": "` separators.
 pub fn qemu_json(v: &Value) -> String {
     match v {
         Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
+            let mut keys: Vec<(usize, &String)> = m.keys().enumerate().collect();
+            keys.sort_by_key(|(i, k)| (qdict_bucket(k), std::cmp::Reverse(*i)));
+            let keys: Vec<&String> = keys.into_iter().map(|(_, k)| k).collect();
             let parts: Vec<String> = keys
                 .iter()
                 .map(|k| format!("{}: {}", Value::String((*k).clone()), qemu_json(&m[*k])))
@@ -64,12 +78,14 @@ fn primary_filename(n: &Node) -> String {
     }
 }
 
-/// Whether the node needs a `json:` file name.
+/// Whether the node needs a `json:` file name: QEMU's `bdrv_refresh_filename` takes the
+/// primary child's name only for a format node without strong options over a protocol
+/// node (opening that file with this format recreates the node).
 fn needs_json(n: &Node) -> bool {
     if n.driver().filename().is_some() {
         return false;
     }
-    if !n.driver().strong_options().is_empty() || backing_overridden(n) {
+    if !n.driver().strong_options().is_empty() || backing_overridden(n) || n.driver().is_filter() {
         return true;
     }
     let children = n.children();
@@ -77,11 +93,23 @@ fn needs_json(n: &Node) -> bool {
     if data_children > 1 {
         return true;
     }
-    primary_filename(n).starts_with("json:")
+    // QEMU asks for a child opened by file name (`bdrv_file_open`: protocols, and filters
+    // such as blkdebug that make their own names) with a plain name.
+    match n.primary_child().map(|c| c.node()) {
+        Some(c) if c.driver().is_protocol() || c.driver().filename().is_some() => {
+            primary_filename(n).starts_with("json:")
+        }
+        _ => true,
+    }
 }
 
 /// The options that recreate the node (QEMU's `full_open_options`).
 pub fn full_options(n: &Node) -> Value {
+    if n.is_implicit() {
+        if let Some(c) = n.primary_child() {
+            return full_options(&c.node());
+        }
+    }
     let mut m = Map::new();
     m.insert("driver".into(), Value::String(n.driver_name().into()));
     if let Some(f) = n.driver().filename().filter(|_| n.driver().is_protocol()) {
@@ -128,6 +156,10 @@ pub fn node_filename(n: &Node) -> String {
     if let Some(f) = n.driver().filename() {
         return f;
     }
+    if n.is_implicit() {
+        // QEMU copies an implicit filter's names from its only child.
+        return primary_filename(n);
+    }
     if needs_json(n) {
         return format!("json:{}", qemu_json(&full_options(n)));
     }
@@ -141,11 +173,23 @@ mod tests {
 
     #[test]
     fn json_like_qemu() {
+        // Key orders as qemu-storage-daemon 7.2 prints them in query-named-block-nodes.
+        assert_eq!(
+            qemu_json(&json!({"driver": "null-co", "size": 65536, "read-zeroes": true})),
+            r#"{"read-zeroes": true, "driver": "null-co", "size": 65536}"#
+        );
         assert_eq!(
             qemu_json(
-                &json!({"size": 65536, "driver": "null-co", "b": {"z": null, "a": [1, "x"]}})
+                &json!({"driver": "raw", "file": {"driver": "file", "filename": "/x"},
+                              "offset": 4096, "size": 65536})
             ),
-            r#"{"b": {"a": [1, "x"], "z": null}, "driver": "null-co", "size": 65536}"#
+            r#"{"offset": 4096, "driver": "raw", "size": 65536, "file": {"driver": "file", "filename": "/x"}}"#
         );
+        assert_eq!(
+            qemu_json(&json!({"driver": "throttle", "throttle-group": "tg", "file": [1, "x"]})),
+            r#"{"throttle-group": "tg", "driver": "throttle", "file": [1, "x"]}"#
+        );
+        assert_eq!(qdict_bucket("driver"), 239);
+        assert_eq!(qdict_bucket("file"), 463);
     }
 }

@@ -64,6 +64,10 @@ impl BlockDriver for JobFilter {
         self.file.truncate(len)
     }
 
+    fn image_info(&self) -> crate::driver::DriverImageInfo {
+        crate::drivers::info_of_child(&self.file)
+    }
+
     fn child_perm(
         &self,
         _role: ChildRole,

@@ -69,7 +69,9 @@ impl BlockGraph {
         if size < 0 {
             return Err(BlockError::generic("Parameter 'size' expects a >0 size"));
         }
-        if node.parents().iter().any(|e| e.name() == "backing") {
+        // QEMU's bdrv_op_is_blocked(RESIZE) (a job's node, a backing node), worded with
+        // the `device` argument as QEMU's QERR_DEVICE_IN_USE, '(null)' without one.
+        if self.check_op_blockers(&node).is_err() {
             return Err(BlockError::generic(format!(
                 "Device '{}' is in use",
                 device.unwrap_or("(null)")

@@ -215,7 +215,7 @@ fn quorum_names_and_sizes_like_qemu() {
     assert_eq!(
         node_filename(&q),
         format!(
-            r#"json:{{"children": [{{"driver": "raw", "file": {{"driver": "file", "filename": "{a}"}}}}, {{"driver": "raw", "file": {{"driver": "file", "filename": "{b}"}}}}], "driver": "quorum", "read-pattern": "quorum", "vote-threshold": 2}}"#
+            r#"json:{{"read-pattern": "quorum", "children": [{{"driver": "raw", "file": {{"driver": "file", "filename": "{a}"}}}}, {{"driver": "raw", "file": {{"driver": "file", "filename": "{b}"}}}}], "driver": "quorum", "vote-threshold": 2}}"#
         )
     );
     // Block status as quorum_co_block_status: data where a child has data (the longest

@@ -92,48 +92,26 @@ pub fn start(g: &mut BlockGraph, jobs: &Jobs, p: MirrorParams) -> Result<Arc<Job
             p.target.length()
         )));
     }
-    let spec = p
+    let mut spec = p
         .opts
         .spec(&p.job_id, vec![p.source.clone(), p.target.clone()]);
     jobs.check_spec(g, &spec)?;
-    let desc = format!("mirror job '{}'", p.job_id);
-    let src_root = g.new_root(
-        &p.source,
-        Perm::CONSISTENT_READ,
-        Perm::ALL & !Perm::RESIZE,
-        &desc,
-    )?;
-    let tgt_root = match g.new_root(
-        &p.target,
-        Perm::WRITE | Perm::CONSISTENT_READ,
-        Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
-        &desc,
-    ) {
-        Ok(r) => r,
-        Err(e) => {
-            g.release_root(&src_root);
-            return Err(e.into());
-        }
-    };
-    let bitmap = match DirtyBitmap::new("", p.granularity, p.source.length()) {
-        Ok(b) => Arc::new(b),
-        Err(e) => {
-            g.release_root(&src_root);
-            g.release_root(&tgt_root);
-            return Err(e.into());
-        }
-    };
-    if let Err(e) = p.source.add_bitmap(bitmap.clone()) {
-        g.release_root(&src_root);
-        g.release_root(&tgt_root);
-        return Err(e.into());
-    }
-    let mirror = Mirror {
+    let bitmap = Arc::new(DirtyBitmap::new("", p.granularity, p.source.length())?);
+    // QEMU's mirror_top: every user of the source now goes through the filter, which the
+    // job removes again when it ends (taking the target along on completion).
+    let filter = g.insert_job_filter(&p.source, "mirror_top")?;
+    spec.nodes.push(filter.clone());
+    let mut mirror = Mirror {
         p,
-        src_root: Some(src_root),
-        tgt_root: Some(tgt_root),
+        src_root: None,
+        tgt_root: None,
         bitmap,
+        filter: Some(filter),
     };
+    if let Err(e) = mirror.setup(g) {
+        mirror.undo(g);
+        return Err(e);
+    }
     let job = jobs.create(g, spec, Box::new(mirror))?;
     jobs.start(&job);
     Ok(job)
@@ -146,6 +124,57 @@ struct Mirror {
     src_root: Option<Arc<BlockBackend>>,
     tgt_root: Option<Arc<BlockBackend>>,
     bitmap: Arc<DirtyBitmap>,
+    /// The `mirror_top` filter above the source while the job runs.
+    filter: Option<Arc<Node>>,
+}
+
+impl Mirror {
+    /// The job's roots on the source (through the filter, as QEMU's job reads through
+    /// `mirror_top`) and on the target, and its dirty bitmap on the source.
+    fn setup(&mut self, g: &mut BlockGraph) -> Result<()> {
+        let desc = format!("mirror job '{}'", self.p.job_id);
+        let top = self.filter.clone().unwrap_or_else(|| self.p.source.clone());
+        self.src_root = Some(g.new_root(
+            &top,
+            Perm::CONSISTENT_READ,
+            Perm::ALL & !Perm::RESIZE,
+            &desc,
+        )?);
+        self.tgt_root = Some(g.new_root(
+            &self.p.target,
+            Perm::WRITE | Perm::CONSISTENT_READ,
+            Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+            &desc,
+        )?);
+        self.p.source.add_bitmap(self.bitmap.clone())?;
+        Ok(())
+    }
+
+    /// Undoes a partial [`Mirror::setup`] and the filter's insertion.
+    fn undo(&mut self, g: &mut BlockGraph) {
+        for r in [self.src_root.take(), self.tgt_root.take()]
+            .into_iter()
+            .flatten()
+        {
+            g.release_root(&r);
+        }
+        self.remove_filter(g);
+    }
+
+    /// Takes the `mirror_top` filter out: its users then use what is below it (the source,
+    /// or the target once it replaced the source).
+    fn remove_filter(&mut self, g: &mut BlockGraph) {
+        let Some(f) = self.filter.take() else { return };
+        let below = f.primary_child().map(|e| e.node());
+        let below = below.unwrap_or_else(|| self.p.source.clone());
+        if let Err(e) = g.replace_job_filter(&f, &below) {
+            log::error!(
+                "mirror job '{}': removing the filter above '{}': {e}",
+                self.p.job_id,
+                below.name()
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -177,9 +177,8 @@ pub(crate) fn open_driver(
             if let Some(s) = n.size {
                 given.push(("size", serde_json::json!(s)));
             }
-            if let Some(l) = n.latency_ns {
-                given.push(("latency-ns", serde_json::json!(l)));
-            }
+            // `latency-ns` changes no data: QEMU leaves it out of the file name (its
+            // null_strong_runtime_opts are size and read-zeroes).
             if let Some(z) = n.read_zeroes {
                 given.push(("read-zeroes", serde_json::json!(z)));
             }
@@ -247,8 +246,12 @@ pub fn snapshot_goto(node: &Node, id_or_name: &str) -> Result<()> {
 /// child (`raw`, and filters through their filtered child): the child's dirty flag, which
 /// is absent when the child has no information either (`null-co`).
 pub(crate) fn info_of_child(child: &Edge) -> crate::driver::DriverImageInfo {
+    // QEMU's bdrv_get_info of a filter (and raw_co_get_info) answers with the child's
+    // BlockDriverInfo: its cluster size and dirty flag, nothing format-specific.
+    let info = child.node().driver().image_info();
     crate::driver::DriverImageInfo {
-        dirty_flag: child.node().driver().image_info().dirty_flag,
+        cluster_size: info.cluster_size,
+        dirty_flag: info.dirty_flag,
         ..Default::default()
     }
 }

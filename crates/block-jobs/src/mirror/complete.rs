@@ -84,6 +84,7 @@ impl JobDriver for Mirror {
                 }
             }
             g.replace_node(&to_replace, &self.p.target)?;
+            self.remove_filter(g);
         }
         log::info!(
             "mirror job '{}': '{}' replaced by '{}'",
@@ -101,6 +102,7 @@ impl JobDriver for Mirror {
         if let Some(r) = self.tgt_root.take() {
             g.release_root(&r);
         }
+        self.remove_filter(g);
         if let Some(b) = self.p.source.bitmap("") {
             if Arc::ptr_eq(&b, &self.bitmap) {
                 self.p.source.remove_bitmap("");
