@@ -252,6 +252,15 @@ fn node_option_steps() -> Vec<Value> {
         json!(["blockdev-del", {"node-name": "src"}]),
         json!(["x-blockdev-change", {"parent": "src", "node": "tgt"}]),
         json!(["block-set-write-threshold", {"node-name": "src", "write-threshold": -1}]),
+        // Found by a differential fuzz against qemu-storage-daemon 7.2.
+        json!(["blockdev-add", {"driver": "null-co", "node-name": "nul", "size": 65536}]),
+        json!(["blockdev-snapshot-delete-internal-sync", {"device": "nul", "name": "s"}]),
+        json!(["blockdev-snapshot", {"node": "tgt", "overlay": "tgt"}]),
+        json!(["transaction", {"actions": [{"type": "abort", "data": {}}],
+               "properties": {"completion-mode": "grouped"}}]),
+        json!(["transaction", {"actions": [{"type": "block-dirty-bitmap-add",
+               "data": {"node": "tgt", "name": "t"}}],
+               "properties": {"completion-mode": "grouped"}}]),
     ]
 }
 

@@ -139,7 +139,12 @@ impl BlockGraph {
             ));
         }
         if Arc::ptr_eq(old, new) {
-            return Err(BlockError::generic("The overlay is already in use"));
+            // QEMU's bdrv_append meets the cycle when it attaches the backing child.
+            return Err(BlockError::generic(format!(
+                "Making '{}' a backing child of '{}' would create a cycle",
+                old.name(),
+                new.name()
+            )));
         }
         if !old.is_read_only() {
             old.flush()
@@ -267,10 +272,10 @@ impl BlockGraph {
         }
         let fmt = snapshot_format_node(&n);
         if fmt.driver_name() != "qcow2" {
-            return Err(BlockError::generic(format!(
-                "Block format '{}' used by device '{device}' does not support internal snapshots",
-                n.driver_name()
-            )));
+            // QEMU looks the snapshot up first, and listing them is what fails.
+            return Err(BlockError::generic(
+                "Failed to get a snapshot list: Operation not supported",
+            ));
         }
         let Some(sn) = fmt.driver().snapshot_find(id, name) else {
             return Err(BlockError::generic(format!(

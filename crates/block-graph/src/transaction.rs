@@ -144,11 +144,13 @@ impl BlockGraph {
         props: &TransactionProperties,
     ) -> Result<Box<dyn PreparedAction>> {
         use TransactionActionBranch as B;
-        let builtin = !matches!(
+        // Backups take part in grouped completion; `abort` fails before any check (QEMU's
+        // abort_prepare does not call action_check_completion_mode).
+        let individual_only = !matches!(
             a.r#type,
-            B::BlockdevBackup(_) | B::DriveBackup(_) | B::Unrecognized(_)
+            B::BlockdevBackup(_) | B::DriveBackup(_) | B::Abort(_) | B::Unrecognized(_)
         );
-        if builtin {
+        if individual_only {
             self.check_individual(a, props)?;
         }
         Ok(match &a.r#type {
