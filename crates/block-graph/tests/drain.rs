@@ -31,7 +31,9 @@ fn drain_waits_for_in_flight_and_holds_new_requests() {
     let started = Instant::now();
     let d = g.drain(std::slice::from_ref(&n));
     assert_eq!(n.in_flight(), 0);
-    assert!(started.elapsed() < Duration::from_millis(200));
+    // One 20 ms request in flight: the drain returns once it is done (a loaded machine
+    // may take its time; a drain that waited for held requests would never return).
+    assert!(started.elapsed() < Duration::from_secs(2));
     // A new request waits while drained.
     let done = Arc::new(AtomicBool::new(false));
     let (b3, d3) = (be.clone(), done.clone());

@@ -143,8 +143,11 @@ mod tests {
     }
 
     #[test]
-    fn real_clock_within_five_percent() {
-        // 2 MB/s for 0.5 s of 32 KiB transfers, with real sleeps.
+    fn real_clock_never_faster_than_the_rate() {
+        // 2 MB/s for 0.5 s of 32 KiB transfers, with real sleeps. A loaded machine
+        // oversleeps, which only makes the transfer slower (the simulated clock above
+        // checks the accuracy): the limiter's own promise is never to let it go faster
+        // than the rate, beyond one burst.
         let rate = 2_000_000u64;
         let mut rl = RateLimiter::new(rate);
         let t0 = Instant::now();
@@ -153,11 +156,9 @@ mod tests {
             bytes += 32768;
             std::thread::sleep(rl.account(32768));
         }
-        let measured = bytes as f64 / t0.elapsed().as_secs_f64();
-        assert!(
-            (measured - rate as f64).abs() / (rate as f64) < 0.05,
-            "{measured}"
-        );
+        let allowed = t0.elapsed() + RateLimiter::BURST;
+        let measured = bytes as f64 / allowed.as_secs_f64();
+        assert!(measured <= rate as f64 * 1.01, "{measured}");
     }
 
     #[test]
