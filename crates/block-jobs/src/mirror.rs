@@ -109,7 +109,7 @@ pub fn start(g: &mut BlockGraph, jobs: &Jobs, p: MirrorParams) -> Result<Arc<Job
         filter: Some(filter),
     };
     if let Err(e) = mirror.setup(g) {
-        mirror.undo(g);
+        mirror.release(g);
         return Err(e);
     }
     let job = jobs.create(g, spec, Box::new(mirror))?;
@@ -150,8 +150,9 @@ impl Mirror {
         Ok(())
     }
 
-    /// Undoes a partial [`Mirror::setup`] and the filter's insertion.
-    fn undo(&mut self, g: &mut BlockGraph) {
+    /// Releases the job's roots and takes the filter out (after a failed
+    /// [`Mirror::setup`], and when the job is cleaned up).
+    fn release(&mut self, g: &mut BlockGraph) {
         for r in [self.src_root.take(), self.tgt_root.take()]
             .into_iter()
             .flatten()

@@ -96,13 +96,7 @@ impl JobDriver for Mirror {
     }
 
     fn clean(&mut self, _ctx: &JobContext, g: &mut BlockGraph) {
-        if let Some(r) = self.src_root.take() {
-            g.release_root(&r);
-        }
-        if let Some(r) = self.tgt_root.take() {
-            g.release_root(&r);
-        }
-        self.remove_filter(g);
+        self.release(g);
         if let Some(b) = self.p.source.bitmap("") {
             if Arc::ptr_eq(&b, &self.bitmap) {
                 self.p.source.remove_bitmap("");
