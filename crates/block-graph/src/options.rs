@@ -104,28 +104,21 @@ impl Inherit {
 
     /// What a child in `role` inherits from a parent opened with `parent`.
     pub fn for_child(parent: &NodeOptions, role: ChildRole) -> Self {
-        match role {
+        let (read_only, auto_read_only, discard_unmap) = match role {
             // Backing files are opened read-only by default.
-            ChildRole::Cow => Inherit {
-                top_level: false,
-                read_only: Some(true),
-                auto_read_only: Some(false),
-                cache_direct: Some(parent.cache_direct),
-                cache_no_flush: Some(parent.cache_no_flush),
-                discard_unmap: None,
-                aio: Some(parent.aio),
-            },
+            ChildRole::Cow => (true, false, None),
             // Drivers send flushes and respect the unmap policy themselves, so lower layers
             // default to passing discards on.
-            _ => Inherit {
-                top_level: false,
-                read_only: Some(parent.read_only),
-                auto_read_only: Some(parent.auto_read_only),
-                cache_direct: Some(parent.cache_direct),
-                cache_no_flush: Some(parent.cache_no_flush),
-                discard_unmap: Some(true),
-                aio: Some(parent.aio),
-            },
+            _ => (parent.read_only, parent.auto_read_only, Some(true)),
+        };
+        Inherit {
+            top_level: false,
+            read_only: Some(read_only),
+            auto_read_only: Some(auto_read_only),
+            cache_direct: Some(parent.cache_direct),
+            cache_no_flush: Some(parent.cache_no_flush),
+            discard_unmap,
+            aio: Some(parent.aio),
         }
     }
 }
